@@ -1,0 +1,38 @@
+"""sliceout_fx: SliceOut as a torch.fx model transformation.
+
+``convert(model, p=0.3)`` finds a model's dropout sites (or expand convolutions), works out which
+ops must share one contiguous slice of channels, and returns a module that trains on sliced weights
+(smaller matmuls and convolutions, smaller saved activations) and evaluates at full width, with the
+original model's parameters and ``state_dict`` keys.
+"""
+
+from .api import Analysis, analyse, convert, explain, to_original
+from .config import SliceOutConfig
+from .errors import (
+    ShapeInferenceError,
+    SliceOutConfigError,
+    SliceOutError,
+    UntraceableModelError,
+)
+from .module import SliceOutModule
+from .report import Report
+from .rules import OpRule, register_rule
+
+__all__ = [
+    "Analysis",
+    "OpRule",
+    "Report",
+    "ShapeInferenceError",
+    "SliceOutConfig",
+    "SliceOutConfigError",
+    "SliceOutError",
+    "SliceOutModule",
+    "UntraceableModelError",
+    "analyse",
+    "convert",
+    "explain",
+    "register_rule",
+    "to_original",
+]
+
+__version__ = "0.1.0"

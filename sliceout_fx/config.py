@@ -1,0 +1,97 @@
+"""The policy knobs of a conversion, validated in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from torch import nn
+
+from .errors import SliceOutConfigError
+from .sampling import validate_rate
+
+Normalisation = Literal["flow", "probabilistic"]
+Placement = Literal["immediate", "delayed"]
+Mode = Literal["slice", "gather", "mask"]
+SitePolicy = Union[Literal["auto", "dropout", "expand"], Sequence[str]]
+Rate = Union[float, Mapping[str, float], None]
+
+_CHOICES = {
+    "normalisation": ("flow", "probabilistic"),
+    "placement": ("immediate", "delayed"),
+    "mode": ("slice", "gather", "mask"),
+}
+
+
+@dataclass(frozen=True)
+class SliceOutConfig:
+    """How to convert a model.
+
+    Attributes:
+        p: drop rate: one float for every site, a ``{site name: rate}`` mapping, or ``None`` to
+            reuse each replaced dropout's own rate.
+        normalisation: ``"flow"`` scales live units by ``n / w``; ``"probabilistic"`` by
+            ``1 / P(keep unit j)`` (exact first moment, paper Appendix B).
+        placement: ``"immediate"`` scales where the dropout was (or right after the slicing op);
+            ``"delayed"`` scales just before the ops that consume the slice (after batch norm).
+        sites: ``"dropout"`` replaces existing dropouts, ``"expand"`` slices expand 1x1 convs,
+            ``"auto"`` = dropout sites, else expand sites; or an explicit list of site names.
+        mode: ``"slice"`` (SliceOut), ``"gather"`` (controlled dropout), ``"mask"`` (reference).
+        seed: seeds the slice sampler's own generator (``None``: the global torch RNG).
+        width_multiple: round slice widths (and starts) to this many channels, e.g. 8.
+        leaf_modules: module types or qualified names to keep whole when tracing.
+    """
+
+    p: Rate = 0.5
+    normalisation: Normalisation = "flow"
+    placement: Placement = "immediate"
+    sites: SitePolicy = "auto"
+    mode: Mode = "slice"
+    seed: int | None = None
+    width_multiple: int | None = None
+    leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise SliceOutConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if isinstance(self.p, Mapping):
+            for site, rate in self.p.items():
+                validate_rate(rate, f"p[{site!r}]")
+        elif self.p is not None:
+            validate_rate(self.p)
+        if isinstance(self.sites, str) and self.sites not in ("auto", "dropout", "expand"):
+            raise SliceOutConfigError(
+                f"sites must be 'auto', 'dropout', 'expand' or a list of site names, got "
+                f"{self.sites!r}"
+            )
+        if self.width_multiple is not None and (
+            isinstance(self.width_multiple, bool)
+            or not isinstance(self.width_multiple, int)
+            or self.width_multiple < 1
+        ):
+            raise SliceOutConfigError(
+                f"width_multiple must be a positive int, got {self.width_multiple!r}"
+            )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise SliceOutConfigError(f"seed must be an int or None, got {self.seed!r}")
+
+    def rate_for(self, site: str, own_rate: float | None) -> float:
+        """The drop rate of one site under this config."""
+        if isinstance(self.p, Mapping):
+            if site in self.p:
+                return validate_rate(self.p[site], f"p[{site!r}]")
+            if own_rate is None:
+                raise SliceOutConfigError(
+                    f"no rate for site {site!r}: add it to the p mapping (sites: {list(self.p)})"
+                )
+            return own_rate
+        if self.p is None:
+            if own_rate is None:
+                raise SliceOutConfigError(
+                    f"p=None reuses dropout rates, but site {site!r} is not a dropout; give p"
+                )
+            return own_rate
+        return float(self.p)

@@ -1,0 +1,112 @@
+"""Stage 7, the converted module: a sliced training graph and full-width graphs over one set of weights.
+
+:class:`SliceOutModule` registers the original model's children, parameters and buffers under their
+original names, so ``state_dict`` keys and shapes are the original's and checkpoints move freely in
+both directions. The three graph modules it runs (sliced training, full-width training, evaluation)
+are plain ``fx.GraphModule`` objects that reference those same submodules; they are kept out of the
+module tree so they add no state of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from torch import fx, nn
+
+from .sampling import SAMPLER_NAME, SliceSampler
+
+if TYPE_CHECKING:
+    from .report import Report
+
+
+
+class SliceOutModule(nn.Module):
+    """Runs the sliced graph in ``train()`` mode and the original computation in ``eval()`` mode.
+
+    Use :func:`sliceout_fx.convert` to build one. ``slicing_enabled = False`` (or
+    :meth:`full_width`) trains the full-width original graph, e.g. for the last steps of training as
+    in the paper; :meth:`to_original` returns the original model structure for deployment.
+    """
+
+    sliceout_sampler: SliceSampler
+
+    def __init__(
+        self,
+        source: nn.Module,
+        eval_graph: fx.GraphModule,
+        full_train_graph: fx.GraphModule,
+        sliced_graph: fx.Graph,
+        sampler: SliceSampler,
+        report: Report,
+    ) -> None:
+        super().__init__()
+        for name, param in source._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in source._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in source._non_persistent_buffers_set)
+        for name, child in source._modules.items():
+            self.add_module(name, child)
+        self.add_module(SAMPLER_NAME, sampler)
+        self.slicing_enabled = True
+        # Unregistered on purpose: they share every submodule with `self`.
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_eval_gm", eval_graph)
+        object.__setattr__(self, "_full_train_gm", full_train_graph)
+        object.__setattr__(self, "_sliced_gm", fx.GraphModule(self, sliced_graph, "SlicedTrainGraph"))
+        object.__setattr__(self, "report", report)
+        self.train(source.training)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_graph(*args, **kwargs)
+
+    @property
+    def active_graph(self) -> fx.GraphModule:
+        """The graph module a call runs in the current mode."""
+        if not self.training:
+            return self._eval_gm
+        return self._sliced_gm if self.slicing_enabled else self._full_train_gm
+
+    @property
+    def sliced_graph(self) -> fx.GraphModule:
+        return self._sliced_gm
+
+    @property
+    def full_graph(self) -> fx.GraphModule:
+        """The full-width training graph (the original model's training computation)."""
+        return self._full_train_gm
+
+    @property
+    def eval_graph(self) -> fx.GraphModule:
+        return self._eval_gm
+
+    def train(self, mode: bool = True) -> SliceOutModule:
+        super().train(mode)
+        self._source.training = mode
+        return self
+
+    @contextlib.contextmanager
+    def full_width(self) -> Iterator[SliceOutModule]:
+        """Train at full width inside the ``with`` block (original dropouts included)."""
+        previous = self.slicing_enabled
+        self.slicing_enabled = False
+        try:
+            yield self
+        finally:
+            self.slicing_enabled = previous
+
+    def to_original(self) -> nn.Module:
+        """The original model structure, sharing this module's parameters and buffers."""
+        self._source.train(self.training)
+        return self._source
+
+    def explain(self) -> Report:
+        """The analysis report of this conversion (sites, groups, skipped groups and reasons)."""
+        return self.report
+
+    def extra_repr(self) -> str:
+        sites = ", ".join(f"{s.name}: p={s.effective_p:.3g}" for s in self.report.sites)
+        return f"sites=[{sites}], mode={self.report.config.mode!r}"

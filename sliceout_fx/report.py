@@ -1,0 +1,105 @@
+"""``explain``: a readable account of what a conversion found, sliced and skipped, and why."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import fx
+
+from .config import SliceOutConfig
+from .depgraph import DependencyGraph
+from .groups import AlignmentGroup
+from .rules.base import shape_of
+from .sites import Site, SkippedSite
+
+
+@dataclass
+class Report:
+    """The analysis of one model under one config. ``str(report)`` is the printable form."""
+
+    model_name: str
+    config: SliceOutConfig
+    groups: list[AlignmentGroup]
+    sites: list[Site]
+    skipped: list[SkippedSite]
+    flops_ratio: float  # expected multiply-accumulates of a sliced step / full width
+    activation_ratio: float  # expected activation elements of a sliced step / full width
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site {name!r}; sites: {[s.name for s in self.sites]}")
+
+    def __str__(self) -> str:
+        c = self.config
+        lines = [
+            f"SliceOut plan for {self.model_name} (mode={c.mode}, normalisation={c.normalisation}, "
+            f"placement={c.placement})",
+            f"Sites: {len(self.sites)} sliced, {len(self.skipped)} skipped; "
+            f"channel groups found: {len(self.groups)}",
+        ]
+        for s in self.sites:
+            live, total = s.channels()
+            lines.append(
+                f"  [{s.name}] {s.kind} site, p={s.p:.3g} -> width {live}/{total} "
+                f"(effective p={s.effective_p:.3f}, cut in {s.units} units), group {s.group.id}"
+            )
+            lines.append(f"      ops: {_member_list(s)}")
+        for k in self.skipped:
+            lines.append(f"  [{k.name}] SKIPPED: {k.reason}")
+        unused = [g for g in self.groups if g.id not in {s.group.id for s in self.sites}]
+        if unused:
+            lines.append("Channel groups not sliced:")
+            for g in unused:
+                why = "; ".join(g.blockers) if g.blockers else "sliceable, but no site chose it"
+                lines.append(f"  group {g.id} ({g.describe()}): {why}")
+        lines.append(
+            f"Expected per training step vs full width: multiply-accumulates x{self.flops_ratio:.3f}, "
+            f"activation elements x{self.activation_ratio:.3f}"
+        )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _member_list(site: Site) -> str:
+    roles: dict[fx.Node, str] = {}
+    for node in site.group.nodes:
+        roles[node] = "coupled"
+    for axis in site.group.sources:
+        roles[axis.node] = "source"
+    for node, _ in site.group.sinks:
+        roles[node] = "sink"
+    for node in site.dropouts:
+        roles[node] = "replaced"
+    return ", ".join(f"{n.name} ({r})" for n, r in roles.items())
+
+
+def expected_ratios(dep: DependencyGraph, sites: list[Site]) -> tuple[float, float]:
+    """Multiply-accumulate and activation-element ratios of a sliced step (a static estimate).
+
+    An op's work shrinks by the keep fraction of every distinct site it touches (a linear layer
+    between two sites by both); its output shrinks by the keep fraction of its sliced output axes.
+    """
+    out_sites: dict[fx.Node, set[Site]] = {}
+    in_sites: dict[fx.Node, set[Site]] = {}
+    for site in sites:
+        for axis in site.group.axes:
+            out_sites.setdefault(axis.node, set()).add(site)
+        for node, _ in site.group.sinks:
+            in_sites.setdefault(node, set()).add(site)
+    full_flops = sliced_flops = full_act = sliced_act = 0.0
+    for node, rule in dep.rules.items():
+        outs = out_sites.get(node, set())
+        keep = math.prod(s.width / s.units for s in outs | in_sites.get(node, set()))
+        flops = rule.flops(node, dep.gm)
+        full_flops += flops
+        sliced_flops += flops * keep
+        shape = shape_of(node)
+        if shape is not None:
+            full_act += math.prod(shape)
+            sliced_act += math.prod(shape) * math.prod(s.width / s.units for s in outs)
+    return (sliced_flops / full_flops if full_flops else 1.0,
+            sliced_act / full_act if full_act else 1.0)

@@ -1,0 +1,60 @@
+"""Element-wise ops (activations, arithmetic with a scalar): every axis passes straight through.
+
+Applying them to the live part of a tensor is the same as applying them to the whole tensor and
+keeping the live part, so they couple each input axis with the same output axis and need no rewrite.
+An op with *two* tensor operands is not element-wise in this sense: both operands would have to be
+cut alike (a residual add), which is the job of a dedicated rule.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .base import AxisRelations, OpRule, couple_all_dims, tensor_args
+
+
+class ElementwiseRule(OpRule):
+    name = "elementwise"
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        tensors = tensor_args(node)
+        if len(tensors) != 1:
+            return AxisRelations(
+                blocks="element-wise op on two tensors (e.g. a residual add): both would need the "
+                "same cut"
+            )
+        couplings = couple_all_dims(tensors[0], node)
+        if not couplings:
+            return AxisRelations(blocks="element-wise op that changes the shape (broadcasting)")
+        return AxisRelations(couplings=couplings)
+
+
+_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.PReLU,
+    nn.Identity, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu,
+    F.celu, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish, F.softplus, F.softsign, F.logsigmoid,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, torch.abs,
+    torch.exp, torch.neg, torch.square, torch.sqrt, torch.rsqrt, torch.erf, torch.sin, torch.cos,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div,
+)
+_METHODS = (
+    "relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "clip", "abs", "exp", "neg", "pow",
+    "sqrt", "rsqrt", "square", "erf", "sin", "cos", "add", "sub", "mul", "div", "contiguous",
+    "float", "half", "bfloat16", "to", "type_as", "detach", "clone",
+)
+
+_RULE = ElementwiseRule()
+RULES = {
+    **{m: _RULE for m in _MODULES},
+    **{f: _RULE for f in _FUNCTIONS},
+    **{f"method:{name}": _RULE for name in _METHODS},
+}

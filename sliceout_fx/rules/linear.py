@@ -1,0 +1,58 @@
+"""``nn.Linear`` / ``F.linear``: output features are a source, input features a sink.
+
+Slicing output features narrows weight rows and the bias (true views); slicing input features narrows
+weight columns (a strided view that BLAS handles without a copy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..ops import sliced_linear
+from .base import Axis, AxisRelations, OpRule, rank_of, shape_of
+
+
+class LinearRule(OpRule):
+    name = "linear"
+
+    def _input(self, node: fx.Node) -> fx.Node:
+        return node.args[0] if node.args else node.kwargs["input"]
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        x = self._input(node)
+        rank = rank_of(node)
+        if rank is None or rank_of(x) is None:
+            return AxisRelations(blocks="linear with unknown shapes")
+        return AxisRelations(sources=[Axis(node, rank - 1)], sinks=[Axis(x, rank_of(x) - 1)])
+
+    def _params(self, node: fx.Node, ctx) -> tuple[fx.Node, fx.Node | None]:
+        if node.op == "call_module":
+            mod = ctx.gm.get_submodule(str(node.target))
+            weight = ctx.get_attr(f"{node.target}.weight")
+            bias = ctx.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+            return weight, bias
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return weight, bias
+
+    def rewrite(self, node: fx.Node, ctx) -> fx.Node | None:
+        x = self._input(node)
+        out_cut = ctx.out_cut(node, rank_of(node) - 1)
+        in_cut = ctx.in_cut(x, rank_of(ctx.original(x)) - 1)
+        if out_cut is None and in_cut is None:
+            return None
+        weight, bias = self._params(node, ctx)
+        return ctx.call(sliced_linear, (x, weight, bias, out_cut, in_cut))
+
+    def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
+        shape = shape_of(node)
+        x = shape_of(self._input(node))
+        if shape is None or x is None:
+            return 0
+        return math.prod(shape) * x[-1]
+
+
+RULES = {nn.Linear: LinearRule(), F.linear: LinearRule()}

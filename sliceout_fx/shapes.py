@@ -1,0 +1,70 @@
+"""Stage 2, shapes: run the traced graph once on example inputs to learn every tensor's shape.
+
+Rules need ranks and channel sizes to line up axes (``Linear`` produces the last axis, ``BatchNorm1d``
+reads axis 1: the same axis only when the tensor is 2-D). Propagation runs under ``no_grad`` on the
+eval-mode graph so it cannot move batch-norm statistics or consume dropout randomness.
+When no example inputs are given, a small batch is synthesised from the first layer that reads the
+model input (an ``in_features`` or ``in_channels`` tells us its shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import ShapeInferenceError
+
+#: Spatial size used when synthesising an image-like input for a convolutional model.
+DEFAULT_SPATIAL = 32
+
+
+def synthesize_example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """A batch of 2 for a single-input model whose first consumer is a Linear or a Conv."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ShapeInferenceError(
+            f"the model takes {len(placeholders)} inputs; pass example_inputs=(...) to convert()"
+        )
+    frontier, seen = list(placeholders[0].users), set()
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if isinstance(mod, nn.Linear):
+                return (torch.randn(2, mod.in_features),)
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                spatial = (DEFAULT_SPATIAL,) * len(mod.kernel_size)
+                return (torch.randn(2, mod.in_channels, *spatial),)
+        frontier.extend(node.users)
+    raise ShapeInferenceError(
+        "cannot guess the input shape of this model; pass example_inputs=(tensor, ...) to convert()"
+    )
+
+
+def propagate_shapes(
+    gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None
+) -> tuple[Any, ...]:
+    """Record ``node.meta['tensor_meta']`` on every node of ``gm``; returns the inputs used."""
+    inputs = tuple(example_inputs) if example_inputs is not None else synthesize_example_inputs(gm)
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        # fork_rng: a functional dropout baked into the graph must not consume the user's RNG stream.
+        with torch.no_grad(), torch.random.fork_rng():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise ShapeInferenceError(
+            f"running the traced model on example inputs failed ({type(exc).__name__}: {exc}); "
+            "pass example_inputs=(...) that the model accepts"
+        ) from exc
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return inputs

@@ -1,0 +1,158 @@
+"""Stage 5, sites: which alignment groups to slice, at which rate.
+
+A *site* is a sliceable group chosen by a policy, with its rate and slice width. Policies:
+
+* ``dropout`` - each existing dropout names the group flowing through it (a drop-in replacement: the
+  dropout leaves the training graph);
+* ``expand`` - every group produced by a 1x1 convolution that widens its input (an MBConv expand);
+* an explicit list of names: dropout module names / node names, or the name of a source op.
+
+Anything a policy wanted but could not slice becomes a :class:`SkippedSite` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from .config import SliceOutConfig
+from .depgraph import DependencyGraph
+from .errors import SliceOutConfigError
+from .groups import AlignmentGroup
+from .rules import Axis
+from .sampling import slice_width, validate_rate
+
+
+@dataclass(eq=False)
+class Site:
+    """A group that will be sliced."""
+
+    name: str
+    kind: str  # "dropout" | "expand" | "explicit"
+    group: AlignmentGroup
+    p: float
+    units: int  # units the sampler cuts (the group's units, coarsened by width_multiple)
+    width: int  # live units per step
+    dropouts: list[fx.Node] = field(default_factory=list)  # dropouts this site replaces
+
+    def channels(self, axis: Axis | None = None) -> tuple[int, int]:
+        """``(live, total)`` channels on ``axis`` (default: the primary source axis)."""
+        size = self.group.size(axis or self.group.primary)
+        return self.width * size // self.units, size
+
+    @property
+    def effective_p(self) -> float:
+        live, total = self.channels()
+        return 1.0 - live / total
+
+
+@dataclass
+class SkippedSite:
+    name: str
+    reason: str
+
+
+def _site_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _group_of(groups: list[AlignmentGroup], axis: Axis) -> AlignmentGroup | None:
+    return next((g for g in groups if axis in g.axes), None)
+
+
+def _dropout_candidates(dep: DependencyGraph, groups: list[AlignmentGroup]):
+    """(dropout node, its channel group or None) for every dropout that is active in training."""
+    for node, rel in dep.relations.items():
+        if rel.site is None or rel.site.kind != "dropout":
+            continue
+        dims = [b.dim for _, b in rel.couplings if rel.site.dims is None or b.dim in rel.site.dims]
+        found = [g for d in dims if (g := _group_of(groups, Axis(node, d))) is not None]
+        yield node, rel.site.rate, (found[0] if found else None)
+
+
+def _is_expand_conv(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op != "call_module":
+        return False
+    mod = gm.get_submodule(str(node.target))
+    return (
+        isinstance(mod, nn.modules.conv._ConvNd)
+        and mod.groups == 1
+        and all(k == 1 for k in mod.kernel_size)
+        and mod.out_channels > mod.in_channels
+    )
+
+
+def _units(group: AlignmentGroup, multiple: int | None, name: str) -> int:
+    if multiple is None:
+        return group.units
+    size = group.size(group.primary)
+    if size % multiple:
+        warnings.warn(
+            f"site {name}: width_multiple={multiple} does not divide {size} channels; ignored",
+            stacklevel=4,
+        )
+        return group.units
+    return math.gcd(group.units, size // multiple)
+
+
+def select_sites(
+    dep: DependencyGraph, groups: list[AlignmentGroup], config: SliceOutConfig
+) -> tuple[list[Site], list[SkippedSite]]:
+    """Apply the config's site policy and rates to the analysed groups."""
+    sites: dict[int, Site] = {}
+    skipped: list[SkippedSite] = []
+    explicit = None if isinstance(config.sites, str) else list(config.sites)
+    wanted = set(explicit or [])
+
+    def add(group: AlignmentGroup, name: str, kind: str, own_rate: float | None,
+            dropout: fx.Node | None) -> None:
+        if not group.sliceable:
+            skipped.append(SkippedSite(name, "; ".join(group.blockers)))
+            return
+        if group.id in sites:  # a second dropout on the same group: it shares the first's slice
+            if dropout is not None:
+                sites[group.id].dropouts.append(dropout)
+            return
+        if own_rate is not None:
+            own_rate = validate_rate(own_rate, f"the rate of dropout {name!r}")
+        p = config.rate_for(name, own_rate)
+        units = _units(group, config.width_multiple, name)
+        width = slice_width(units, p, site=name)
+        sites[group.id] = Site(name, kind, group, p, units, width,
+                               [dropout] if dropout is not None else [])
+
+    if config.sites in ("auto", "dropout") or explicit:
+        for node, rate, group in _dropout_candidates(dep, groups):
+            name = _site_name(node)
+            if explicit is not None and name not in wanted:
+                continue
+            wanted.discard(name)
+            if group is None:
+                skipped.append(SkippedSite(name, "no convolution or linear layer produces the "
+                                                 "tensor it drops (nothing to slice)"))
+            else:
+                add(group, name, "dropout" if explicit is None else "explicit", rate, node)
+
+    use_expand = config.sites == "expand" or (config.sites == "auto" and not sites and not skipped)
+    for group in groups:
+        source = group.primary.node
+        name = _site_name(source)
+        if explicit is not None:
+            if name in wanted:
+                wanted.discard(name)
+                add(group, name, "explicit", None, None)
+        elif use_expand and _is_expand_conv(source, dep.gm):
+            add(group, name, "expand", None, None)
+
+    if wanted:
+        known = sorted({_site_name(n) for n, _, _ in _dropout_candidates(dep, groups)}
+                       | {_site_name(g.primary.node) for g in groups})
+        raise SliceOutConfigError(f"unknown site name(s) {sorted(wanted)}; known sites: {known}")
+    if isinstance(config.p, dict):
+        unused = set(config.p) - {s.name for s in sites.values()} - {s.name for s in skipped}
+        if unused:
+            raise SliceOutConfigError(f"p mapping names unknown sites {sorted(unused)}")
+    return sorted(sites.values(), key=lambda s: s.group.id), skipped
