@@ -57,11 +57,48 @@ def make_cut(unit_index: int | Tensor, width: int, size: int, scale: int, mode: 
 
 def take(t: Tensor | None, dim: int, cut: Cut | None) -> Tensor | None:
     """The live part of a parameter or buffer along ``dim`` (identity in mask mode)."""
-    if t is None or cut is None or cut.mode == "mask":
+    return take_block(t, ((dim, cut),))
+
+
+def take_block(t: Tensor | None, cuts: tuple[tuple[int, Cut | None], ...]) -> Tensor | None:
+    """The live block of ``t`` under several ``(dim, cut)`` pairs at once.
+
+    Narrowing a parameter twice through autograd builds two backward nodes, each allocating a
+    full-size zero gradient; :class:`_LiveBlock` narrows all dims in one node, so backward writes the
+    block's gradient once into a single zero tensor of the parameter's shape.
+    """
+    cuts = tuple((d, c) for d, c in cuts if c is not None and c.mode != "mask")
+    if t is None or not cuts:
         return t
-    if cut.mode == "gather":
-        return t.index_select(dim, cut.index.to(t.device))
-    return t.narrow(dim, cut.index, cut.width)
+    if cuts[0][1].mode == "gather":
+        for dim, cut in cuts:
+            t = t.index_select(dim, cut.index.to(t.device))
+        return t
+    region = tuple((dim, cut.index, cut.width) for dim, cut in cuts)
+    if t.requires_grad and len(region) > 1:
+        return _LiveBlock.apply(t, region)
+    return _narrow(t, region)
+
+
+def _narrow(t: Tensor, region: tuple[tuple[int, int, int], ...]) -> Tensor:
+    for dim, start, width in region:
+        t = t.narrow(dim, start, width)
+    return t
+
+
+class _LiveBlock(torch.autograd.Function):
+    """A multi-dim narrow with a single backward node (see :func:`take_block`)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, region: tuple[tuple[int, int, int], ...]) -> Tensor:
+        ctx.shape, ctx.region = t.shape, region
+        return _narrow(t, region)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        full = grad.new_zeros(ctx.shape)
+        _narrow(full, ctx.region).copy_(grad)
+        return full, None
 
 
 def _mask(cut: Cut, like: Tensor, dim: int) -> Tensor:
@@ -90,11 +127,91 @@ def normalise(x: Tensor, cut: Cut, dim: int, inv_keep_prob: Tensor | None) -> Te
 
 
 def sliced_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, out_cut: Cut | None, in_cut: Cut | None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out_cut: Cut | None,
+    in_cut: Cut | None,
+    in_scale: float = 1.0,
 ) -> Tensor:
-    """``F.linear`` on the live rows (outputs) and columns (inputs) of the weight."""
-    weight = take(take(weight, 0, out_cut), 1, in_cut)
+    """``F.linear(x * in_scale, W)`` on the live rows (outputs) and columns (inputs) of ``W``.
+
+    ``in_scale`` is a flow normalisation folded into the matmul, so the scaled input is never
+    materialised nor saved for backward. In slice mode a custom autograd function computes the
+    weight gradient straight into its block of a zero gradient of the parameter's shape.
+    """
+    region = tuple(
+        (dim, cut.index, cut.width)
+        for dim, cut in ((0, out_cut), (1, in_cut))
+        if cut is not None and cut.mode == "slice"
+    )
+    if region and weight.requires_grad:
+        bias_region = tuple(r for r in region if r[0] == 0)
+        return _SlicedLinear.apply(x, weight, bias, region, bias_region, in_scale)
+    if in_scale != 1.0:
+        x = x * in_scale
+    weight = take_block(weight, ((0, out_cut), (1, in_cut)))
     return F.linear(x, weight, take(bias, 0, out_cut))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _SlicedLinear(torch.autograd.Function):
+    """Linear layer on a block of the weight whose backward writes gradients in place.
+
+    Autograd's own path would give the weight block a gradient laid out for the strided view
+    (column-major when columns are sliced), copy it transposed into a full-size zero tensor, and
+    do so once per narrowed dimension. Here ``torch.addmm(out=block)`` writes the block directly.
+    Autocast is honoured by casting explicitly, as the autocast-wrapped ``F.linear`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, region, bias_region, in_scale):
+        dtype = _compute_dtype(x)
+        w = _narrow(weight, region).to(dtype)
+        b = None if bias is None else _narrow(bias, bias_region).to(dtype)
+        xc = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.matmul(xc, w.t())
+            if in_scale != 1.0:
+                y.mul_(in_scale)
+            if b is not None:
+                y.add_(b)
+        ctx.save_for_backward(xc, w)
+        ctx.meta = (weight.shape, weight.dtype, region, bias_region, in_scale, x.dtype,
+                    None if bias is None else (bias.shape, bias.dtype))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        xc, w = ctx.saved_tensors
+        w_shape, w_dtype, region, bias_region, in_scale, x_dtype, bias_meta = ctx.meta
+        grad_y = grad_y.to(w.dtype)
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad_y, w)
+            if in_scale != 1.0:
+                grad_x.mul_(in_scale)
+            grad_x = grad_x.to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(w_shape, dtype=w_dtype, device=w.device)
+            block = _narrow(grad_w, region)
+            x2 = xc.reshape(-1, xc.shape[-1])
+            if w.dtype == w_dtype:
+                torch.addmm(block, g2.t(), x2, beta=0, alpha=in_scale, out=block)
+            else:
+                block.copy_(torch.mm(g2.t(), x2).mul_(in_scale))
+        if bias_meta is not None and ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(bias_meta[0], dtype=bias_meta[1], device=w.device)
+            _narrow(grad_b, bias_region).copy_(g2.sum(0))
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def sliced_conv(

@@ -82,6 +82,7 @@ class SliceSampler(nn.Module):
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
         self._forced: tuple | None = None
+        self.last_draws: tuple | None = None  # the draws of the latest training step, for inspection
 
     def add_scale_buffer(self, name: str, values: Tensor) -> None:
         """Register a non-persistent per-channel tensor (moves with ``.to()``, not saved)."""
@@ -96,9 +97,9 @@ class SliceSampler(nn.Module):
 
     @torch.compiler.disable
     def forward(self) -> tuple[int | Tensor, ...]:
-        if self._forced is not None:
-            return self._forced
-        return tuple(self._draw(spec) for spec in self.specs)
+        draws = self._forced or tuple(self._draw(spec) for spec in self.specs)
+        self.last_draws = draws
+        return draws
 
     def _draw(self, spec: DrawSpec) -> int | Tensor:
         if spec.mode == "gather":

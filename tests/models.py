@@ -1,0 +1,99 @@
+"""Small models shared by the tests: the paper's MLP shape in miniature and conv chains."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(width: int = 32, depth: int = 3, p: float = 0.5, in_features: int = 12,
+        classes: int = 5, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear -> act -> Dropout, ``depth`` times, then a classifier (the paper's MLP layout)."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    fan_in = in_features
+    for i in range(1, depth + 1):
+        layers[f"fc{i}"] = nn.Linear(fan_in, width)
+        layers[f"act{i}"] = act()
+        layers[f"drop{i}"] = nn.Dropout(p)
+        fan_in = width
+    layers["head"] = nn.Linear(fan_in, classes)
+    return nn.Sequential(layers)
+
+
+class FunctionalMLP(nn.Module):
+    """The same MLP written with ``F.linear`` / ``F.dropout(..., self.training)``."""
+
+    def __init__(self, width: int = 24, p: float = 0.4) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(width, 10) / 4)
+        self.b1 = nn.Parameter(torch.randn(width) / 4)
+        self.w2 = nn.Parameter(torch.randn(3, width) / 4)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(F.gelu(F.linear(x, self.w1, self.b1)), self.p, self.training)
+        return F.linear(h, self.w2)
+
+
+class ConvChain(nn.Module):
+    """conv -> BN -> ReLU -> Dropout2d -> conv -> BN -> ReLU -> grouped conv -> BN -> Dropout -> 1x1."""
+
+    def __init__(self, groups: int = 4, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16, momentum=momentum)
+        self.drop1 = nn.Dropout2d(0.5)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(24, momentum=momentum)
+        self.conv3 = nn.Conv2d(24, 24, 3, padding=1, groups=groups)
+        self.bn3 = nn.BatchNorm2d(24, momentum=momentum)
+        self.drop3 = nn.Dropout(0.25)
+        self.conv4 = nn.Conv2d(24, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(F.relu(self.bn1(self.conv1(x))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.drop3(F.silu(self.bn3(self.conv3(x))))
+        return self.conv4(x).mean((2, 3))
+
+
+class DepthwiseChain(nn.Module):
+    """1x1 expand -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> Dropout -> 1x1 project."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(4, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.act1 = nn.ReLU6()
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.act2 = nn.ReLU6()
+        self.drop = nn.Dropout(0.3)
+        self.project = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.bn2(self.dw(self.act1(self.bn1(self.expand(x))))))
+        return self.project(self.drop(x)).flatten(1)
+
+
+class Conv1d3dChain(nn.Module):
+    """Conv1d and Conv3d chains with BatchNorm1d/3d and channel dropouts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.d1 = nn.Dropout1d(0.5)
+        self.c2 = nn.Conv1d(12, 4, 3, padding=1)
+        self.v1 = nn.Conv3d(2, 10, 3, padding=1)
+        self.bnv = nn.BatchNorm3d(10)
+        self.dv = nn.Dropout3d(0.4)
+        self.v2 = nn.Conv3d(10, 4, 1)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        a = self.c2(self.d1(F.relu(self.bn1(self.c1(x))))).mean(2)
+        b = self.v2(self.dv(torch.tanh(self.bnv(self.v1(v))))).mean((2, 3, 4))
+        return a + b
