@@ -92,8 +92,14 @@ def convert(
             leaf.
     """
     config = _config(
-        p=p, normalisation=normalisation, placement=placement, sites=sites, mode=mode, seed=seed,
-        width_multiple=width_multiple, leaf_modules=leaf_modules,
+        p=p,
+        normalisation=normalisation,
+        placement=placement,
+        sites=sites,
+        mode=mode,
+        seed=seed,
+        width_multiple=width_multiple,
+        leaf_modules=leaf_modules,
     )
     if isinstance(model, SliceOutModule):
         raise TypeError("this model is already converted; convert model.to_original() instead")

@@ -22,7 +22,8 @@ LeafSpec = Iterable[type[nn.Module] | str]
 class SliceOutTracer(fx.Tracer):
     """A symbolic tracer that keeps chosen module types or qualified names as leaves.
 
-    It also remembers which module it was inside when tracing fails, to say which one to make a leaf.
+    It also remembers which module it was inside when tracing fails, to say which one to make a
+    leaf.
     """
 
     def __init__(self, leaf_modules: LeafSpec = ()) -> None:
@@ -68,9 +69,10 @@ def trace(model: nn.Module, *, leaf_modules: LeafSpec = (), training: bool) -> f
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         inside = tracer.entered[-1] if tracer.entered else None
         if inside and inside[0]:
+            name, cls = inside[0], inside[1].__name__
             hint = (
-                f"It failed inside submodule '{inside[0]}' ({inside[1].__name__}); keep it whole with "
-                f"convert(..., leaf_modules=[{inside[1].__name__}]) or leaf_modules=['{inside[0]}']."
+                f"It failed inside submodule '{name}' ({cls}); keep it whole with "
+                f"convert(..., leaf_modules=[{cls}]) or leaf_modules=['{name}']."
             )
         else:
             hint = (

@@ -14,8 +14,8 @@ from .sampling import validate_rate
 Normalisation = Literal["flow", "probabilistic"]
 Placement = Literal["immediate", "delayed"]
 Mode = Literal["slice", "gather", "mask"]
-SitePolicy = Union[Literal["auto", "dropout", "expand"], Sequence[str]]
-Rate = Union[float, Mapping[str, float], None]
+SitePolicy = Union[Literal["auto", "dropout", "expand"], Sequence[str]]  # noqa: UP007
+Rate = Union[float, Mapping[str, float], None]  # noqa: UP007 (runtime alias, Python 3.10)
 
 _CHOICES = {
     "normalisation": ("flow", "probabilistic"),
@@ -75,7 +75,9 @@ class SliceOutConfig:
             raise SliceOutConfigError(
                 f"width_multiple must be a positive int, got {self.width_multiple!r}"
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise SliceOutConfigError(f"seed must be an int or None, got {self.seed!r}")
 
     def rate_for(self, site: str, own_rate: float | None) -> float:

@@ -1,9 +1,12 @@
 """Stage 4, alignment groups and their sliceability.
 
 An alignment group is a connected component of the dependency graph: every axis in it must be cut
-by the same slice. A group is *sliceable* when each of its axes is produced by an op that can make it
-narrower (a source, or an op coupling it to another axis of the group) and each consumer of each axis
-either absorbs the cut (a sink), passes it on (coupled), or does not care (passive). Anything else is a
+by the same slice. A group is *sliceable* when each of its axes is produced by an op that can make
+it
+narrower (a source, or an op coupling it to another axis of the group) and each consumer of each
+axis
+either absorbs the cut (a sink), passes it on (coupled), or does not care (passive). Anything else
+is a
 *blocker*, recorded with its reason so that ``explain`` can say why a site was skipped.
 """
 
@@ -95,6 +98,13 @@ def _blockers(dep: DependencyGraph, axes: set[Axis]) -> tuple[list[str], list[tu
     return list(dict.fromkeys(blockers)), sinks
 
 
+def why_not_sliceable(dep: DependencyGraph, axis: Axis) -> list[str]:
+    """The blockers of the component holding ``axis``, for axes outside every channel group."""
+    if axis not in dep.graph:
+        return [f"{axis} is not coupled to any op that has a rule"]
+    return _blockers(dep, nx.node_connected_component(dep.graph, axis))[0]
+
+
 def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
     """The channel groups of the model: components that contain at least one source.
 
@@ -113,8 +123,11 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
             units = math.gcd(units, int(shape_of(axis.node)[axis.dim]), limits.get(axis, 0))
         groups.append(
             AlignmentGroup(
-                id=-1, axes=sorted(component, key=order), sources=sources,
-                sinks=sorted(sinks, key=lambda s: order(Axis(s[0], 0))), units=units,
+                id=-1,
+                axes=sorted(component, key=order),
+                sources=sources,
+                sinks=sorted(sinks, key=lambda s: order(Axis(s[0], 0))),
+                units=units,
                 blockers=blockers,
             )
         )

@@ -1,4 +1,5 @@
-"""Stage 7, the converted module: a sliced training graph and full-width graphs over one set of weights.
+"""Stage 7, the converted module: a sliced training graph and full-width graphs over one set of
+weights.
 
 :class:`SliceOutModule` registers the original model's children, parameters and buffers under their
 original names, so ``state_dict`` keys and shapes are the original's and checkpoints move freely in
@@ -19,7 +20,6 @@ from .sampling import SAMPLER_NAME, SliceSampler
 
 if TYPE_CHECKING:
     from .report import Report
-
 
 
 class SliceOutModule(nn.Module):
@@ -45,7 +45,9 @@ class SliceOutModule(nn.Module):
         for name, param in source._parameters.items():
             self.register_parameter(name, param)
         for name, buf in source._buffers.items():
-            self.register_buffer(name, buf, persistent=name not in source._non_persistent_buffers_set)
+            self.register_buffer(
+                name, buf, persistent=name not in source._non_persistent_buffers_set
+            )
         for name, child in source._modules.items():
             self.add_module(name, child)
         self.add_module(SAMPLER_NAME, sampler)
@@ -54,7 +56,14 @@ class SliceOutModule(nn.Module):
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_eval_gm", eval_graph)
         object.__setattr__(self, "_full_train_gm", full_train_graph)
-        object.__setattr__(self, "_sliced_gm", fx.GraphModule(self, sliced_graph, "SlicedTrainGraph"))
+        sliced_gm = fx.GraphModule(self, sliced_graph, "SlicedTrainGraph")
+        # fx copies a `get_attr` target such as "fc1.weight" into a fresh stub `fc1` holding only
+        # that tensor; the stub would go stale when the parameter object is replaced
+        # (load_state_dict(assign=True), parametrizations). Point the graph at the real children.
+        for name in list(sliced_gm._modules):
+            if name in self._modules:
+                sliced_gm._modules[name] = self._modules[name]
+        object.__setattr__(self, "_sliced_gm", sliced_gm)
         object.__setattr__(self, "report", report)
         self.train(source.training)
 

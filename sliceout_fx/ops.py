@@ -7,7 +7,8 @@ sliced axis. A cut says which units of an axis are alive this step, and how:
   kernels run on smaller tensors and autograd saves smaller activations.
 * ``"gather"`` - controlled dropout: ``index`` is a sorted index tensor and parameters are gathered
   (copies), the paper's baseline with the same FLOPs as slicing.
-* ``"mask"`` - the reference: everything runs at full width and the complement of the slice is zeroed,
+* ``"mask"`` - the reference: everything runs at full width and the complement of the slice is
+zeroed,
   so tests can compare the sliced graph against a plain dense computation with the same draws.
 
 Keeping the mode inside the cut (instead of three sets of ops) means one rewrite serves all three
@@ -64,7 +65,8 @@ def take_block(t: Tensor | None, cuts: tuple[tuple[int, Cut | None], ...]) -> Te
     """The live block of ``t`` under several ``(dim, cut)`` pairs at once.
 
     Narrowing a parameter twice through autograd builds two backward nodes, each allocating a
-    full-size zero gradient; :class:`_LiveBlock` narrows all dims in one node, so backward writes the
+    full-size zero gradient; :class:`_LiveBlock` narrows all dims in one node, so backward writes
+    the
     block's gradient once into a single zero tensor of the parameter's shape.
     """
     cuts = tuple((d, c) for d, c in cuts if c is not None and c.mode != "mask")
@@ -183,8 +185,15 @@ class _SlicedLinear(torch.autograd.Function):
             if b is not None:
                 y.add_(b)
         ctx.save_for_backward(xc, w)
-        ctx.meta = (weight.shape, weight.dtype, region, bias_region, in_scale, x.dtype,
-                    None if bias is None else (bias.shape, bias.dtype))
+        ctx.meta = (
+            weight.shape,
+            weight.dtype,
+            region,
+            bias_region,
+            in_scale,
+            x.dtype,
+            None if bias is None else (bias.shape, bias.dtype),
+        )
         return y
 
     @staticmethod
@@ -252,8 +261,15 @@ def sliced_conv_module(
     else:
         padding = module.padding
     return sliced_conv(
-        x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups,
-        out_cut, in_cut,
+        x,
+        module.weight,
+        module.bias,
+        module.stride,
+        padding,
+        module.dilation,
+        module.groups,
+        out_cut,
+        in_cut,
     )
 
 

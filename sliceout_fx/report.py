@@ -56,7 +56,8 @@ class Report:
                 why = "; ".join(g.blockers) if g.blockers else "sliceable, but no site chose it"
                 lines.append(f"  group {g.id} ({g.describe()}): {why}")
         lines.append(
-            f"Expected per training step vs full width: multiply-accumulates x{self.flops_ratio:.3f}, "
+            "Expected per training step vs full width: "
+            f"multiply-accumulates x{self.flops_ratio:.3f}, "
             f"activation elements x{self.activation_ratio:.3f}"
         )
         return "\n".join(lines)
@@ -101,5 +102,7 @@ def expected_ratios(dep: DependencyGraph, sites: list[Site]) -> tuple[float, flo
         if shape is not None:
             full_act += math.prod(shape)
             sliced_act += math.prod(shape) * math.prod(s.width / s.units for s in outs)
-    return (sliced_flops / full_flops if full_flops else 1.0,
-            sliced_act / full_act if full_act else 1.0)
+    return (
+        sliced_flops / full_flops if full_flops else 1.0,
+        sliced_act / full_act if full_act else 1.0,
+    )

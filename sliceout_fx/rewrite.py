@@ -2,7 +2,8 @@
 
 The graph gains, at its top, one call to the :class:`~sliceout_fx.sampling.SliceSampler` (one draw
 per site) and one :func:`~sliceout_fx.ops.make_cut` per (site, channels-per-unit). Then, in graph
-order, every op that touches a sliced axis is handed to its rule, which emits the sliced op; replaced
+order, every op that touches a sliced axis is handed to its rule, which emits the sliced op;
+replaced
 dropouts disappear; normalisation is inserted where the placement says; and in mask mode every
 sliced tensor is multiplied by its mask so the reference zeroes exactly what slicing leaves out.
 """
@@ -73,8 +74,10 @@ def _scale_buffer_name(group_id: int, scale: int) -> str:
 def build_sampler(sites: list[Site], config: SliceOutConfig) -> SliceSampler:
     """The sampler of these sites, holding the ``1 / P(keep)`` vectors they normalise with."""
     sampler = SliceSampler(
-        [DrawSpec(s.units, s.width, "gather" if config.mode == "gather" else "slice")
-         for s in sites],
+        [
+            DrawSpec(s.units, s.width, "gather" if config.mode == "gather" else "slice")
+            for s in sites
+        ],
         seed=config.seed,
     )
     if config.normalisation == "probabilistic" and config.mode != "gather":
@@ -97,92 +100,109 @@ def rewrite_training_graph(
 
     ``gm`` must have a ``sliceout_sampler`` submodule built by :func:`build_sampler`.
     """
-    graph = gm.graph
-    axis_site = {axis: site for site in sites for axis in site.group.axes}
-    ctx = RewriteContext(gm, config.mode, axis_site)
-    nodes = list(graph.nodes)
-    first = next(n for n in nodes if n.op != "placeholder")
+    _Rewriter(gm, dep, sites, config).run()
+    _fold_flow_scales_into_linears(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
-    with graph.inserting_before(first):
+
+class _Rewriter:
+    """One pass over the graph in topological order (see the module docstring)."""
+
+    def __init__(
+        self, gm: fx.GraphModule, dep: DependencyGraph, sites: list[Site], config: SliceOutConfig
+    ) -> None:
+        self.graph, self.dep, self.sites, self.config = gm.graph, dep, sites, config
+        axis_site = {axis: site for site in sites for axis in site.group.axes}
+        self.ctx = RewriteContext(gm, config.mode, axis_site)
+        self.replaced_dropouts = {d for site in sites for d in site.dropouts}
+        # Sources of sites without a dropout get their (immediate) scale right after them.
+        self.bare_sources = {a.node for s in sites if not s.dropouts for a in s.group.sources}
+        self.sink_sites = {(n, site) for site in sites for n, _ in site.group.sinks}
+        self.scaled_inputs: dict[fx.Node, fx.Node] = {}  # delayed placement: value -> scaled
+        self.scale_buffers: dict[tuple[int, int], fx.Node] = {}
+
+    def run(self) -> None:
+        nodes = list(self.graph.nodes)
+        first = next(n for n in nodes if n.op != "placeholder")
+        with self.graph.inserting_before(first):
+            self._insert_draws_and_cuts()
+        for node in nodes:
+            if node.op in ("call_module", "call_function", "call_method"):
+                if self.config.placement == "delayed":
+                    self._scale_sliced_inputs_of_sink(node)
+                self._rewrite(node)
+
+    def _insert_draws_and_cuts(self) -> None:
+        graph, config = self.graph, self.config
+        probabilistic = config.normalisation == "probabilistic" and config.mode != "gather"
         draws = graph.call_module(SAMPLER_NAME, ())
-        for i, site in enumerate(sites):
+        for i, site in enumerate(self.sites):
             draw = graph.call_function(operator.getitem, (draws, i))
             for scale in _scales(site):
-                size = site.units * scale
-                ctx.cut_nodes[(site.group.id, scale)] = graph.call_function(
-                    make_cut, (draw, site.width * scale, size, scale, config.mode)
-                )
+                key = (site.group.id, scale)
+                args = (draw, site.width * scale, site.units * scale, scale, config.mode)
+                self.ctx.cut_nodes[key] = graph.call_function(make_cut, args)
+                if probabilistic:
+                    name = _scale_buffer_name(*key)
+                    self.scale_buffers[key] = graph.get_attr(f"{SAMPLER_NAME}.{name}")
 
-    replaced_dropouts = {d: site for site in sites for d in site.dropouts}
-    sources = {a.node: site for site in sites for a in site.group.sources}
-    sink_sites = {(n, site) for site in sites for n, _ in site.group.sinks}
-    delayed_cache: dict[fx.Node, fx.Node] = {}
+    def _normalise_args(self, value: fx.Node) -> tuple:
+        """``(cut, dim, inv_keep_prob or None)`` for the sliced axis of ``value``."""
+        dim = _sliced_dim(self.ctx, value)
+        site, axis = self.ctx.site_of(value, dim)
+        key = (site.group.id, site.group.size(axis) // site.units)
+        return self.ctx.cut_nodes[key], dim, self.scale_buffers.get(key)
 
-    scale_buffers: dict[tuple[int, int], fx.Node] = {}
-    if config.normalisation == "probabilistic" and config.mode != "gather":
-        with graph.inserting_before(first):
-            for site in sites:
-                for scale in _scales(site):
-                    target = f"{SAMPLER_NAME}.{_scale_buffer_name(site.group.id, scale)}"
-                    scale_buffers[(site.group.id, scale)] = graph.get_attr(target)
+    def _scale_sliced_inputs_of_sink(self, node: fx.Node) -> None:
+        """Delayed placement: scale each sliced input of a sink once, right after it is made."""
+        ctx = self.ctx
+        for arg in list(node.all_input_nodes):
+            dims = _sliced_dims(ctx, arg)
+            if not dims or (node, ctx.axis_site[Axis(ctx.original(arg), dims[0])]) not in (
+                self.sink_sites
+            ):
+                continue
+            if arg not in self.scaled_inputs:
+                with self.graph.inserting_after(arg):
+                    scaled = self.graph.call_function(normalise, (arg, *self._normalise_args(arg)))
+                ctx.alias[scaled] = ctx.original(arg)
+                self.scaled_inputs[arg] = scaled
+            node.replace_input_with(arg, self.scaled_inputs[arg])
 
-    def scale_buffer(value: fx.Node, dim: int) -> fx.Node | None:
-        """The ``1 / P(keep)`` vector of ``value``'s sliced axis; ``None`` means flow scaling."""
-        site, axis = ctx.site_of(value, dim)
-        return scale_buffers.get((site.group.id, site.group.size(axis) // site.units))
-
-    for node in nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
-        # Delayed normalisation: scale each sliced input of a sink once, right after it is made.
-        if config.placement == "delayed":
-            for arg in list(node.all_input_nodes):
-                dims = _sliced_dims(ctx, arg)
-                if dims and (node, ctx.axis_site[Axis(ctx.original(arg), dims[0])]) in sink_sites:
-                    if arg not in delayed_cache:
-                        dim = _sliced_dim(ctx, arg)
-                        args = (arg, ctx.cut_for(arg, dim), dim, scale_buffer(arg, dim))
-                        with graph.inserting_after(arg):
-                            delayed_cache[arg] = graph.call_function(normalise, args)
-                        ctx.alias[delayed_cache[arg]] = ctx.original(arg)
-                    node.replace_input_with(arg, delayed_cache[arg])
-
+    def _rewrite(self, node: fx.Node) -> None:
+        """Replace ``node`` by its sliced op, then mask (mask mode) and scale (immediate)."""
+        ctx, graph = self.ctx, self.graph
         current = node
-        if node in replaced_dropouts:
+        if node in self.replaced_dropouts:
             current = node.args[0] if node.args else node.kwargs["input"]
-        elif (rule := dep.rule(node)) is not None:
+        elif (rule := self.dep.rule(node)) is not None:
             with graph.inserting_before(node):
                 new = rule.rewrite(node, ctx)
             if new is not None:
                 ctx.alias[new] = node
                 current = new
 
-        # Post-processing on the value that now stands for `node`: mask, then scale.
-        chain: list[fx.Node] = []
-
-        def then(fn: Callable, *args: Any) -> None:
-            nonlocal current
+        appended: list[fx.Node] = []
+        steps: list[tuple[Callable, tuple]] = []
+        if self.config.mode == "mask" and node not in self.replaced_dropouts:
+            steps += [(restrict, (ctx.cut_for(node, d), d)) for d in _sliced_dims(ctx, node)]
+        if self.config.placement == "immediate" and (
+            node in self.replaced_dropouts or node in self.bare_sources
+        ):
+            steps.append((normalise, self._normalise_args(node)))
+        for fn, args in steps:
             with graph.inserting_after(current):
                 current = graph.call_function(fn, (current, *args))
             ctx.alias[current] = node
-            chain.append(current)
+            appended.append(current)
 
-        if config.mode == "mask" and node not in replaced_dropouts:
-            for dim in _sliced_dims(ctx, node):
-                then(restrict, ctx.cut_for(node, dim), dim)
-        if config.placement == "immediate" and (
-            node in replaced_dropouts or (node in sources and not sources[node].dropouts)
-        ):
-            dim = _sliced_dim(ctx, node)
-            then(normalise, ctx.cut_for(node, dim), dim, scale_buffer(node, dim))
         if current is not node:
-            node.replace_all_uses_with(current, delete_user_cb=lambda user: user not in chain[:1])
+            first_appended = appended[:1]
+            node.replace_all_uses_with(current, delete_user_cb=lambda u: u not in first_appended)
             if not node.users:
                 graph.erase_node(node)
-    _fold_flow_scales_into_linears(graph)
-    graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _fold_flow_scales_into_linears(graph: fx.Graph) -> None:

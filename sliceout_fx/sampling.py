@@ -1,6 +1,7 @@
 """Slice widths, eligible starts, keep probabilities and the per-step sampler.
 
-The paper (Appendix A.1) keeps every tensor shape constant across steps: a layer of ``n`` units keeps
+The paper (Appendix A.1) keeps every tensor shape constant across steps: a layer of ``n`` units
+keeps
 ``w = round((1 - p) n)`` of them and the start is uniform over the ``n - w + 1`` positions where the
 slice fits. Unit ``j`` is then kept with probability
 ``P(j) = (min(j, n - w) - max(0, j - w + 1) + 1) / (n - w + 1)``, lower at the edges, which is what
@@ -53,7 +54,9 @@ def keep_probabilities(units: int, width: int) -> Tensor:
     """``P(unit j is in the slice)`` for a uniform start over the eligible positions."""
     j = torch.arange(units, dtype=torch.float64)
     last_start = units - width
-    count = torch.minimum(j, torch.tensor(float(last_start))) - torch.clamp(j - width + 1, min=0) + 1
+    count = (
+        torch.minimum(j, torch.tensor(float(last_start))) - torch.clamp(j - width + 1, min=0) + 1
+    )
     return count / (last_start + 1)
 
 
@@ -70,7 +73,8 @@ class SliceSampler(nn.Module):
     """Draws one cut per group per training step, from its own seeded generator.
 
     It lives in the training graph as its first call. It is excluded from ``torch.compile`` so the
-    draws are plain Python ints handed to the compiled region (which then specialises once and treats
+    draws are plain Python ints handed to the compiled region (which then specialises once and
+    treats
     them as dynamic), never module attributes that would force a recompile every step. It has no
     persistent state, so ``state_dict`` keys stay those of the original model.
     """
@@ -82,7 +86,9 @@ class SliceSampler(nn.Module):
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
         self._forced: tuple | None = None
-        self.last_draws: tuple | None = None  # the draws of the latest training step, for inspection
+        self.last_draws: tuple | None = (
+            None  # the draws of the latest training step, for inspection
+        )
 
     def add_scale_buffer(self, name: str, values: Tensor) -> None:
         """Register a non-persistent per-channel tensor (moves with ``.to()``, not saved)."""

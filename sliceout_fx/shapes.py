@@ -1,6 +1,7 @@
 """Stage 2, shapes: run the traced graph once on example inputs to learn every tensor's shape.
 
-Rules need ranks and channel sizes to line up axes (``Linear`` produces the last axis, ``BatchNorm1d``
+Rules need ranks and channel sizes to line up axes (``Linear`` produces the last axis,
+``BatchNorm1d``
 reads axis 1: the same axis only when the tensor is 2-D). Propagation runs under ``no_grad`` on the
 eval-mode graph so it cannot move batch-norm statistics or consume dropout randomness.
 When no example inputs are given, a small batch is synthesised from the first layer that reads the
@@ -56,7 +57,8 @@ def propagate_shapes(
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     try:
-        # fork_rng: a functional dropout baked into the graph must not consume the user's RNG stream.
+        # fork_rng: a functional dropout baked into the graph must not consume the user's RNG
+        # stream.
         with torch.no_grad(), torch.random.fork_rng():
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:  # noqa: BLE001

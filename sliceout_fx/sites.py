@@ -21,8 +21,9 @@ from torch import fx, nn
 from .config import SliceOutConfig
 from .depgraph import DependencyGraph
 from .errors import SliceOutConfigError
-from .groups import AlignmentGroup
+from .groups import AlignmentGroup, why_not_sliceable
 from .rules import Axis
+from .rules.base import rank_of
 from .sampling import slice_width, validate_rate
 
 
@@ -107,8 +108,9 @@ def select_sites(
     explicit = None if isinstance(config.sites, str) else list(config.sites)
     wanted = set(explicit or [])
 
-    def add(group: AlignmentGroup, name: str, kind: str, own_rate: float | None,
-            dropout: fx.Node | None) -> None:
+    def add(
+        group: AlignmentGroup, name: str, kind: str, own_rate: float | None, dropout: fx.Node | None
+    ) -> None:
         if not group.sliceable:
             skipped.append(SkippedSite(name, "; ".join(group.blockers)))
             return
@@ -121,8 +123,9 @@ def select_sites(
         p = config.rate_for(name, own_rate)
         units = _units(group, config.width_multiple, name)
         width = slice_width(units, p, site=name)
-        sites[group.id] = Site(name, kind, group, p, units, width,
-                               [dropout] if dropout is not None else [])
+        sites[group.id] = Site(
+            name, kind, group, p, units, width, [dropout] if dropout is not None else []
+        )
 
     if config.sites in ("auto", "dropout") or explicit:
         for node, rate, group in _dropout_candidates(dep, groups):
@@ -131,8 +134,18 @@ def select_sites(
                 continue
             wanted.discard(name)
             if group is None:
-                skipped.append(SkippedSite(name, "no convolution or linear layer produces the "
-                                                 "tensor it drops (nothing to slice)"))
+                reasons = [
+                    r
+                    for d in range(1, rank_of(node) or 1)
+                    for r in why_not_sliceable(dep, Axis(node, d))
+                ]
+                skipped.append(
+                    SkippedSite(
+                        name,
+                        "no linear or convolution layer makes the tensor it drops narrower: "
+                        + "; ".join(dict.fromkeys(reasons)),
+                    )
+                )
             else:
                 add(group, name, "dropout" if explicit is None else "explicit", rate, node)
 
@@ -148,8 +161,10 @@ def select_sites(
             add(group, name, "expand", None, None)
 
     if wanted:
-        known = sorted({_site_name(n) for n, _, _ in _dropout_candidates(dep, groups)}
-                       | {_site_name(g.primary.node) for g in groups})
+        known = sorted(
+            {_site_name(n) for n, _, _ in _dropout_candidates(dep, groups)}
+            | {_site_name(g.primary.node) for g in groups}
+        )
         raise SliceOutConfigError(f"unknown site name(s) {sorted(wanted)}; known sites: {known}")
     if isinstance(config.p, dict):
         unused = set(config.p) - {s.name for s in sites.values()} - {s.name for s in skipped}

@@ -19,8 +19,10 @@ def train_step_outputs(model: nn.Module, inputs: Sequence[torch.Tensor], seed: i
     out = model(*inputs)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     (out * weights).sum().backward()
-    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-             for n, p in model.named_parameters()}
+    grads = {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
     return out.detach(), grads
 
 
@@ -43,11 +45,19 @@ def assert_sliced_matches_mask(
         assert sliced.sliceout_sampler.last_draws == masked.sliceout_sampler.last_draws
         torch.testing.assert_close(out_s, out_m, atol=atol, rtol=1e-4)
         for name in grads_m:
-            torch.testing.assert_close(grads_s[name], grads_m[name], atol=atol, rtol=1e-4,
-                                       msg=lambda m, n=name: f"gradient of {n}: {m}")
-        for (name, buf_s), (_, buf_m) in zip(sliced.named_buffers(), masked.named_buffers()):
-            torch.testing.assert_close(buf_s, buf_m, atol=atol, rtol=1e-4,
-                                       msg=lambda m, n=name: f"buffer {n}: {m}")
+            torch.testing.assert_close(
+                grads_s[name],
+                grads_m[name],
+                atol=atol,
+                rtol=1e-4,
+                msg=lambda m, n=name: f"gradient of {n}: {m}",
+            )
+        for (name, buf_s), (_, buf_m) in zip(
+            sliced.named_buffers(), masked.named_buffers(), strict=True
+        ):
+            torch.testing.assert_close(
+                buf_s, buf_m, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"buffer {n}: {m}"
+            )
     return sliced, masked
 
 

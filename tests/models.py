@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(width: int = 32, depth: int = 3, p: float = 0.5, in_features: int = 12,
-        classes: int = 5, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def mlp(
+    width: int = 32,
+    depth: int = 3,
+    p: float = 0.5,
+    in_features: int = 12,
+    classes: int = 5,
+    act: type[nn.Module] = nn.ReLU,
+) -> nn.Sequential:
     """Linear -> act -> Dropout, ``depth`` times, then a classifier (the paper's MLP layout)."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     fan_in = in_features
@@ -39,7 +45,8 @@ class FunctionalMLP(nn.Module):
 
 
 class ConvChain(nn.Module):
-    """conv -> BN -> ReLU -> Dropout2d -> conv -> BN -> ReLU -> grouped conv -> BN -> Dropout -> 1x1."""
+    """conv -> BN -> ReLU -> Dropout2d -> conv -> BN -> ReLU -> grouped conv -> BN -> Dropout ->
+    1x1."""
 
     def __init__(self, groups: int = 4, momentum: float | None = 0.1) -> None:
         super().__init__()

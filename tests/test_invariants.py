@@ -14,7 +14,7 @@ from torch import fx, nn
 
 import sliceout_fx
 from tests.helpers import assert_eval_equal, assert_sliced_matches_mask, train_step_outputs
-from tests.models import ConvChain, Conv1d3dChain, DepthwiseChain, FunctionalMLP, mlp
+from tests.models import Conv1d3dChain, ConvChain, DepthwiseChain, FunctionalMLP, mlp
 
 OPTIONS = [
     dict(normalisation=n, placement=pl)
@@ -72,17 +72,17 @@ def test_gradients_are_zero_outside_the_slice_and_nonzero_inside():
     assert w == 20
     g1 = converted.fc1.weight.grad
     rows = torch.zeros(40, dtype=torch.bool)
-    rows[s1:s1 + w] = True
+    rows[s1 : s1 + w] = True
     assert g1[~rows].abs().sum() == 0 and g1[rows].abs().sum() > 0
     assert converted.fc1.bias.grad[~rows].abs().sum() == 0
     g2 = converted.fc2.weight.grad  # rows follow site 2, columns site 1
     cols = rows
     rows2 = torch.zeros(40, dtype=torch.bool)
-    rows2[s2:s2 + w] = True
+    rows2[s2 : s2 + w] = True
     assert g2[~rows2].abs().sum() == 0 and g2[:, ~cols].abs().sum() == 0
     assert g2[rows2][:, cols].abs().sum() > 0
     head_cols = torch.zeros(40, dtype=torch.bool)
-    head_cols[s3:s3 + w] = True
+    head_cols[s3 : s3 + w] = True
     assert converted.head.weight.grad[:, ~head_cols].abs().sum() == 0
 
 
@@ -95,7 +95,7 @@ def test_batchnorm_running_stats_outside_the_slice_are_untouched():
     site = converted.report.site("drop1")
     start = converted.sliceout_sampler.last_draws[0]
     live = torch.zeros(16, dtype=torch.bool)
-    live[start:start + site.width] = True
+    live[start : start + site.width] = True
     for key in ("bn1.running_mean", "bn1.running_var"):
         after = converted.state_dict()[key]
         assert torch.equal(after[~live], before[key][~live])
@@ -107,21 +107,23 @@ def test_shapes_inside_the_training_graph_are_the_same_at_every_step():
     model, inputs = CASES["conv-chain"]
     converted = _convert(copy.deepcopy(model), inputs, p=0.5, seed=0)
     converted.train()
-    seen: list[dict[str, tuple]] = []
-    draws = set()
+
+    class ShapeRecorder(fx.Interpreter):
+        def run(self, *args):
+            self.shapes: dict[str, tuple] = {}
+            super().run(*args)
+            return self.shapes
+
+        def run_node(self, n):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                self.shapes[n.name] = tuple(result.shape)
+            return result
+
+    seen, draws = [], set()
     for _ in range(6):
-        shapes: dict[str, tuple] = {}
-
-        class Recorder(fx.Interpreter):
-            def run_node(self, n):
-                result = super().run_node(n)
-                if isinstance(result, torch.Tensor):
-                    shapes[n.name] = tuple(result.shape)
-                return result
-
-        Recorder(converted.sliced_graph).run(*inputs)
+        seen.append(ShapeRecorder(converted.sliced_graph).run(*inputs))
         draws.add(converted.sliceout_sampler.last_draws)
-        seen.append(shapes)
     assert len(draws) > 1, "the draws never changed: the test would prove nothing"
     assert all(s == seen[0] for s in seen)
     # and the sliced tensors really are narrower than the full-width ones

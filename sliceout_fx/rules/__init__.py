@@ -51,7 +51,8 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, str]:
 def rule_for(node: fx.Node, gm: fx.GraphModule) -> OpRule:
     """The registered rule of a node, or :class:`UnknownOp`.
 
-    A module subclass inherits its base class's rule only if it keeps the base ``forward``: a subclass
+    A module subclass inherits its base class's rule only if it keeps the base ``forward``: a
+    subclass
     that overrides ``forward`` (a conv with its own padding, say) computes something else.
     """
     key, what = _describe(node, gm)
@@ -62,4 +63,3 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> OpRule:
     elif key is not None and key in _REGISTRY:
         return _REGISTRY[key]
     return UnknownOp(what)
-

@@ -29,5 +29,8 @@ class BatchNormRule(OpRule):
         return ctx.call(sliced_batch_norm, (node.args[0], ctx.get_attr(str(node.target)), cut))
 
 
-RULES = {nn.BatchNorm1d: BatchNormRule(), nn.BatchNorm2d: BatchNormRule(),
-         nn.BatchNorm3d: BatchNormRule()}
+RULES = {
+    nn.BatchNorm1d: BatchNormRule(),
+    nn.BatchNorm2d: BatchNormRule(),
+    nn.BatchNorm3d: BatchNormRule(),
+}

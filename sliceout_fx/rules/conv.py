@@ -1,7 +1,8 @@
 """``nn.Conv1d/2d/3d`` and ``F.conv1d/2d/3d``: channel SliceOut.
 
 A plain convolution is a source on its output channels (dim 1) and a sink on its input channels.
-A grouped convolution can only be cut in whole groups, and its input and output channels of one group
+A grouped convolution can only be cut in whole groups, and its input and output channels of one
+group
 go together, so the rule *couples* its input and output channel axes and limits both to ``groups``
 units; the depthwise convolution is the special case with one channel per group.
 """
@@ -23,7 +24,7 @@ _FUNCTIONAL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, 
 def _functional_args(node: fx.Node) -> dict:
     names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
     bound = dict(_FUNCTIONAL_DEFAULTS)
-    bound.update(zip(names, node.args))
+    bound.update(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     return bound
 
@@ -60,12 +61,23 @@ class ConvRule(OpRule):
         if out_cut is None and in_cut is None:
             return None
         if node.op == "call_module":
-            return ctx.call(sliced_conv_module, (x, ctx.get_attr(str(node.target)), out_cut, in_cut))
+            return ctx.call(
+                sliced_conv_module, (x, ctx.get_attr(str(node.target)), out_cut, in_cut)
+            )
         a = _functional_args(node)
         return ctx.call(
             sliced_conv,
-            (x, a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"], a["groups"],
-             out_cut, in_cut),
+            (
+                x,
+                a["weight"],
+                a["bias"],
+                a["stride"],
+                a["padding"],
+                a["dilation"],
+                a["groups"],
+                out_cut,
+                in_cut,
+            ),
         )
 
     def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:

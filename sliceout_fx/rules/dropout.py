@@ -12,8 +12,14 @@ from torch import fx, nn
 from .base import AxisRelations, OpRule, SiteHint, couple_all_dims
 
 # Dropout flavours that drop whole channels (dim 1) rather than single elements.
-_CHANNEL_DROPOUTS = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, F.dropout1d, F.dropout2d,
-                     F.dropout3d)
+_CHANNEL_DROPOUTS = (
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+)
 
 
 def _rate_and_training(node: fx.Node, gm: fx.GraphModule) -> tuple[float, bool]:
@@ -22,7 +28,7 @@ def _rate_and_training(node: fx.Node, gm: fx.GraphModule) -> tuple[float, bool]:
         return float(mod.p), True
     names = ["input", "p", "training", "inplace"]
     bound = {"p": 0.5, "training": True}
-    bound.update(zip(names, node.args))
+    bound.update(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     return float(bound["p"]), bool(bound["training"])
 
@@ -42,7 +48,12 @@ class DropoutRule(OpRule):
 
 _RULE = DropoutRule()
 RULES = {
-    nn.Dropout: _RULE, nn.Dropout1d: _RULE, nn.Dropout2d: _RULE, nn.Dropout3d: _RULE,
-    F.dropout: _RULE, F.dropout1d: _RULE, F.dropout2d: _RULE,
+    nn.Dropout: _RULE,
+    nn.Dropout1d: _RULE,
+    nn.Dropout2d: _RULE,
+    nn.Dropout3d: _RULE,
+    F.dropout: _RULE,
+    F.dropout1d: _RULE,
+    F.dropout2d: _RULE,
     F.dropout3d: _RULE,
 }

@@ -1,0 +1,321 @@
+"""Command-line entry point: ``sliceout-fx {bench,demo,explain}``.
+
+Heavy or optional pieces (torch, the core transformation, the demo) are imported only by the
+subcommand that needs them, so ``--help`` is fast and one broken piece does not take down the rest.
+Errors are reported as one line on stderr with exit status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+PROG = "sliceout-fx"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the fix, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's example layout; appends a default only where it says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" not in text
+            and default is not None
+            and default is not False
+            and default != argparse.SUPPRESS
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"dropout rate must be in [0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _workload_names() -> list[str]:
+    from .bench.workloads import workload_names
+
+    return workload_names()
+
+
+BENCH_EPILOG = f"""\
+Each variant starts from the same weights and sees the same batches; variants run round-robin
+(order rotated every round) in one process and each step is compared with the baseline step of the
+same round. Report the ratios: absolute milliseconds depend on the machine and its load.
+Outputs: a table on stdout, <out>/results.json (raw samples, settings, machine) and
+<out>/ratios.png.
+
+examples:
+  {PROG} bench mlp                              # p = 0.1 ... 0.9, 30 rounds each
+  {PROG} bench mlp --p 0.1 0.5 --repeats 20
+  {PROG} bench mlp --p 0.5 --fused-adam --threads 2 --out /tmp/mlp-fused
+  {PROG} bench mlp --p 0.5 --hidden 256 --repeats 5 --warmup 1   # quick smoke run
+"""
+
+EXPLAIN_EPILOG = f"""\
+Prints what convert() would do with the model: the alignment groups it found, which are sliced
+(and their widths at rate p), and why the others are left full width.
+
+examples:
+  {PROG} explain mlp
+  {PROG} explain mlp --p 0.3 --hidden 512
+"""
+
+DEMO_EPILOG = f"""\
+All arguments after 'demo' are passed to the demo unchanged; see '{PROG} demo --help'.
+"""
+
+MAIN_EPILOG = f"""\
+examples:
+  {PROG} bench mlp --p 0.1 0.5 --repeats 20   # SliceOut vs dropout vs controlled dropout
+  {PROG} explain mlp --p 0.5                  # what convert() slices in the paper's MLP
+  {PROG} demo --help                          # the demo's own options
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (``demo`` arguments are forwarded verbatim, see :func:`main`)."""
+    parser = _Parser(
+        prog=PROG,
+        description="SliceOut as a torch.fx transformation: benchmarks, demo and model reports.",
+        epilog=MAIN_EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="{bench,demo,explain}", parser_class=_Parser
+    )
+    sub.required = True
+    names = _workload_names()
+
+    bench = sub.add_parser(
+        "bench",
+        help="time and memory ratios of SliceOut variants vs standard dropout",
+        description="Benchmark SliceOut against standard and controlled dropout on a workload.",
+        epilog=BENCH_EPILOG,
+        formatter_class=_Formatter,
+    )
+    bench.add_argument("workload", choices=names, help="workload to run")
+    bench.add_argument(
+        "--p",
+        type=_rate,
+        nargs="+",
+        default=None,
+        metavar="P",
+        help="dropout rates to run (default: the workload's list, 0.1 ... 0.9 for mlp)",
+    )
+    bench.add_argument(
+        "--repeats", type=_positive_int, default=30, help="timed interleaved rounds per p"
+    )
+    bench.add_argument(
+        "--warmup", type=_non_negative_int, default=5, help="untimed rounds before timing"
+    )
+    bench.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads (default: torch's)",
+    )
+    bench.add_argument(
+        "--out", default=None, help="output folder (default: bench-results/<workload>/)"
+    )
+    adam = bench.add_mutually_exclusive_group()
+    adam.add_argument(
+        "--fused-adam",
+        action="store_true",
+        help="use torch.optim.Adam(fused=True) for all variants",
+    )
+    adam.add_argument(
+        "--foreach", action="store_true", help="use torch.optim.Adam(foreach=True) for all variants"
+    )
+    bench.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these variants (the baseline always runs)",
+    )
+    bench.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="batch size (default: the paper's)"
+    )
+    bench.add_argument(
+        "--hidden", type=_positive_int, default=None, help="model width override (quick runs)"
+    )
+    bench.add_argument("--seed", type=int, default=0, help="seed for weights, data and slices")
+    bench.add_argument(
+        "--rss",
+        action="store_true",
+        help="also measure each variant's peak-RSS growth in a fresh subprocess (informational)",
+    )
+    bench.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser(
+        "demo",
+        help="run the demo (arguments are passed through to it)",
+        description="Run sliceout_fx.demo with the remaining arguments.",
+        epilog=DEMO_EPILOG,
+        formatter_class=_Formatter,
+        add_help=False,
+    )
+
+    explain = sub.add_parser(
+        "explain",
+        help="report what convert() slices in a workload's model",
+        description="Build a workload's (untransformed) model and print sliceout_fx.explain().",
+        epilog=EXPLAIN_EPILOG,
+        formatter_class=_Formatter,
+    )
+    explain.add_argument("model", choices=names, help="workload whose model to explain")
+    explain.add_argument("--p", type=_rate, default=0.5, help="dropout rate")
+    explain.add_argument("--hidden", type=_positive_int, default=None, help="model width override")
+    explain.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="batch size of the example input"
+    )
+    explain.add_argument("--seed", type=int, default=0, help="seed for the model's weights")
+    return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.runner import run_benchmark
+    from .bench.workloads import BenchOptions
+
+    options = BenchOptions(
+        batch_size=args.batch_size,
+        hidden=args.hidden,
+        fused_adam=args.fused_adam,
+        foreach=args.foreach,
+        seed=args.seed,
+    )
+    run_benchmark(
+        args.workload,
+        args.p,
+        options=options,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        variants=args.variants,
+        threads=args.threads,
+        out=args.out,
+        plot=not args.no_plot,
+        rss=args.rss,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _core() -> Any:
+    """The core package, or a one-line error saying the transformation is not available."""
+    try:
+        import sliceout_fx
+    except ImportError as exc:
+        raise CLIError(f"cannot import sliceout_fx: {exc}") from exc
+    if not hasattr(sliceout_fx, "explain"):
+        raise CLIError("this sliceout_fx build has no explain(); the core package is incomplete")
+    return sliceout_fx
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .bench.workloads import BenchOptions, get_workload
+
+    spec = get_workload(args.model)
+    if spec.example_model is None:
+        raise CLIError(f"workload {args.model!r} has no model to explain")
+    core = _core()
+    options = BenchOptions(batch_size=args.batch_size, hidden=args.hidden, seed=args.seed)
+    model, example_inputs = spec.example_model(args.p, options)
+    report = core.explain(model, p=args.p, example_inputs=example_inputs)
+    print(report)
+    return 0
+
+
+def _cmd_demo(rest: list[str]) -> int:
+    try:
+        from . import demo
+    except ImportError as exc:
+        raise CLIError(f"the demo is not available: {exc}") from exc
+    status = demo.main(rest)
+    return status if isinstance(status, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # 'demo' forwards everything after it (including --help) to the demo's own parser.
+    debug = False
+    head = argv
+    rest: list[str] = []
+    if "demo" in argv:
+        i = argv.index("demo")
+        if all(a.startswith("-") for a in argv[:i]):
+            head, rest = argv[: i + 1], argv[i + 1 :]
+    args = parser.parse_args(head)
+    debug = args.debug
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args)
+        if args.command == "explain":
+            return _cmd_explain(args)
+        if args.command == "demo":
+            return _cmd_demo(rest)
+        raise CLIError(f"unknown command {args.command!r}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, CLIError | ValueError):
+            message = f"{type(exc).__name__}: {message}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
