@@ -14,7 +14,7 @@ from .sampling import validate_rate
 Normalisation = Literal["flow", "probabilistic"]
 Placement = Literal["immediate", "delayed"]
 Mode = Literal["slice", "gather", "mask"]
-SitePolicy = Union[Literal["auto", "dropout", "expand"], Sequence[str]]  # noqa: UP007
+SitePolicy = Union[Literal["auto", "dropout", "expand", "all"], Sequence[str]]  # noqa: UP007
 Rate = Union[float, Mapping[str, float], None]  # noqa: UP007 (runtime alias, Python 3.10)
 
 _CHOICES = {
@@ -36,7 +36,8 @@ class SliceOutConfig:
         placement: ``"immediate"`` scales where the dropout was (or right after the slicing op);
             ``"delayed"`` scales just before the ops that consume the slice (after batch norm).
         sites: ``"dropout"`` replaces existing dropouts, ``"expand"`` slices expand 1x1 convs,
-            ``"auto"`` = dropout sites, else expand sites; or an explicit list of site names.
+            ``"all"`` slices every sliceable group, ``"auto"`` = dropout sites, else expand sites;
+            or an explicit list of site names.
         mode: ``"slice"`` (SliceOut), ``"gather"`` (controlled dropout), ``"mask"`` (reference).
         seed: seeds the slice sampler's own generator (``None``: the global torch RNG).
         width_multiple: round slice widths (and starts) to this many channels, e.g. 8.
@@ -62,9 +63,9 @@ class SliceOutConfig:
                 validate_rate(rate, f"p[{site!r}]")
         elif self.p is not None:
             validate_rate(self.p)
-        if isinstance(self.sites, str) and self.sites not in ("auto", "dropout", "expand"):
+        if isinstance(self.sites, str) and self.sites not in ("auto", "dropout", "expand", "all"):
             raise SliceOutConfigError(
-                f"sites must be 'auto', 'dropout', 'expand' or a list of site names, got "
+                f"sites must be 'auto', 'dropout', 'expand', 'all' or a list of site names, got "
                 f"{self.sites!r}"
             )
         if self.width_multiple is not None and (

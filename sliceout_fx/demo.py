@@ -33,7 +33,9 @@ from sliceout_fx.bench.timing import median_ratio
 from sliceout_fx.data import load_fashion_mnist
 from sliceout_fx.models import paper_mlp
 
-__all__ = ["VariantResult", "main", "run_demo"]
+__all__ = ["VariantResult", "format_table", "main", "run_demo"]
+
+_WARMUP_STEPS = 5
 
 
 @dataclass
@@ -43,6 +45,7 @@ class VariantResult:
     name: str
     test_accuracy: float
     step_times: list[float]
+    """Seconds per timed training step (warm-up steps excluded)."""
     saved_bytes: int
     final_loss: float
 
@@ -155,6 +158,9 @@ def run_demo(
     total = epochs * steps_per_epoch
     if max_steps is not None:
         total = min(total, max_steps)
+    # The first steps pay one-off costs (Adam state allocation, allocator and cache warm-up);
+    # keep them out of the timings when the run is long enough to spare them.
+    warmup = _WARMUP_STEPS if total >= 4 * _WARMUP_STEPS else 0
     gen = torch.Generator().manual_seed(seed)
     times: dict[str, list[float]] = {name: [] for name in models}
     last_loss: dict[str, float] = {name: float("nan") for name in models}
@@ -173,7 +179,9 @@ def run_demo(
                 for name in order if step % 2 == 0 else reversed(order):
                     t0 = time.perf_counter()
                     loss = _train_step(models[name], optimizers[name], xb, yb)
-                    times[name].append(time.perf_counter() - t0)
+                    elapsed = time.perf_counter() - t0
+                    if step >= warmup:
+                        times[name].append(elapsed)
                     last_loss[name] = float(loss)
                 step += 1
                 bar.update(1)
@@ -237,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     print()
     print(
-        f"{len(results[0].step_times)} steps per variant, interleaved with the same batches.\n"
+        f"{len(results[0].step_times)} timed steps per variant (after any warm-up), interleaved "
+        "with the same batches.\n"
         "step time: forward + backward + Adam step; ratio = median of per-step ratios vs dropout.\n"
         "saved activations: bytes autograd keeps for backward in one step (parameters excluded)."
     )

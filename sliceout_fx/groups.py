@@ -33,6 +33,9 @@ class AlignmentGroup:
     sinks: list[tuple[fx.Node, Axis]]  # (consumer node, the axis it absorbs)
     units: int  # the group is cut in units; axis of size n has n // units channels per unit
     blockers: list[str] = field(default_factory=list)
+    # Sinks whose result flows back into the group (squeeze-excite's reduce conv) are internal;
+    # the others are where the slice ends, and where delayed normalisation goes.
+    exit_sinks: list[tuple[fx.Node, Axis]] = field(default_factory=list)
 
     @property
     def sliceable(self) -> bool:
@@ -98,6 +101,25 @@ def _blockers(dep: DependencyGraph, axes: set[Axis]) -> tuple[list[str], list[tu
     return list(dict.fromkeys(blockers)), sinks
 
 
+def _exit_sinks(dep: DependencyGraph, axes: set[Axis], sinks: list[tuple]) -> list[tuple]:
+    """The sinks from which no path leads back to a node of the group."""
+    members = {a.node for a in axes}
+    last = max(dep.order[n] for n in members)
+    exits = []
+    for sink, axis in sinks:
+        frontier, seen, returns = list(sink.users), set(), False
+        while frontier and not returns:
+            node = frontier.pop()
+            if node in seen or dep.order.get(node, last + 1) > last:
+                continue  # past the group's last node: cannot lead back into it
+            seen.add(node)
+            returns = node in members
+            frontier.extend(node.users)
+        if not returns:
+            exits.append((sink, axis))
+    return exits
+
+
 def why_not_sliceable(dep: DependencyGraph, axis: Axis) -> list[str]:
     """The blockers of the component holding ``axis``, for axes outside every channel group."""
     if axis not in dep.graph:
@@ -129,6 +151,7 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
                 sinks=sorted(sinks, key=lambda s: order(Axis(s[0], 0))),
                 units=units,
                 blockers=blockers,
+                exit_sinks=_exit_sinks(dep, component, sinks),
             )
         )
     groups.sort(key=lambda g: order(g.primary))

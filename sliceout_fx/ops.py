@@ -240,13 +240,16 @@ def sliced_conv(
     group size), so only weight rows are taken and ``groups`` shrinks in proportion.
     """
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
-    weight = take(weight, 0, out_cut)
     if groups > 1:
+        # Whole groups: the rows of the kept groups, each still seeing all its input channels.
+        weight = take(weight, 0, out_cut)
         if out_cut is not None and out_cut.mode != "mask":
             groups = groups * out_cut.width // out_cut.size
-    elif in_cut is not None and in_cut.mode != "mask":
-        # Input-channel slices are strided; conv kernels want contiguous weights (a small copy).
-        weight = take(weight, 1, in_cut).contiguous()
+    else:
+        weight = take_block(weight, ((0, out_cut), (1, in_cut)))
+        if in_cut is not None and in_cut.mode != "mask":
+            # Input-channel slices are strided; conv kernels want contiguous weights (a small copy).
+            weight = weight.contiguous()
     return conv(x, weight, take(bias, 0, out_cut), stride, padding, dilation, groups)
 
 
@@ -274,12 +277,7 @@ def sliced_conv_module(
 
 
 def sliced_batch_norm(x: Tensor, module: nn.modules.batchnorm._BatchNorm, cut: Cut) -> Tensor:
-    """Batch norm over the live channels only.
-
-    Batch statistics come from the live channels and only their running statistics move: in slice
-    mode the running buffers are narrowed views that ``F.batch_norm`` updates in place; gather and
-    mask modes update a copy and write the live entries back.
-    """
+    """``nn.BatchNormNd`` over the live channels (see :func:`sliced_batch_norm_fn`)."""
     bn = module
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -287,20 +285,50 @@ def sliced_batch_norm(x: Tensor, module: nn.modules.batchnorm._BatchNorm, cut: C
         if bn.momentum is None:
             momentum = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = bn.training or bn.running_mean is None
-    weight, bias = take(bn.weight, 0, cut), take(bn.bias, 0, cut)
-    if bn.running_mean is None or cut.mode == "slice" or not bn.training:
-        rm, rv = take(bn.running_mean, 0, cut), take(bn.running_var, 0, cut)
-        return F.batch_norm(x, rm, rv, weight, bias, use_batch_stats, momentum, bn.eps)
+    return sliced_batch_norm_fn(
+        x,
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        momentum,
+        bn.eps,
+        cut,
+    )
+
+
+def sliced_batch_norm_fn(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    cut: Cut,
+) -> Tensor:
+    """``F.batch_norm`` over the live channels only.
+
+    Batch statistics come from the live channels and only their running statistics move: in slice
+    mode the running buffers are narrowed views that ``F.batch_norm`` updates in place; gather and
+    mask modes update a copy and write the live entries back.
+    """
+    weight, bias = take(weight, 0, cut), take(bias, 0, cut)
+    if running_mean is None or cut.mode == "slice" or not training:
+        rm, rv = take(running_mean, 0, cut), take(running_var, 0, cut)
+        return F.batch_norm(x, rm, rv, weight, bias, training, momentum, eps)
     # gather / mask: run on copies of the running stats, then write back the live entries only.
-    rm, rv = take(bn.running_mean, 0, cut).clone(), take(bn.running_var, 0, cut).clone()
-    y = F.batch_norm(x, rm, rv, weight, bias, True, momentum, bn.eps)
+    rm, rv = take(running_mean, 0, cut).clone(), take(running_var, 0, cut).clone()
+    y = F.batch_norm(x, rm, rv, weight, bias, True, momentum, eps)
     with torch.no_grad():
         if cut.mode == "gather":
             index = cut.index.to(rm.device)
-            bn.running_mean.index_copy_(0, index, rm)
-            bn.running_var.index_copy_(0, index, rv)
+            running_mean.index_copy_(0, index, rm)
+            running_var.index_copy_(0, index, rv)
         else:
             live = slice(cut.index, cut.index + cut.width)
-            bn.running_mean[live] = rm[live]
-            bn.running_var[live] = rv[live]
+            running_mean[live] = rm[live]
+            running_var[live] = rv[live]
     return y

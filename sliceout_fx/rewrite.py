@@ -117,9 +117,10 @@ class _Rewriter:
         axis_site = {axis: site for site in sites for axis in site.group.axes}
         self.ctx = RewriteContext(gm, config.mode, axis_site)
         self.replaced_dropouts = {d for site in sites for d in site.dropouts}
-        # Sources of sites without a dropout get their (immediate) scale right after them.
-        self.bare_sources = {a.node for s in sites if not s.dropouts for a in s.group.sources}
-        self.sink_sites = {(n, site) for site in sites for n, _ in site.group.sinks}
+        # Sites without a dropout get their immediate scale right after their primary source
+        # (not after a squeeze-excite expand conv, which also sources the group).
+        self.bare_sources = {s.group.primary.node for s in sites if not s.dropouts}
+        self.sink_sites = {(n, site) for site in sites for n, _ in site.group.exit_sinks}
         self.scaled_inputs: dict[fx.Node, fx.Node] = {}  # delayed placement: value -> scaled
         self.scale_buffers: dict[tuple[int, int], fx.Node] = {}
 
@@ -156,7 +157,7 @@ class _Rewriter:
         return self.ctx.cut_nodes[key], dim, self.scale_buffers.get(key)
 
     def _scale_sliced_inputs_of_sink(self, node: fx.Node) -> None:
-        """Delayed placement: scale each sliced input of a sink once, right after it is made."""
+        """Delayed placement: scale each sliced input of an exit sink once, where it is made."""
         ctx = self.ctx
         for arg in list(node.all_input_nodes):
             dims = _sliced_dims(ctx, arg)

@@ -5,6 +5,7 @@ A *site* is a sliceable group chosen by a policy, with its rate and slice width.
 * ``dropout`` - each existing dropout names the group flowing through it (a drop-in replacement: the
   dropout leaves the training graph);
 * ``expand`` - every group produced by a 1x1 convolution that widens its input (an MBConv expand);
+* ``all`` - every sliceable group (e.g. the inner channels of every ResNet bottleneck);
 * an explicit list of names: dropout module names / node names, or the name of a source op.
 
 Anything a policy wanted but could not slice becomes a :class:`SkippedSite` with the reason.
@@ -149,7 +150,9 @@ def select_sites(
             else:
                 add(group, name, "dropout" if explicit is None else "explicit", rate, node)
 
-    use_expand = config.sites == "expand" or (config.sites == "auto" and not sites and not skipped)
+    # "auto" falls back to expand convolutions when no dropout could be sliced (a classifier
+    # dropout after a flatten, say, is skipped and should not disable the fallback).
+    use_expand = config.sites == "expand" or (config.sites == "auto" and not sites)
     for group in groups:
         source = group.primary.node
         name = _site_name(source)
@@ -159,6 +162,8 @@ def select_sites(
                 add(group, name, "explicit", None, None)
         elif use_expand and _is_expand_conv(source, dep.gm):
             add(group, name, "expand", None, None)
+        elif config.sites == "all" and group.sliceable:
+            add(group, name, "group", None, None)
 
     if wanted:
         known = sorted(

@@ -6,9 +6,10 @@ so a channel that is not in this step's slice keeps exactly the state it had.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import sliced_batch_norm
+from ..ops import sliced_batch_norm, sliced_batch_norm_fn
 from .base import Axis, AxisRelations, OpRule, shape_of
 
 
@@ -34,3 +35,52 @@ RULES = {
     nn.BatchNorm2d: BatchNormRule(),
     nn.BatchNorm3d: BatchNormRule(),
 }
+
+
+class FunctionalBatchNormRule(OpRule):
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``.
+
+    Models that fuse norm and activation (timm's ``BatchNormAct2d``) call the functional form with
+    their buffers and parameters; the same slicing applies to each of them.
+    """
+
+    name = "batchnorm"
+    _NAMES = (
+        "input",
+        "running_mean",
+        "running_var",
+        "weight",
+        "bias",
+        "training",
+        "momentum",
+        "eps",
+    )
+    _DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+    def _bound(self, node: fx.Node) -> dict:
+        bound = dict(self._DEFAULTS)
+        bound.update(zip(self._NAMES, node.args, strict=False))
+        bound.update(node.kwargs)
+        return bound
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        a = self._bound(node)
+        x = a["input"]
+        if shape_of(node) is None or shape_of(x) != shape_of(node):
+            return AxisRelations(blocks="batch norm with unknown shapes")
+        if not all(isinstance(a[k], (bool, float, int)) for k in ("training", "momentum", "eps")):
+            return AxisRelations(blocks="batch norm with non-constant training/momentum/eps")
+        return AxisRelations(couplings=[(Axis(x, 1), Axis(node, 1))])
+
+    def rewrite(self, node: fx.Node, ctx) -> fx.Node | None:
+        cut = ctx.out_cut(node, 1)
+        if cut is None:
+            return None
+        a = self._bound(node)
+        return ctx.call(
+            sliced_batch_norm_fn,
+            tuple(a[k] for k in self._NAMES) + (cut,),
+        )
+
+
+RULES[F.batch_norm] = FunctionalBatchNormRule()

@@ -1,9 +1,10 @@
-"""Element-wise ops (activations, arithmetic with a scalar): every axis passes straight through.
+"""Element-wise ops (activations, arithmetic): every axis passes straight through.
 
 Applying them to the live part of a tensor is the same as applying them to the whole tensor and
 keeping the live part, so they couple each input axis with the same output axis and need no rewrite.
-An op with *two* tensor operands is not element-wise in this sense: both operands would have to be
-cut alike (a residual add), which is the job of a dedicated rule.
+With two tensor operands (``x * gate`` in squeeze-excite, a residual ``x + y``) each operand axis
+that is not broadcast is coupled with the output axis it lines up with: both operands must then be
+cut alike. An operand broadcast along an axis (size 1) needs no cut there.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import AxisRelations, OpRule, couple_all_dims, tensor_args
+from .base import Axis, AxisRelations, OpRule, couple_all_dims, shape_of, tensor_args
 
 
 class ElementwiseRule(OpRule):
@@ -22,14 +23,22 @@ class ElementwiseRule(OpRule):
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         tensors = tensor_args(node)
-        if len(tensors) != 1:
-            return AxisRelations(
-                blocks="element-wise op on two tensors (e.g. a residual add): both would need the "
-                "same cut"
-            )
-        couplings = couple_all_dims(tensors[0], node)
-        if not couplings:
-            return AxisRelations(blocks="element-wise op that changes the shape (broadcasting)")
+        out = shape_of(node)
+        if not tensors or out is None:
+            return AxisRelations(blocks="element-wise op with unknown shapes")
+        if len(tensors) == 1 and shape_of(tensors[0]) == out:
+            return AxisRelations(couplings=couple_all_dims(tensors[0], node))
+        couplings = []
+        for operand in tensors:
+            shape = shape_of(operand)
+            offset = len(out) - len(shape)
+            if offset < 0:
+                return AxisRelations(blocks="element-wise op with unknown broadcasting")
+            couplings += [
+                (Axis(operand, d), Axis(node, d + offset))
+                for d in range(len(shape))
+                if shape[d] == out[d + offset]
+            ]
         return AxisRelations(couplings=couplings)
 
 

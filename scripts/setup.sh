@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Set up a development environment for sliceout_fx. Idempotent: safe to run again.
+#
+#   bash scripts/setup.sh        (from the repository root)
+#
+# 1. creates .venv (python3.11, else python3) if it does not exist;
+# 2. installs the CPU wheel torch==2.13.0 FIRST and pinned: an unpinned torch would resolve
+#    to a ~5.5 GB CUDA build here;
+# 3. installs this package in editable mode with the test extras;
+# 4. installs the real Fashion-MNIST data set from Debian (dataset-fashion-mnist).
+set -euo pipefail
+
+TORCH_VERSION="2.13.0"
+VENV=".venv"
+FMNIST_DIR="/usr/share/datasets/fashion-mnist"
+FMNIST_FILES=(
+    train-images-idx3-ubyte.gz
+    train-labels-idx1-ubyte.gz
+    t10k-images-idx3-ubyte.gz
+    t10k-labels-idx1-ubyte.gz
+)
+
+say() { printf '[setup] %s\n' "$*"; }
+
+if [[ ! -f pyproject.toml ]] || ! grep -q 'name = "sliceout-fx"' pyproject.toml; then
+    echo "[setup] error: run this script from the sliceout_fx repository root" >&2
+    exit 1
+fi
+
+# --- 1. virtual environment -------------------------------------------------------------
+if [[ -x "$VENV/bin/python" ]]; then
+    say "using existing $VENV ($("$VENV/bin/python" --version 2>&1))"
+else
+    if command -v python3.11 >/dev/null 2>&1; then
+        PY=python3.11
+    else
+        PY=python3
+    fi
+    say "creating $VENV with $PY"
+    "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+# --- 2. torch, pinned, before anything that depends on it --------------------------------
+if "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" \
+    >/dev/null 2>&1; then
+    say "torch $TORCH_VERSION already installed"
+else
+    say "installing torch==$TORCH_VERSION (CPU)"
+    "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+fi
+
+# --- 3. this package, editable, with test extras ------------------------------------------
+say "installing sliceout-fx in editable mode with [test] extras"
+"${PIP[@]}" install -q -e '.[test]'
+
+# --- 4. Fashion-MNIST (real data, Debian package) -----------------------------------------
+have_fmnist() {
+    local f
+    for f in "${FMNIST_FILES[@]}"; do
+        [[ -s "$FMNIST_DIR/$f" ]] || return 1
+    done
+}
+
+if have_fmnist; then
+    say "Fashion-MNIST already present in $FMNIST_DIR"
+else
+    SUDO=()
+    if [[ "$(id -u)" -ne 0 ]]; then
+        SUDO=(sudo)
+    fi
+    say "installing Fashion-MNIST via apt-get (dataset-fashion-mnist)"
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    if ! have_fmnist; then
+        echo "[setup] error: dataset-fashion-mnist installed but files are missing in $FMNIST_DIR" >&2
+        exit 1
+    fi
+    say "Fashion-MNIST installed in $FMNIST_DIR"
+fi
+
+say "done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"

@@ -1,0 +1,381 @@
+"""Run a workload over several dropout rates; report ratios as a table, JSON and a plot.
+
+Only ratios to the baseline measured in the same interleaved run are results. Absolute times are
+kept (raw samples in the JSON, medians in a secondary column) for diagnosis, not for quoting.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from .memory import measure_saved_tensors, peak_rss_bytes
+from .timing import interleaved_step_times, paired_ratios, quantile, ratio_of_medians
+from .workloads import BenchOptions, get_workload
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "environment_info",
+    "format_table",
+    "plot_result",
+    "run_benchmark",
+    "validate_ps",
+]
+
+SCHEMA_VERSION = 1
+JSON_NAME = "results.json"
+PLOT_NAME = "ratios.png"
+
+
+def validate_ps(ps: Sequence[float]) -> list[float]:
+    """Check dropout rates: each in [0, 1), no duplicates; keep the given order."""
+    out: list[float] = []
+    for p in ps:
+        p = float(p)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate p must be in [0, 1), got {p}")
+        if p in out:
+            raise ValueError(f"dropout rate p={p} given twice")
+        out.append(p)
+    if not out:
+        raise ValueError("no dropout rate given")
+    return out
+
+
+def _cpu_model_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def environment_info() -> dict[str, Any]:
+    """What a reader needs to interpret the numbers: software versions, threads, machine."""
+    try:
+        from importlib.metadata import version
+
+        pkg_version: str | None = version("sliceout-fx")
+    except Exception:  # not installed as a distribution (e.g. run from a checkout)
+        pkg_version = None
+    try:
+        cpu_capability: str | None = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        cpu_capability = None
+    return {
+        "torch_version": torch.__version__,
+        "sliceout_fx_version": pkg_version,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_model_name() or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_capability": cpu_capability,
+        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+NOISY_SPREAD = 1.5
+"""Baseline step times whose 90th/10th percentile ratio exceeds this flag a busy machine."""
+
+
+def _spread(samples: list[float]) -> float:
+    """90th/10th percentile of step times: ~1 on a quiet machine, >> 1 when load came and went."""
+    return quantile(samples, 0.9) / quantile(samples, 0.1)
+
+
+def _variant_stats(
+    samples: list[float], baseline_samples: list[float], saved: Any, baseline_bytes: int
+) -> dict[str, Any]:
+    ratios = paired_ratios(samples, baseline_samples)
+    return {
+        "time_ratio": statistics.median(ratios),
+        "time_ratio_q25": quantile(ratios, 0.25),
+        "time_ratio_q75": quantile(ratios, 0.75),
+        "time_ratio_of_medians": ratio_of_medians(samples, baseline_samples),
+        "step_time_spread": _spread(samples),
+        "median_ms": statistics.median(samples) * 1e3,
+        "saved_activation_bytes": saved.bytes,
+        "memory_ratio": saved.bytes / baseline_bytes if baseline_bytes else None,
+        "saved_tensors": saved.tensors,
+        "saved_storages": saved.storages,
+        "saved_parameter_views": saved.parameter_tensors,
+        "samples_s": samples,
+    }
+
+
+def run_benchmark(
+    workload: str,
+    ps: Sequence[float] | None = None,
+    *,
+    options: BenchOptions | None = None,
+    repeats: int = 30,
+    warmup: int = 5,
+    variants: Sequence[str] | None = None,
+    threads: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    plot: bool = True,
+    rss: bool = False,
+    progress: bool = True,
+    stream: TextIO | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``workload`` at each ``p``; return the result dict (also written under ``out``).
+
+    Per ``p``: build all variants from the same initial weights, count the bytes autograd saves in
+    one step of each (deterministic), then time ``repeats`` interleaved rounds after ``warmup``
+    untimed ones. ``out=None`` means ``bench-results/<workload>/``. ``rss=True`` additionally
+    measures each variant's peak-RSS growth in a fresh subprocess (slow-ish, informational).
+    """
+    from tqdm.auto import tqdm
+
+    spec = get_workload(workload)
+    ps = validate_ps(spec.default_ps if ps is None else ps)
+    options = options or BenchOptions()
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    out_dir = Path(out) if out is not None else Path("bench-results") / workload
+    stream = sys.stdout if stream is None else stream
+
+    per_p: list[dict[str, Any]] = []
+    baseline_name = ""
+    bar = tqdm(ps, desc=f"bench {workload}", unit="p", disable=not progress, leave=False)
+    for p in bar:
+        bar.set_postfix_str(f"p={p:g} building")
+        wl = spec.build(p, options)
+        baseline_name = wl.baseline
+        built = wl.build(variants)
+        bar.set_postfix_str(f"p={p:g} saved-tensor count")
+        saved = {name: measure_saved_tensors(v.step, v.params) for name, v in built.items()}
+
+        def on_round(r: int, p: float = p) -> None:
+            bar.set_postfix_str(f"p={p:g} round {r + 1}/{repeats}")
+
+        times = interleaved_step_times(
+            {name: v.step for name, v in built.items()}, repeats, warmup, on_round=on_round
+        )
+        base_bytes = saved[wl.baseline].bytes
+        entry: dict[str, Any] = {
+            "p": p,
+            "workload_info": wl.info,
+            "variants": {
+                name: {
+                    "description": wl.descriptions.get(name, built[name].description),
+                    **_variant_stats(times[name], times[wl.baseline], saved[name], base_bytes),
+                }
+                for name in built
+            },
+        }
+        if rss:
+            from .rss import measure_rss_in_subprocess
+
+            for name in built:
+                bar.set_postfix_str(f"p={p:g} rss {name}")
+                entry["variants"][name]["rss_subprocess"] = measure_rss_in_subprocess(
+                    workload, p, name, options, threads=threads
+                )
+        per_p.append(entry)
+        del built, wl
+        gc.collect()
+    bar.close()
+
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "workload": workload,
+        "description": spec.description,
+        "baseline": baseline_name,
+        "variants": list(per_p[0]["variants"]),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "ps": ps,
+            "repeats": repeats,
+            "warmup": warmup,
+            "threads": torch.get_num_threads(),
+            "options": {k: v for k, v in vars(options).items() if k != "extra"}
+            | {"extra": dict(options.extra)},
+            "timing": "interleaved rounds, order rotated each round; ratio = median of per-round "
+            "variant/baseline ratios",
+            "memory": "bytes of distinct storages saved for backward in one step "
+            "(saved_tensors_hooks), parameter storages excluded",
+        },
+        "environment": environment_info(),
+        "process_peak_rss_bytes": peak_rss_bytes(),
+        "results": per_p,
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / JSON_NAME
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    result["files"] = {"json": str(json_path)}
+    if plot:
+        plot_path = out_dir / PLOT_NAME
+        plot_result(result, plot_path)
+        result["files"]["plot"] = str(plot_path)
+
+    print(format_table(result), file=stream)
+    for kind, path in result["files"].items():
+        print(f"{kind}: {path}", file=stream)
+    return result
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """An aligned text table: ratios first; absolute milliseconds last, labelled informational."""
+    settings = result["settings"]
+    env = result["environment"]
+    header = [
+        "p",
+        "variant",
+        "time ratio",
+        "IQR of ratios",
+        "saved-activation ratio",
+        "saved activations",
+        "median ms (this machine, informational)",
+    ]
+    has_rss = any("rss_subprocess" in v for e in result["results"] for v in e["variants"].values())
+    if has_rss:
+        header.append("peak-RSS growth (own process, informational)")
+    rows: list[list[str]] = []
+    for entry in result["results"]:
+        first = True
+        for name, v in entry["variants"].items():
+            is_base = name == result["baseline"]
+            mem_ratio = v["memory_ratio"]
+            rows.append(
+                [
+                    f"{entry['p']:.2f}" if first else "",
+                    name + (" (baseline)" if is_base else ""),
+                    f"{v['time_ratio']:.3f}",
+                    "" if is_base else f"{v['time_ratio_q25']:.3f}-{v['time_ratio_q75']:.3f}",
+                    "n/a" if mem_ratio is None else f"{mem_ratio:.3f}",
+                    _fmt_bytes(v["saved_activation_bytes"]),
+                    f"{v['median_ms']:.1f}",
+                ]
+            )
+            if has_rss:
+                rss = v.get("rss_subprocess", {})
+                growth = rss.get("peak_rss_growth_bytes")
+                rows[-1].append("error" if growth is None else _fmt_bytes(growth))
+            first = False
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    right = {0, 2, 3, 4, 5, 6, 7}
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    lines = [
+        f"SliceOut benchmark: {result['workload']} (baseline: {result['baseline']})",
+        f"{settings['repeats']} interleaved rounds after {settings['warmup']} warm-up rounds; "
+        f"torch {env['torch_version']}, {settings['threads']} thread(s), {env['processor']}",
+        "time ratio = median of per-round variant/baseline step-time ratios (< 1: faster);",
+        "saved-activation ratio = bytes autograd saves for backward in one step vs baseline "
+        "(parameters excluded).",
+        "",
+        fmt(header),
+        fmt(["-" * w for w in widths]),
+    ]
+    prev_p = None
+    for row, entry_p in zip(rows, _row_ps(result), strict=True):
+        if prev_p is not None and entry_p != prev_p:
+            lines.append("")
+        lines.append(fmt(row))
+        prev_p = entry_p
+    noisy = [
+        (entry["p"], entry["variants"][result["baseline"]]["step_time_spread"])
+        for entry in result["results"]
+        if entry["variants"][result["baseline"]].get("step_time_spread", 1.0) > NOISY_SPREAD
+    ]
+    if noisy:
+        where = ", ".join(f"p={p:g} (x{spread:.1f})" for p, spread in noisy)
+        lines += [
+            "",
+            f"warning: baseline step times varied a lot within the run at {where} "
+            "(90th/10th percentile):",
+            "the machine was busy; paired ratios absorb some of this, but rerun on a quieter "
+            "machine or with more --repeats before quoting them.",
+        ]
+    return "\n".join(lines)
+
+
+def _row_ps(result: dict[str, Any]) -> list[float]:
+    return [entry["p"] for entry in result["results"] for _ in entry["variants"]]
+
+
+def plot_result(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Save time and saved-activation ratios vs ``p`` (one line per variant) as a PNG.
+
+    Uses the Agg canvas directly, not pyplot, so no display or global backend is involved.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_time, ax_mem = fig.subplots(1, 2, sharex=True)
+    ps = [entry["p"] for entry in result["results"]]
+    baseline = result["baseline"]
+    for name in result["variants"]:
+        if name == baseline:
+            continue
+        vs = [entry["variants"][name] for entry in result["results"]]
+        (line,) = ax_time.plot(ps, [v["time_ratio"] for v in vs], marker="o", label=name)
+        ax_time.fill_between(
+            ps,
+            [v["time_ratio_q25"] for v in vs],
+            [v["time_ratio_q75"] for v in vs],
+            color=line.get_color(),
+            alpha=0.15,
+            linewidth=0,
+        )
+        mem = [v["memory_ratio"] if v["memory_ratio"] is not None else float("nan") for v in vs]
+        ax_mem.plot(ps, mem, marker="o", label=name, color=line.get_color())
+    for ax, title in (
+        (ax_time, "training-step time / baseline (median, IQR shaded)"),
+        (ax_mem, "activations saved for backward / baseline"),
+    ):
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=f"{baseline} (baseline)")
+        ax.set_xlabel("dropout rate p")
+        ax.set_ylabel("ratio")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(
+        f"{result['workload']}: {result['settings']['repeats']} interleaved rounds, "
+        f"torch {env['torch_version']}, {result['settings']['threads']} thread(s)",
+        fontsize=11,
+    )
+    fig.savefig(path, dpi=110)

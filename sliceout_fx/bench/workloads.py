@@ -1,0 +1,305 @@
+"""Benchmark workloads: for one dropout rate ``p``, a baseline and variants to compare with it.
+
+A workload is registered under a name with :func:`register_workload`. Its builder takes ``p`` and
+:class:`BenchOptions` and returns a :class:`Workload` whose variants are built lazily (so a single
+variant can be built alone, e.g. in a fresh process for an RSS probe). Every variant starts from the
+same initial weights and sees the same sequence of batches, so only the dropout scheme differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BenchOptions",
+    "Variant",
+    "Workload",
+    "WorkloadSpec",
+    "classification_step",
+    "get_workload",
+    "make_adam",
+    "register_workload",
+    "workload_names",
+]
+
+DEFAULT_PS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class BenchOptions:
+    """Knobs shared by workloads; ``None`` means "the workload's (paper) default"."""
+
+    batch_size: int | None = None
+    lr: float | None = None
+    hidden: int | None = None
+    """Width override (MLP hidden units); small values make quick tests."""
+    depth: int | None = None
+    fused_adam: bool = False
+    foreach: bool = False
+    seed: int = 0
+    num_batches: int = 4
+    """Synthetic batches generated up front and cycled: no data loading inside the timed step."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fused_adam and self.foreach:
+            raise ValueError("choose at most one of fused Adam and foreach Adam")
+        for name in ("batch_size", "hidden", "depth"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {self.num_batches}")
+
+
+@dataclass
+class Variant:
+    """One model under test with its own optimizer and a closure doing one full training step."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], None]
+    params: list[torch.Tensor]
+    description: str = ""
+
+
+@dataclass
+class Workload:
+    """The variants of one workload at one dropout rate, built on demand."""
+
+    name: str
+    p: float
+    baseline: str
+    factories: dict[str, Callable[[], Variant]]
+    descriptions: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variant_names(self) -> list[str]:
+        return list(self.factories)
+
+    def build(self, names: Sequence[str] | None = None) -> dict[str, Variant]:
+        """Build the named variants (all by default); the baseline is always included, first."""
+        wanted = self.variant_names if names is None else list(names)
+        unknown = [n for n in wanted if n not in self.factories]
+        if unknown:
+            raise ValueError(
+                f"unknown variant(s) {', '.join(unknown)} for workload {self.name!r}; "
+                f"choose from {', '.join(self.variant_names)}"
+            )
+        ordered = [self.baseline] + [
+            n for n in self.variant_names if n in wanted and n != self.baseline
+        ]
+        return {n: self.factories[n]() for n in ordered}
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A registered workload: its builder plus what the CLI needs to present it."""
+
+    name: str
+    build: Callable[[float, BenchOptions], Workload]
+    description: str
+    default_ps: tuple[float, ...] = DEFAULT_PS
+    example_model: Callable[[float, BenchOptions], tuple[nn.Module, tuple[Any, ...]]] | None = None
+    """Builds the untransformed model and example inputs (used by ``sliceout-fx explain``)."""
+
+
+_REGISTRY: dict[str, WorkloadSpec] = {}
+
+
+def register_workload(
+    name: str,
+    *,
+    description: str,
+    default_ps: Iterable[float] = DEFAULT_PS,
+    example_model: Callable[[float, BenchOptions], tuple[nn.Module, tuple[Any, ...]]] | None = None,
+) -> Callable[
+    [Callable[[float, BenchOptions], Workload]], Callable[[float, BenchOptions], Workload]
+]:
+    """Decorator registering a ``(p, options) -> Workload`` builder under ``name``."""
+
+    def decorate(
+        fn: Callable[[float, BenchOptions], Workload],
+    ) -> Callable[[float, BenchOptions], Workload]:
+        if name in _REGISTRY:
+            raise ValueError(f"workload {name!r} is already registered")
+        _REGISTRY[name] = WorkloadSpec(
+            name=name,
+            build=fn,
+            description=description,
+            default_ps=tuple(default_ps),
+            example_model=example_model,
+        )
+        return fn
+
+    return decorate
+
+
+def get_workload(name: str) -> WorkloadSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown workload {name!r}; choose from {', '.join(workload_names())}"
+        ) from None
+
+
+def workload_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------- shared building blocks
+
+
+def make_adam(
+    params: Iterable[torch.Tensor], lr: float, options: BenchOptions
+) -> torch.optim.Optimizer:
+    """Adam with the paper's betas/eps (Table 4); implementation chosen by the options.
+
+    The optimizer step touches every parameter whatever the dropout scheme, so its implementation
+    (for-loop, foreach, fused) changes how much of the step SliceOut can save.
+    """
+    kwargs: dict[str, Any] = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    if options.fused_adam:
+        kwargs["fused"] = True
+    elif options.foreach:
+        kwargs["foreach"] = True
+    return torch.optim.Adam(params, **kwargs)
+
+
+def classification_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> Callable[[], None]:
+    """A closure doing one training step (zero_grad, forward, cross-entropy, backward, update)."""
+    batch_iter = itertools.cycle(batches)
+
+    def step() -> None:
+        x, y = next(batch_iter)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _convert(model: nn.Module, p: float, **kwargs: Any) -> nn.Module:
+    """Call the core library's ``convert`` (imported late: the bench must load without it)."""
+    import sliceout_fx
+
+    return sliceout_fx.convert(model, p, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- mlp
+
+_MLP_IN, _MLP_CLASSES = 784, 10
+
+
+def _mlp_model(p: float, options: BenchOptions) -> nn.Module:
+    from sliceout_fx.models import paper_mlp
+
+    return paper_mlp(
+        p,
+        hidden=options.hidden or 2048,
+        depth=options.depth or 3,
+        in_features=_MLP_IN,
+        num_classes=_MLP_CLASSES,
+    )
+
+
+def _mlp_example(p: float, options: BenchOptions) -> tuple[nn.Module, tuple[Any, ...]]:
+    torch.manual_seed(options.seed)
+    return _mlp_model(p, options), (torch.randn(options.batch_size or 256, _MLP_IN),)
+
+
+@register_workload(
+    "mlp",
+    description=(
+        "the paper's fully connected net (Appendix F.1): 784-2048-2048-2048-10, dropout after each "
+        "hidden layer, batch 256, Adam lr 1e-4; synthetic inputs (timing does not depend on data)"
+    ),
+    example_model=_mlp_example,
+)
+def mlp_workload(p: float, options: BenchOptions) -> Workload:
+    """Standard dropout vs SliceOut (flow / probabilistic) vs controlled dropout, paper MLP."""
+    batch = options.batch_size or 256
+    lr = options.lr if options.lr is not None else 1e-4
+    torch.manual_seed(options.seed)
+    base = _mlp_model(p, options)
+    gen = torch.Generator().manual_seed(options.seed + 1)
+    batches = [
+        (
+            torch.randn(batch, _MLP_IN, generator=gen),
+            torch.randint(0, _MLP_CLASSES, (batch,), generator=gen),
+        )
+        for _ in range(options.num_batches)
+    ]
+    example_inputs = (batches[0][0],)
+
+    def factory(
+        name: str, transform: Callable[[nn.Module], nn.Module], description: str
+    ) -> Callable[[], Variant]:
+        def build() -> Variant:
+            model = transform(copy.deepcopy(base))
+            model.train()
+            optimizer = make_adam(model.parameters(), lr, options)
+            return Variant(
+                name=name,
+                model=model,
+                optimizer=optimizer,
+                step=classification_step(model, optimizer, batches),
+                params=list(model.parameters()),
+                description=description,
+            )
+
+        return build
+
+    def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
+        return lambda m: _convert(m, p, seed=options.seed, example_inputs=example_inputs, **kwargs)
+
+    variants = {
+        "dropout": ("standard dropout (the model as built)", lambda m: m),
+        "sliceout-flow": (
+            "SliceOut, flow normalisation",
+            sliceout(normalisation="flow"),
+        ),
+        "sliceout-prob": (
+            "SliceOut, probabilistic normalisation",
+            sliceout(normalisation="probabilistic"),
+        ),
+        "controlled": (
+            "controlled dropout: random index set, gathered weights",
+            sliceout(mode="gather"),
+        ),
+    }
+    return Workload(
+        name="mlp",
+        p=p,
+        baseline="dropout",
+        factories={name: factory(name, fn, desc) for name, (desc, fn) in variants.items()},
+        descriptions={name: desc for name, (desc, _) in variants.items()},
+        info={
+            "batch_size": batch,
+            "lr": lr,
+            "hidden": options.hidden or 2048,
+            "depth": options.depth or 3,
+            "in_features": _MLP_IN,
+            "num_classes": _MLP_CLASSES,
+            "optimizer": "Adam"
+            + (" (fused)" if options.fused_adam else "")
+            + (" (foreach)" if options.foreach else ""),
+            "data": "synthetic: torch.randn inputs, uniform random labels",
+        },
+    )

@@ -1,0 +1,343 @@
+"""Tests of the benchmark harness: exact saved-tensor accounting, interleaving, runner, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sliceout_fx.bench import memory, timing
+from sliceout_fx.bench.runner import JSON_NAME, PLOT_NAME, run_benchmark
+from sliceout_fx.bench.workloads import (
+    BenchOptions,
+    Variant,
+    Workload,
+    classification_step,
+    get_workload,
+    make_adam,
+    register_workload,
+)
+from sliceout_fx.cli import main
+
+F32 = 4  # bytes per float32 element
+
+# ----------------------------------------------------------------------------- saved activations
+
+
+def _linear_relu(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+
+
+def test_saved_bytes_linear_relu_exact_and_parameters_excluded() -> None:
+    model = _linear_relu()
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def step() -> None:
+        model(x).sum().backward()
+
+    # Linear saves its input (4x8) and, since x needs a gradient, its weight (a parameter);
+    # ReLU saves its output (4x16).
+    expected_activations = (4 * 8 + 4 * 16) * F32
+    stats = memory.measure_saved_tensors(step, model.parameters())
+    assert stats.bytes == expected_activations == 384
+    assert stats.parameter_tensors == 1
+    assert stats.storages == 2
+    assert memory.saved_activation_bytes(step, model.parameters()) == 384
+    # Without telling it which tensors are parameters, the 16x8 weight is counted too.
+    assert memory.saved_activation_bytes(step, []) == 384 + 16 * 8 * F32
+
+
+def test_saved_bytes_sliced_weight_view_is_not_activation_memory() -> None:
+    model = _linear_relu()
+    lin = model[0]
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def sliced_step() -> None:
+        # Output rows 4..11 of the weight: a view into the parameter's storage.
+        h = F.linear(x, lin.weight[4:12], lin.bias[4:12])
+        torch.relu(h).sum().backward()
+
+    stats = memory.measure_saved_tensors(sliced_step, model.parameters())
+    assert stats.bytes == (4 * 8 + 4 * 8) * F32
+    assert stats.parameter_tensors == 1
+
+    def gathered_step() -> None:
+        # Controlled dropout gathers rows: a copy, which does cost memory while it is saved.
+        idx = torch.tensor([0, 3, 5, 6, 9, 10, 13, 15])
+        h = F.linear(x, lin.weight[idx], lin.bias[idx])
+        torch.relu(h).sum().backward()
+
+    gathered = memory.measure_saved_tensors(gathered_step, model.parameters())
+    # The gathered 8x8 weight copy plus the int64 index (saved by the gather's backward, once for
+    # weight and bias: one storage).
+    assert gathered.bytes == stats.bytes + 8 * 8 * F32 + 8 * 8
+    assert gathered.parameter_tensors == 0
+
+
+def test_saved_bytes_deduplicates_by_storage() -> None:
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def step() -> None:
+        h = x.exp()  # saves its result
+        (h * h).sum().backward()  # saves h twice: same storage
+
+    stats = memory.measure_saved_tensors(step, [])
+    assert stats.tensors == 3
+    assert stats.storages == 1
+    assert stats.bytes == 4 * 8 * F32
+
+
+def test_rss_helpers_report_plausible_sizes() -> None:
+    peak = memory.peak_rss_bytes()
+    assert peak > 10 * 2**20  # a process that imported torch holds well over 10 MiB
+    current = memory.current_rss_bytes()
+    if current is not None:
+        assert 0 < current <= peak * 1.01
+
+
+# ------------------------------------------------------------------------------------- timing
+
+
+def test_interleaving_rotates_order_every_round() -> None:
+    log: list[str] = []
+    steps = {name: (lambda name=name: log.append(name)) for name in "ABC"}
+    times = timing.interleaved_step_times(steps, repeats=4, warmup=2)
+    warm = ["A", "B", "C", "B", "C", "A"]
+    timed = ["A", "B", "C", "B", "C", "A", "C", "A", "B", "A", "B", "C"]
+    assert log == warm + timed
+    assert set(times) == {"A", "B", "C"}
+    assert all(len(v) == 4 and all(t >= 0 for t in v) for v in times.values())
+    # Over len(names) rounds every variant has held every position once.
+    positions = {n: {timing.round_order("ABC", r).index(n) for r in range(3)} for n in "ABC"}
+    assert positions == {n: {0, 1, 2} for n in "ABC"}
+
+
+def test_interleaving_measures_each_call() -> None:
+    import time
+
+    steps = {"fast": lambda: None, "slow": lambda: time.sleep(0.01)}
+    times = timing.interleaved_step_times(steps, repeats=3, warmup=0)
+    assert min(times["slow"]) >= 0.01
+    assert timing.median_ratio(times["slow"], times["fast"]) > 1.0
+
+
+def test_ratios_pair_rounds() -> None:
+    base = [1.0, 2.0, 4.0]
+    variant = [0.5, 1.0, 3.0]  # a drifting machine: same ratio in two rounds of three
+    assert timing.paired_ratios(variant, base) == [0.5, 0.5, 0.75]
+    assert timing.median_ratio(variant, base) == 0.5
+    assert timing.ratio_of_medians(variant, base) == 0.5
+    assert timing.quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    with pytest.raises(ValueError):
+        timing.median_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        timing.interleaved_step_times({"a": lambda: None}, repeats=0, warmup=0)
+
+
+# ------------------------------------------------------------------------------------- runner
+
+
+def _toy_workload(p: float, options: BenchOptions) -> Workload:
+    """Two plain models: the 'narrow' variant has half the hidden width (no convert needed)."""
+    batches = [(torch.randn(16, 8), torch.randint(0, 2, (16,)))]
+
+    def factory(name: str, hidden: int) -> Any:
+        def build() -> Variant:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+            opt = make_adam(model.parameters(), 1e-3, options)
+            return Variant(
+                name, model, opt, classification_step(model, opt, batches), list(model.parameters())
+            )
+
+        return build
+
+    return Workload(
+        name="toy-test",
+        p=p,
+        baseline="wide",
+        factories={"wide": factory("wide", 32), "narrow": factory("narrow", 16)},
+        info={"note": "test workload"},
+    )
+
+
+register_workload("toy-test", description="tests only", default_ps=(0.25,))(_toy_workload)
+
+
+def _check_result_files(result: dict[str, Any], out: Path) -> dict[str, Any]:
+    data = json.loads((out / JSON_NAME).read_text())
+    png = (out / PLOT_NAME).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert result["files"] == {"json": str(out / JSON_NAME), "plot": str(out / PLOT_NAME)}
+    for key in (
+        "schema_version",
+        "workload",
+        "baseline",
+        "variants",
+        "settings",
+        "environment",
+        "results",
+    ):
+        assert key in data
+    env = data["environment"]
+    assert env["torch_version"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads()
+    return data
+
+
+def test_runner_writes_json_plot_and_table(tmp_path: Path) -> None:
+    import io
+
+    text = io.StringIO()
+    result = run_benchmark(
+        "toy-test", [0.25, 0.5], repeats=3, warmup=1, out=tmp_path, progress=False, stream=text
+    )
+    data = _check_result_files(result, tmp_path)
+    assert data["variants"] == ["wide", "narrow"]
+    assert data["settings"]["repeats"] == 3 and data["settings"]["ps"] == [0.25, 0.5]
+    assert [e["p"] for e in data["results"]] == [0.25, 0.5]
+    for entry in data["results"]:
+        wide, narrow = entry["variants"]["wide"], entry["variants"]["narrow"]
+        for v in (wide, narrow):
+            assert len(v["samples_s"]) == 3
+            assert v["median_ms"] > 0
+        assert wide["time_ratio"] == 1.0 and wide["memory_ratio"] == 1.0
+        # Halving the hidden width halves the two hidden activations saved (16x32 -> 16x16 floats).
+        assert wide["saved_activation_bytes"] - narrow["saved_activation_bytes"] == 16 * 16 * F32
+        assert narrow["memory_ratio"] < 1.0
+    table = text.getvalue()
+    assert "time ratio" in table and "median ms (this machine, informational)" in table
+    assert "narrow" in table and "wide (baseline)" in table
+
+
+def test_runner_rejects_bad_rates(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        run_benchmark("toy-test", [1.0], repeats=1, warmup=0, out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unknown workload"):
+        run_benchmark("nope", [0.5], repeats=1, warmup=0, out=tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------------- mlp with the real core
+
+TINY = BenchOptions(hidden=64, batch_size=32, num_batches=2)
+
+
+def test_mlp_variants_start_from_same_weights() -> None:
+    wl = get_workload("mlp").build(0.5, TINY)
+    built = wl.build()
+    assert list(built) == ["dropout", "sliceout-flow", "sliceout-prob", "controlled"]
+    ref = built["dropout"].model.state_dict()
+    for variant in built.values():
+        state = variant.model.state_dict()
+        assert state.keys() == ref.keys()
+        assert all(torch.equal(state[k], ref[k]) for k in ref)
+        assert variant.model.training
+    # The models are independent copies: stepping one leaves the others' weights alone.
+    built["sliceout-flow"].step()
+    assert torch.equal(built["dropout"].model.state_dict()["head.weight"], ref["head.weight"])
+    assert not torch.equal(
+        built["sliceout-flow"].model.state_dict()["head.weight"], ref["head.weight"]
+    )
+
+
+def test_mlp_runner_end_to_end(tmp_path: Path) -> None:
+    result = run_benchmark(
+        "mlp", [0.5], options=TINY, repeats=2, warmup=1, out=tmp_path, progress=False
+    )
+    data = _check_result_files(result, tmp_path)
+    entry = data["results"][0]
+    assert set(entry["variants"]) == {"dropout", "sliceout-flow", "sliceout-prob", "controlled"}
+    assert entry["workload_info"]["hidden"] == 64
+    for name in ("sliceout-flow", "sliceout-prob"):
+        v = entry["variants"][name]
+        # Half of each hidden layer is sliced away, so less is saved for backward, and the
+        # sliced weights are views of the parameters.
+        assert v["memory_ratio"] < 1.0
+        assert v["saved_parameter_views"] >= 1
+        assert len(v["samples_s"]) == 2
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_bad_rate_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "mlp", "--p", "1.5"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[0, 1)" in err
+
+
+def test_cli_unknown_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "no-such-workload"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_runtime_error_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["bench", "mlp", "--p", "0.5", "--variants", "bogus", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown variant" in err
+
+
+def test_cli_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--fused-adam" in out and "--repeats" in out
+
+
+def test_cli_bench_tiny_mlp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "bench", "mlp", "--p", "0.5", "--hidden", "32", "--batch-size", "16",
+            "--repeats", "2", "--warmup", "0", "--variants", "sliceout-flow",
+            "--no-progress", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / JSON_NAME).read_text())
+    assert data["variants"] == ["dropout", "sliceout-flow"]
+    assert "sliceout-flow" in capsys.readouterr().out
+
+
+def test_cli_explain_mlp(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "mlp", "--p", "0.5", "--hidden", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip()
+    assert "drop1" in out or "fc1" in out
+
+
+def test_cli_demo_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sliceout_fx.demo
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(sliceout_fx.demo, "main", lambda argv=None: seen.append(argv) or 0)
+    assert main(["demo", "--help", "--epochs", "1"]) == 0
+    assert seen == [["--help", "--epochs", "1"]]
+
+
+def test_table_warns_when_the_machine_was_busy(tmp_path: Path) -> None:
+    from sliceout_fx.bench.runner import format_table
+
+    result = run_benchmark(
+        "toy-test", [0.25], repeats=2, warmup=0, out=tmp_path, plot=False, progress=False
+    )
+    baseline = result["results"][0]["variants"]["wide"]
+    baseline["step_time_spread"] = 1.1
+    assert "warning" not in format_table(result)
+    baseline["step_time_spread"] = 3.0
+    assert "warning: baseline step times varied a lot within the run at p=0.25 (x3.0)" in (
+        format_table(result)
+    )
