@@ -13,9 +13,11 @@ is a
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 from torch import fx
 
 from .depgraph import DependencyGraph
@@ -36,6 +38,8 @@ class AlignmentGroup:
     # Sinks whose result flows back into the group (squeeze-excite's reduce conv) are internal;
     # the others are where the slice ends, and where delayed normalisation goes.
     exit_sinks: list[tuple[fx.Node, Axis]] = field(default_factory=list)
+    # Adds that merge two tensors of the group: the group carries a residual stream.
+    residual_adds: list[fx.Node] = field(default_factory=list)
 
     @property
     def sliceable(self) -> bool:
@@ -120,6 +124,19 @@ def _exit_sinks(dep: DependencyGraph, axes: set[Axis], sinks: list[tuple]) -> li
     return exits
 
 
+_ADDS = (operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub")
+
+
+def _residual_adds(axes: set[Axis]) -> list[fx.Node]:
+    """Additions whose two tensor operands both lie in the group."""
+    by_node = {a.node for a in axes}
+    found = []
+    for node in by_node:
+        if node.target in _ADDS and sum(a in by_node for a in node.all_input_nodes) >= 2:
+            found.append(node)
+    return found
+
+
 def why_not_sliceable(dep: DependencyGraph, axis: Axis) -> list[str]:
     """The blockers of the component holding ``axis``, for axes outside every channel group."""
     if axis not in dep.graph:
@@ -152,6 +169,7 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
                 units=units,
                 blockers=blockers,
                 exit_sinks=_exit_sinks(dep, component, sinks),
+                residual_adds=sorted(_residual_adds(component), key=dep.order.__getitem__),
             )
         )
     groups.sort(key=lambda g: order(g.primary))

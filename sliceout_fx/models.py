@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["paper_mlp"]
+__all__ = ["WideResNet", "paper_mlp", "wrn_16_8", "wrn_40_10"]
 
 
 def paper_mlp(
@@ -50,3 +51,76 @@ def paper_mlp(
         width = hidden
     layers["head"] = nn.Linear(width, num_classes)
     return nn.Sequential(layers)
+
+
+class WideBasicBlock(nn.Module):
+    """The pre-activation block of Wide ResNets with dropout between its convolutions.
+
+    ``BN -> ReLU -> conv3x3 -> Dropout -> BN -> ReLU -> conv3x3`` plus the identity (or a 1x1
+    projection when the shape changes). The dropout sits between the two convolutions, so
+    converting the network slices the first conv's output channels, the second BN and the second
+    conv's input channels with one slice per block (the paper's Channel SliceOut on WRNs).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, p: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=False)
+        self.dropout = nn.Dropout(p)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.dropout(self.conv1(self.relu1(self.bn1(x))))
+        out = self.conv2(self.relu2(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-``depth``-``widen`` for 32x32 images (Zagoruyko & Komodakis), as used in the paper.
+
+    ``depth = 6 n + 4`` with ``n`` blocks per stage; stage widths ``16 k, 32 k, 64 k``.
+    """
+
+    def __init__(self, depth: int = 16, widen: int = 8, p: float = 0.3, num_classes: int = 10,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4 (16, 22, 28, 40...), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        stages = []
+        in_planes = widths[0]
+        for i, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2), strict=True)):
+            blocks = []
+            for j in range(n):
+                blocks.append(WideBasicBlock(in_planes, planes, stride if j == 0 else 1, p))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+            setattr(self, f"stage{i + 1}", stages[-1])
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        x = self.stage3(self.stage2(self.stage1(x)))
+        x = self.pool(self.relu(self.bn(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def wrn_16_8(p: float = 0.3, num_classes: int = 10) -> WideResNet:
+    """WRN-16-8 (11 M parameters), the paper's smaller CIFAR Wide ResNet."""
+    return WideResNet(16, 8, p, num_classes)
+
+
+def wrn_40_10(p: float = 0.3, num_classes: int = 10) -> WideResNet:
+    """WRN-40-10 (56 M parameters), the paper's larger CIFAR Wide ResNet."""
+    return WideResNet(40, 10, p, num_classes)

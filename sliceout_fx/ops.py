@@ -213,7 +213,7 @@ class _SlicedLinear(torch.autograd.Function):
             grad_w = torch.zeros(w_shape, dtype=w_dtype, device=w.device)
             block = _narrow(grad_w, region)
             x2 = xc.reshape(-1, xc.shape[-1])
-            if w.dtype == w_dtype:
+            if w.dtype == w_dtype and not torch.compiler.is_compiling():
                 torch.addmm(block, g2.t(), x2, beta=0, alpha=in_scale, out=block)
             else:
                 block.copy_(torch.mm(g2.t(), x2).mul_(in_scale))

@@ -54,6 +54,8 @@ class Report:
             lines.append("Channel groups not sliced:")
             for g in unused:
                 why = "; ".join(g.blockers) if g.blockers else "sliceable, but no site chose it"
+                if g.sliceable and g.residual_adds:
+                    why += f" (a residual stream through {g.residual_adds[0].name})"
                 lines.append(f"  group {g.id} ({g.describe()}): {why}")
         lines.append(
             "Expected per training step vs full width: "

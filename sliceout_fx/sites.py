@@ -87,6 +87,14 @@ def _is_expand_conv(node: fx.Node, gm: fx.GraphModule) -> bool:
     )
 
 
+def _is_conv_group(group: AlignmentGroup, gm: fx.GraphModule) -> bool:
+    return any(
+        a.node.op == "call_module"
+        and isinstance(gm.get_submodule(str(a.node.target)), nn.modules.conv._ConvNd)
+        for a in group.sources
+    )
+
+
 def _units(group: AlignmentGroup, multiple: int | None, name: str) -> int:
     if multiple is None:
         return group.units
@@ -152,7 +160,9 @@ def select_sites(
 
     # "auto" falls back to expand convolutions when no dropout could be sliced (a classifier
     # dropout after a flatten, say, is skipped and should not disable the fallback).
-    use_expand = config.sites == "expand" or (config.sites == "auto" and not sites)
+    use_expand = config.sites == "expand" or (
+        config.sites == "auto" and not any(_is_conv_group(s.group, dep.gm) for s in sites.values())
+    )
     for group in groups:
         source = group.primary.node
         name = _site_name(source)
@@ -162,7 +172,9 @@ def select_sites(
                 add(group, name, "explicit", None, None)
         elif use_expand and _is_expand_conv(source, dep.gm):
             add(group, name, "expand", None, None)
-        elif config.sites == "all" and group.sliceable:
+        elif config.sites == "all" and group.sliceable and not group.residual_adds:
+            # A residual stream is left alone unless named explicitly: slicing it would change
+            # the width every block of the stage sees, not one block's inner channels.
             add(group, name, "group", None, None)
 
     if wanted:

@@ -16,6 +16,7 @@ def train_step_outputs(model: nn.Module, inputs: Sequence[torch.Tensor], seed: i
     """One training forward and backward; returns the output and every parameter's gradient."""
     model.train()
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # dropouts left in place (and stochastic depth) draw alike
     out = model(*inputs)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     (out * weights).sum().backward()
