@@ -11,10 +11,11 @@ from typing import Any
 from torch import fx, nn
 
 from .capture import trace
-from .config import Mode, Normalisation, Placement, Rate, SitePolicy, SliceOutConfig
+from .config import Mode, Normalisation, Placement, Rate, Scheme, SitePolicy, SliceOutConfig
 from .depgraph import DependencyGraph, build_dependency_graph
 from .groups import AlignmentGroup, find_groups
 from .module import SAMPLER_NAME, SliceOutModule
+from .patch import assign_patches
 from .report import Report, expected_ratios
 from .rewrite import build_sampler, rewrite_training_graph
 from .shapes import propagate_shapes
@@ -43,6 +44,9 @@ def analyse(
     dep = build_dependency_graph(train_gm)
     groups = find_groups(dep)
     sites, skipped = select_sites(dep, groups, config)
+    if config.scheme == "patch":
+        sites, not_patchable = assign_patches(sites, dep)
+        skipped += not_patchable
     flops_ratio, act_ratio = expected_ratios(dep, sites)
     report = Report(type(model).__name__, config, groups, sites, skipped, flops_ratio, act_ratio)
     return Analysis(model, train_gm, dep, groups, sites, skipped, report)
@@ -61,6 +65,7 @@ def convert(
     placement: Placement = "immediate",
     sites: SitePolicy = "auto",
     mode: Mode = "slice",
+    scheme: Scheme = "channel",
     seed: int | None = None,
     width_multiple: int | None = None,
     example_inputs: Sequence[Any] | None = None,
@@ -76,6 +81,7 @@ def convert(
         placement: ``"immediate"`` or ``"delayed"`` normalisation.
         sites: ``"auto"``, ``"dropout"``, ``"expand"`` or a list of site names (see ``explain``).
         mode: ``"slice"`` (SliceOut), ``"gather"`` (controlled dropout) or ``"mask"`` (reference).
+        scheme: ``"channel"`` (Channel SliceOut) or ``"patch"`` (Patch SliceOut on convolutions).
         seed: seed of the slice sampler (``None``: draws come from the global torch RNG).
         width_multiple: round slice widths and starts to this many channels.
         example_inputs: inputs to learn tensor shapes from; guessed for simple MLPs and CNNs.
@@ -97,6 +103,7 @@ def convert(
         placement=placement,
         sites=sites,
         mode=mode,
+        scheme=scheme,
         seed=seed,
         width_multiple=width_multiple,
         leaf_modules=leaf_modules,

@@ -93,6 +93,9 @@ examples:
   {PROG} bench mlp --p 0.1 0.5 --repeats 20
   {PROG} bench mlp --p 0.5 --fused-adam --threads 2 --out /tmp/mlp-fused
   {PROG} bench mlp --p 0.5 --hidden 256 --repeats 5 --warmup 1   # quick smoke run
+  {PROG} bench wrn --p 0.3 0.5 --repeats 10     # WRN-16-8, SGD; p = 0.1 ... 0.5 by default
+  {PROG} bench wrn --p 0.5 --depth 10 --widen 1 --image-size 8 --repeats 3   # tiny WRN
+  {PROG} bench efficientnet_b0 --p 0.3          # needs torchvision
 """
 
 EXPLAIN_EPILOG = f"""\
@@ -102,6 +105,8 @@ Prints what convert() would do with the model: the alignment groups it found, wh
 examples:
   {PROG} explain mlp
   {PROG} explain mlp --p 0.3 --hidden 512
+  {PROG} explain wrn --p 0.5
+  {PROG} explain efficientnet_b0 --p 0.3
 """
 
 DEMO_EPILOG = f"""\
@@ -114,6 +119,37 @@ examples:
   {PROG} explain mlp --p 0.5                  # what convert() slices in the paper's MLP
   {PROG} demo --help                          # the demo's own options
 """
+
+
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+    """Model-shape overrides; each workload uses those that apply to it and rejects the rest."""
+    parser.add_argument(
+        "--hidden", type=_positive_int, default=None, help="MLP hidden width override (quick runs)"
+    )
+    parser.add_argument(
+        "--depth",
+        type=_positive_int,
+        default=None,
+        help="MLP hidden layers, or WRN depth 6n+4 (default: 3 for mlp, 16 for wrn)",
+    )
+    parser.add_argument(
+        "--widen", type=_positive_int, default=None, help="WRN widening factor (default: 8)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        help="side of the square synthetic images (default: 32 for wrn, 96 for efficientnet_b0)",
+    )
+
+
+def _shape_options(args: argparse.Namespace) -> dict[str, Any]:
+    extra = {
+        key: value
+        for key, value in (("widen", args.widen), ("image_size", args.image_size))
+        if value is not None
+    }
+    return {"hidden": args.hidden, "depth": args.depth, "extra": extra}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="P",
-        help="dropout rates to run (default: the workload's list, 0.1 ... 0.9 for mlp)",
+        help="dropout rates to run (default: the workload's list: 0.1 ... 0.9 for mlp, "
+        "0.1 ... 0.5 for wrn and efficientnet_b0)",
     )
     bench.add_argument(
         "--repeats", type=_positive_int, default=30, help="timed interleaved rounds per p"
@@ -168,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     adam.add_argument(
         "--fused-adam",
         action="store_true",
-        help="use torch.optim.Adam(fused=True) for all variants",
+        help="fused optimizer for all variants (Adam for mlp, SGD for the CNN workloads)",
     )
     adam.add_argument(
-        "--foreach", action="store_true", help="use torch.optim.Adam(foreach=True) for all variants"
+        "--foreach",
+        action="store_true",
+        help="foreach optimizer for all variants (Adam for mlp, SGD for the CNN workloads)",
     )
     bench.add_argument(
         "--variants",
@@ -183,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batch-size", type=_positive_int, default=None, help="batch size (default: the paper's)"
     )
-    bench.add_argument(
-        "--hidden", type=_positive_int, default=None, help="model width override (quick runs)"
-    )
+    _add_shape_options(bench)
     bench.add_argument("--seed", type=int, default=0, help="seed for weights, data and slices")
     bench.add_argument(
         "--rss",
@@ -213,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("model", choices=names, help="workload whose model to explain")
     explain.add_argument("--p", type=_rate, default=0.5, help="dropout rate")
-    explain.add_argument("--hidden", type=_positive_int, default=None, help="model width override")
+    _add_shape_options(explain)
     explain.add_argument(
         "--batch-size", type=_positive_int, default=None, help="batch size of the example input"
     )
@@ -227,7 +264,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     options = BenchOptions(
         batch_size=args.batch_size,
-        hidden=args.hidden,
+        **_shape_options(args),
         fused_adam=args.fused_adam,
         foreach=args.foreach,
         seed=args.seed,
@@ -266,7 +303,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if spec.example_model is None:
         raise CLIError(f"workload {args.model!r} has no model to explain")
     core = _core()
-    options = BenchOptions(batch_size=args.batch_size, hidden=args.hidden, seed=args.seed)
+    options = BenchOptions(batch_size=args.batch_size, seed=args.seed, **_shape_options(args))
     model, example_inputs = spec.example_model(args.p, options)
     report = core.explain(model, p=args.p, example_inputs=example_inputs)
     print(report)

@@ -14,6 +14,7 @@ from .sampling import validate_rate
 Normalisation = Literal["flow", "probabilistic"]
 Placement = Literal["immediate", "delayed"]
 Mode = Literal["slice", "gather", "mask"]
+Scheme = Literal["channel", "patch"]
 SitePolicy = Union[Literal["auto", "dropout", "expand", "all"], Sequence[str]]  # noqa: UP007
 Rate = Union[float, Mapping[str, float], None]  # noqa: UP007 (runtime alias, Python 3.10)
 
@@ -21,6 +22,7 @@ _CHOICES = {
     "normalisation": ("flow", "probabilistic"),
     "placement": ("immediate", "delayed"),
     "mode": ("slice", "gather", "mask"),
+    "scheme": ("channel", "patch"),
 }
 
 
@@ -39,6 +41,8 @@ class SliceOutConfig:
             ``"all"`` slices every sliceable group, ``"auto"`` = dropout sites, else expand sites;
             or an explicit list of site names.
         mode: ``"slice"`` (SliceOut), ``"gather"`` (controlled dropout), ``"mask"`` (reference).
+        scheme: ``"channel"`` slices units/channels; ``"patch"`` convolves a spatial window where
+            each site's slice would end (Patch SliceOut, flow-normalised).
         seed: seeds the slice sampler's own generator (``None``: the global torch RNG).
         width_multiple: round slice widths (and starts) to this many channels, e.g. 8.
         leaf_modules: module types or qualified names to keep whole when tracing.
@@ -49,6 +53,7 @@ class SliceOutConfig:
     placement: Placement = "immediate"
     sites: SitePolicy = "auto"
     mode: Mode = "slice"
+    scheme: Scheme = "channel"
     seed: int | None = None
     width_multiple: int | None = None
     leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)
@@ -58,6 +63,11 @@ class SliceOutConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise SliceOutConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.scheme == "patch" and (self.normalisation != "flow" or self.mode == "gather"):
+            raise SliceOutConfigError(
+                "scheme='patch' is flow-normalised and has no controlled-dropout form: use "
+                "normalisation='flow' and mode='slice' or 'mask'"
+            )
         if isinstance(self.p, Mapping):
             for site, rate in self.p.items():
                 validate_rate(rate, f"p[{site!r}]")

@@ -87,8 +87,14 @@ class WideResNet(nn.Module):
     ``depth = 6 n + 4`` with ``n`` blocks per stage; stage widths ``16 k, 32 k, 64 k``.
     """
 
-    def __init__(self, depth: int = 16, widen: int = 8, p: float = 0.3, num_classes: int = 10,
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        depth: int = 16,
+        widen: int = 8,
+        p: float = 0.3,
+        num_classes: int = 10,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4 (16, 22, 28, 40...), got {depth}")

@@ -332,3 +332,67 @@ def sliced_batch_norm_fn(
             running_mean[live] = rm[live]
             running_var[live] = rv[live]
     return y
+
+
+def patch_conv(
+    x: Tensor,
+    module: nn.modules.conv._ConvNd,
+    starts: tuple[int, ...],
+    window: tuple[int, ...],
+    out_size: tuple[int, ...],
+    scale: float,
+    mode: str,
+) -> Tensor:
+    """Patch SliceOut: ``module`` applied to a spatial window of ``x``, zero outside the window.
+
+    ``starts`` count stride steps, so the window's output is exactly the matching window of the
+    full output. ``scale`` (flow normalisation) rides on the conv output before the bias instead of
+    materialising a scaled input. Mask mode computes the same thing at full size, for reference.
+    """
+    stride = module.stride
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    out_starts = list(starts)
+    expected = tuple(s * n + w for s, n, w in zip(stride, starts, window, strict=True))
+    if any(e > n for e, n in zip(expected, x.shape[2:], strict=True)):
+        raise ValueError(
+            f"Patch SliceOut windows were planned for larger inputs than {tuple(x.shape[2:])}; "
+            "convert with example_inputs at the training resolution"
+        )
+    if mode == "mask":
+        keep = x.new_ones(())
+        for d, (s, w) in enumerate(zip(starts, window, strict=True)):
+            keep = keep * _window_mask(x.shape[2 + d], s * stride[d], w, x, 2 + d)
+        y = conv(
+            x * keep, module.weight, None, stride, module.padding, module.dilation, module.groups
+        )
+        y = y * scale
+        if module.bias is not None:
+            y = y + module.bias.view(1, -1, *([1] * len(window)))
+        out_keep = y.new_ones(())
+        for d, s in enumerate(out_starts):
+            size = _conv_out(window[d], module, d)
+            out_keep = out_keep * _window_mask(y.shape[2 + d], s, size, y, 2 + d)
+        return y * out_keep
+    for d, (s, w) in enumerate(zip(starts, window, strict=True)):
+        x = x.narrow(2 + d, s * stride[d], w)
+    y = conv(x, module.weight, None, stride, module.padding, module.dilation, module.groups)
+    y = y * scale
+    if module.bias is not None:
+        y = y + module.bias.view(1, -1, *([1] * len(window)))
+    pad: list[int] = []
+    for d in reversed(range(len(window))):
+        pad += [out_starts[d], out_size[d] - out_starts[d] - y.shape[2 + d]]
+    return F.pad(y, pad)
+
+
+def _conv_out(n: int, module: nn.modules.conv._ConvNd, d: int) -> int:
+    k, s, p, dil = module.kernel_size[d], module.stride[d], module.padding[d], module.dilation[d]
+    return (n + 2 * p - dil * (k - 1) - 1) // s + 1
+
+
+def _window_mask(n: int, start: int, width: int, like: Tensor, dim: int) -> Tensor:
+    pos = torch.arange(n, device=like.device)
+    keep = ((pos >= start) & (pos < start + width)).to(like.dtype)
+    shape = [1] * like.dim()
+    shape[dim] = n
+    return keep.view(shape)

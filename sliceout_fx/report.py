@@ -41,6 +41,15 @@ class Report:
             f"channel groups found: {len(self.groups)}",
         ]
         for s in self.sites:
+            if s.patch is not None:
+                window = "x".join(map(str, s.patch.window))
+                size = "x".join(map(str, s.patch.size))
+                lines.append(
+                    f"  [{s.name}] {s.kind} site, p={s.p:.3g} -> window {window} of {size} "
+                    f"(effective p={s.effective_p:.3f}) into "
+                    + ", ".join(n.name for n in s.patch.sinks)
+                )
+                continue
             live, total = s.channels()
             lines.append(
                 f"  [{s.name}] {s.kind} site, p={s.p:.3g} -> width {live}/{total} "
@@ -89,6 +98,10 @@ def expected_ratios(dep: DependencyGraph, sites: list[Site]) -> tuple[float, flo
     out_sites: dict[fx.Node, set[Site]] = {}
     in_sites: dict[fx.Node, set[Site]] = {}
     for site in sites:
+        if site.patch is not None:  # only the windowed convolutions shrink
+            for node in site.patch.sinks:
+                in_sites.setdefault(node, set()).add(site)
+            continue
         for axis in site.group.axes:
             out_sites.setdefault(axis.node, set()).add(site)
         for node, _ in site.group.sinks:
@@ -96,14 +109,14 @@ def expected_ratios(dep: DependencyGraph, sites: list[Site]) -> tuple[float, flo
     full_flops = sliced_flops = full_act = sliced_act = 0.0
     for node, rule in dep.rules.items():
         outs = out_sites.get(node, set())
-        keep = math.prod(s.width / s.units for s in outs | in_sites.get(node, set()))
+        keep = math.prod(1.0 - s.effective_p for s in outs | in_sites.get(node, set()))
         flops = rule.flops(node, dep.gm)
         full_flops += flops
         sliced_flops += flops * keep
         shape = shape_of(node)
         if shape is not None:
             full_act += math.prod(shape)
-            sliced_act += math.prod(shape) * math.prod(s.width / s.units for s in outs)
+            sliced_act += math.prod(shape) * math.prod(1.0 - s.effective_p for s in outs)
     return (
         sliced_flops / full_flops if full_flops else 1.0,
         sliced_act / full_act if full_act else 1.0,

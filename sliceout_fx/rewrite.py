@@ -20,6 +20,7 @@ from torch import fx
 from .config import SliceOutConfig
 from .depgraph import DependencyGraph
 from .ops import make_cut, normalise, restrict, sliced_linear
+from .patch import rewrite_patch_sites
 from .rules import Axis
 from .sampling import SAMPLER_NAME, DrawSpec, SliceSampler, keep_probabilities
 from .sites import Site
@@ -73,6 +74,8 @@ def _scale_buffer_name(group_id: int, scale: int) -> str:
 
 def build_sampler(sites: list[Site], config: SliceOutConfig) -> SliceSampler:
     """The sampler of these sites, holding the ``1 / P(keep)`` vectors they normalise with."""
+    if config.scheme == "patch":
+        return SliceSampler([DrawSpec(0, 0, "patch", s.patch.starts) for s in sites], config.seed)
     sampler = SliceSampler(
         [
             DrawSpec(s.units, s.width, "gather" if config.mode == "gather" else "slice")
@@ -100,8 +103,11 @@ def rewrite_training_graph(
 
     ``gm`` must have a ``sliceout_sampler`` submodule built by :func:`build_sampler`.
     """
-    _Rewriter(gm, dep, sites, config).run()
-    _fold_flow_scales_into_linears(gm.graph)
+    if config.scheme == "patch":
+        rewrite_patch_sites(gm, sites, config.mode)
+    else:
+        _Rewriter(gm, dep, sites, config).run()
+        _fold_flow_scales_into_linears(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm

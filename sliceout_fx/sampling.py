@@ -66,7 +66,8 @@ class DrawSpec:
 
     units: int
     width: int
-    mode: str  # "slice" and "mask" draw a start, "gather" draws a sorted index set
+    mode: str  # "slice"/"mask" draw a start, "gather" a sorted index set, "patch" a start per axis
+    starts: tuple[int, ...] = ()  # "patch": number of eligible starts on each spatial axis
 
 
 class SliceSampler(nn.Module):
@@ -108,6 +109,8 @@ class SliceSampler(nn.Module):
         return draws
 
     def _draw(self, spec: DrawSpec) -> int | Tensor:
+        if spec.mode == "patch":
+            return tuple(int(torch.randint(n, (), generator=self.generator)) for n in spec.starts)
         if spec.mode == "gather":
             perm = torch.randperm(spec.units, generator=self.generator)
             return perm[: spec.width].sort().values

@@ -38,11 +38,12 @@ def synthesize_example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
         seen.add(node)
         if node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
+            like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
             if isinstance(mod, nn.Linear):
-                return (torch.randn(2, mod.in_features),)
+                return (torch.randn(2, mod.in_features, **like),)
             if isinstance(mod, nn.modules.conv._ConvNd):
                 spatial = (DEFAULT_SPATIAL,) * len(mod.kernel_size)
-                return (torch.randn(2, mod.in_channels, *spatial),)
+                return (torch.randn(2, mod.in_channels, *spatial, **like),)
         frontier.extend(node.users)
     raise ShapeInferenceError(
         "cannot guess the input shape of this model; pass example_inputs=(tensor, ...) to convert()"
@@ -55,10 +56,12 @@ def propagate_shapes(
     """Record ``node.meta['tensor_meta']`` on every node of ``gm``; returns the inputs used."""
     inputs = tuple(example_inputs) if example_inputs is not None else synthesize_example_inputs(gm)
     modes = {m: m.training for m in gm.modules()}
+    # The train-mode graph may hold functional batch norms with training=True baked in (timm's
+    # BatchNormAct2d) or in-place counter updates: running it must leave the buffers as they were.
+    buffers = [(b, b.clone()) for b in gm.buffers()]
     gm.eval()
     try:
-        # fork_rng: a functional dropout baked into the graph must not consume the user's RNG
-        # stream.
+        # fork_rng: a functional dropout baked into the graph must not consume the user's RNG.
         with torch.no_grad(), torch.random.fork_rng():
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:  # noqa: BLE001
@@ -69,4 +72,7 @@ def propagate_shapes(
     finally:
         for module, mode in modes.items():
             module.training = mode
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     return inputs

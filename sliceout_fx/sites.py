@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import fx, nn
 
@@ -39,6 +40,7 @@ class Site:
     units: int  # units the sampler cuts (the group's units, coarsened by width_multiple)
     width: int  # live units per step
     dropouts: list[fx.Node] = field(default_factory=list)  # dropouts this site replaces
+    patch: Any = None  # a PatchPlan under scheme="patch"
 
     def channels(self, axis: Axis | None = None) -> tuple[int, int]:
         """``(live, total)`` channels on ``axis`` (default: the primary source axis)."""
@@ -47,6 +49,8 @@ class Site:
 
     @property
     def effective_p(self) -> float:
+        if self.patch is not None:
+            return 1.0 - self.patch.keep
         live, total = self.channels()
         return 1.0 - live / total
 

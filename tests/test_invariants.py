@@ -242,3 +242,43 @@ def test_gather_mode_is_controlled_dropout_on_the_same_analysis():
     assert torch.all(index[1:] > index[:-1])  # sorted, distinct
     live_rows = grads["fc1.weight"].abs().sum(1) != 0
     assert set(live_rows.nonzero().flatten().tolist()) <= set(index.tolist())
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_patch_scheme_matches_its_masked_reference_and_keeps_eval(p):
+    from sliceout_fx.models import WideResNet
+
+    torch.manual_seed(0)
+    model = WideResNet(10, 1, p=0.3).double()  # stride-2 windows in stages 2 and 3
+    inputs = (torch.randn(4, 3, 16, 16, dtype=torch.float64),)
+    options = dict(p=p, scheme="patch", example_inputs=inputs)
+    sliced, _ = assert_sliced_matches_mask(model, inputs, atol=1e-9, **options)
+    windows = [s.patch.window for s in sliced.report.sites]
+    # side sqrt(1 - p) of 16, 16 and 8 positions, multiples of the strides 1, 2, 2
+    assert windows == ([(13, 13), (14, 14), (6, 6)] if p == 0.3 else [(11, 11), (12, 12), (6, 6)])
+    assert "window 13x13 of 16x16" in str(sliced.report) or p != 0.3
+    model.eval()
+    assert_eval_equal(copy.deepcopy(model), inputs, **options)
+    with pytest.raises(ValueError, match="training resolution"):
+        sliced.train()(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_patch_windows_move_and_keep_their_shape():
+    converted = _convert(ConvChain(), (torch.randn(2, 3, 8, 8),), p=0.5, scheme="patch", seed=0)
+    converted.train()
+    starts = set()
+    for _ in range(8):
+        out = converted(torch.randn(2, 3, 8, 8))
+        assert out.shape == (2, 6)
+        starts.add(converted.sliceout_sampler.last_draws[0])
+    assert len(starts) > 1 and all(len(s) == 2 for s in starts)
+
+
+def test_patch_scheme_rejects_options_it_cannot_honour():
+    with pytest.raises(sliceout_fx.SliceOutConfigError, match="flow"):
+        sliceout_fx.convert(ConvChain(), scheme="patch", normalisation="probabilistic")
+    with pytest.raises(sliceout_fx.SliceOutConfigError, match="flow"):
+        sliceout_fx.convert(ConvChain(), scheme="patch", mode="gather")
+    with pytest.warns(UserWarning, match="found no site"):
+        converted = sliceout_fx.convert(mlp(), scheme="patch")
+    assert "nn.ConvNd" in converted.report.skipped[0].reason

@@ -303,3 +303,8 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
             "data": "synthetic: torch.randn inputs, uniform random labels",
         },
     )
+
+
+# The CNN workloads (wrn, efficientnet_b0) register themselves on import; torchvision is imported
+# only when an EfficientNet workload is built.
+from . import cnn_workloads  # noqa: E402, F401

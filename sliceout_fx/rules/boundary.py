@@ -43,6 +43,21 @@ class SizeRule(OpRule):
         return AxisRelations(passive=[Axis(x, d) for d in range(rank) if d != dim])
 
 
+class AttributeRule(OpRule):
+    """``x.ndim``, ``x.dtype``, ``x.device``...: width-independent attributes pass; ``x.shape``
+    does not (code could read the width of the cut axis from it)."""
+
+    name = "getattr"
+    _HARMLESS = frozenset({"ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"})
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        x, attribute = node.args[0], node.args[1]
+        rank = rank_of(x)
+        if rank is None or attribute not in self._HARMLESS:
+            return AxisRelations(blocks=f"reads x.{attribute}, which would change with the cut")
+        return AxisRelations(passive=[Axis(x, d) for d in range(rank)])
+
+
 _VIEW = BoundaryRule("reshape", "reshape/flatten mixes the channel axis with other axes")
 _CAT = BoundaryRule("concat", "concatenation: the cut would land in the middle of the result")
 _RESIDUAL = BoundaryRule("add", "residual add: both branches would need the same cut")
@@ -58,5 +73,6 @@ RULES = {
     torch.concat: _CAT,
     torch.stack: BoundaryRule("stack", "stack: a new axis is formed from several tensors"),
     "method:size": SizeRule(),
+    getattr: AttributeRule(),
     "method:dim": SizeRule(),
 }

@@ -1,0 +1,131 @@
+"""Real CNNs from torchvision, timm and the paper's Wide ResNet, each against its reference.
+
+Random init and small inputs keep this fast. Slice-vs-mask comparisons run in float64 so that the
+tolerance can be tight enough to catch a wrong slice through 50 layers of batch norm.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import sliceout_fx
+from sliceout_fx.models import WideResNet
+from tests.helpers import assert_sliced_matches_mask, train_step_outputs
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    return lambda: getattr(torchvision.models, name)(num_classes=10)
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, num_classes=10)
+
+    return build
+
+
+# name: (builder, input size, convert options, the sites explain must list)
+MODELS = {
+    "wrn-16-2": (lambda: WideResNet(16, 2, p=0.3), 32, dict(placement="delayed"), 6),
+    "resnet18": (_tv("resnet18"), 64, dict(sites="all"), 8),
+    "resnet50": (_tv("resnet50"), 64, dict(sites="all"), 33),  # 16 blocks x 2 + stem
+    "wide_resnet50_2": (_tv("wide_resnet50_2"), 64, dict(sites="all"), 33),
+    "efficientnet_b0": (_tv("efficientnet_b0"), 64, dict(placement="delayed"), 15),
+    "efficientnet_b2": (_tv("efficientnet_b2"), 64, dict(placement="delayed"), 21),
+    "mobilenet_v2": (_tv("mobilenet_v2"), 64, dict(sites="expand"), 16),
+    "mobilenet_v3_large": (_tv("mobilenet_v3_large"), 64, dict(), 15),  # 14 expand + head
+    "timm-efficientnet_b0": (_timm("efficientnet_b0"), 64, dict(placement="delayed"), 15),
+}
+
+
+def _build(name: str, dtype: torch.dtype = torch.float32, size: int | None = None, batch: int = 2):
+    builder, default_size, options, expected_sites = MODELS[name]
+    size = size or default_size
+    torch.manual_seed(0)
+    model = builder().to(dtype)
+    x = torch.randn(batch, 3, size, size, dtype=dtype)
+    return model, (x,), dict(p=0.3, example_inputs=(x,), **options), expected_sites
+
+
+def _convert(model, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "found no site" allowed here
+        return sliceout_fx.convert(model, **options)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_convert_finds_the_sites_and_eval_is_identical(name):
+    model, inputs, options, expected_sites = _build(name)
+    converted = _convert(model, **options)
+    report = converted.explain()
+    assert len(report.sites) == expected_sites, str(report)
+    if options.get("sites") in (None, "expand") and "efficientnet" in name:
+        # every MBConv with an expansion: its expand conv is a site carrying SE and depthwise conv
+        for site in report.sites:
+            kinds = {n.name for n in site.group.nodes}
+            assert site.kind == "expand"
+            assert any("fc2" in k or "conv_expand" in k for k in kinds), kinds
+    model.eval()
+    converted.eval()
+    with torch.no_grad():
+        assert torch.equal(converted(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sliced_training_matches_the_masked_reference_in_float64(name):
+    # float64 convolutions have no fast CPU kernels: a smaller image keeps this test quick, and a
+    # batch of 4 keeps batch norm well conditioned where the feature maps shrink to 1x1.
+    model, inputs, options, _ = _build(name, torch.float64, size=32, batch=4)
+    assert_sliced_matches_mask(model, inputs, steps=1, atol=1e-9, **options)
+
+
+@pytest.mark.parametrize("name", ["wrn-16-2", "efficientnet_b0", "resnet50", "mobilenet_v3_large"])
+def test_batchnorm_stats_outside_the_slice_are_untouched_and_a_step_updates(name):
+    model, inputs, options, _ = _build(name)
+    converted = _convert(model, seed=0, **options)
+    before = {k: v.clone() for k, v in converted.state_dict().items()}
+    opt = torch.optim.SGD(converted.parameters(), lr=0.01, momentum=0.9)
+    train_step_outputs(converted, inputs)
+    opt.step()
+    checked = 0
+    draws = converted.sliceout_sampler.last_draws
+    for site, start in zip(converted.report.sites, draws, strict=True):
+        bn_nodes = [n for n in site.group.nodes if "bn" in n.name or "block_0_1" in n.name]
+        for node in bn_nodes:
+            if node.op != "call_module":
+                continue
+            prefix = str(node.target)
+            key = f"{prefix}.running_mean"
+            if key not in before:
+                continue
+            size = before[key].numel()
+            scale = size // site.units
+            live = torch.zeros(size, dtype=torch.bool)
+            live[start * scale : (start + site.width) * scale] = True
+            after = converted.state_dict()[key]
+            assert torch.equal(after[~live], before[key][~live]), key
+            assert not torch.equal(after[live], before[key][live]), key
+            checked += 1
+    assert checked >= 1
+    changed = [k for k, v in converted.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("weight") for k in changed)
+
+
+def test_wrn_state_dict_moves_to_the_original_class():
+    model = WideResNet(16, 2, p=0.3)
+    converted = sliceout_fx.convert(copy.deepcopy(model), p=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    train_step_outputs(converted, (x,))
+    fresh = WideResNet(16, 2, p=0.3)
+    fresh.load_state_dict(converted.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), converted.eval()(x))
