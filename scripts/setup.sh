@@ -4,13 +4,15 @@
 #   bash scripts/setup.sh        (from the repository root)
 #
 # 1. creates .venv (python3.11, else python3) if it does not exist;
-# 2. installs the CPU wheel torch==2.13.0 FIRST and pinned: an unpinned torch would resolve
-#    to a ~5.5 GB CUDA build here;
+# 2. installs torch==2.14.1 with torchvision==0.29.1 FIRST and pinned. This is the combination
+#    that works here for torchvision and timm (ENVIRONMENT.md: the CPU wheel torch 2.13.0 breaks
+#    torchvision's import); both wheels lie on local disk, it is a CUDA build that runs on CPU;
 # 3. installs this package in editable mode with the test extras;
 # 4. installs the real Fashion-MNIST data set from Debian (dataset-fashion-mnist).
 set -euo pipefail
 
-TORCH_VERSION="2.13.0"
+TORCH_VERSION="2.14.1"
+TORCHVISION_VERSION="0.29.1"
 VENV=".venv"
 FMNIST_DIR="/usr/share/datasets/fashion-mnist"
 FMNIST_FILES=(
@@ -42,17 +44,17 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 # --- 2. torch, pinned, before anything that depends on it --------------------------------
-if "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" \
+if "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" \
     >/dev/null 2>&1; then
     say "torch $TORCH_VERSION already installed"
 else
-    say "installing torch==$TORCH_VERSION (CPU)"
-    "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+    say "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION"
+    "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
 # --- 3. this package, editable, with test extras ------------------------------------------
-say "installing sliceout-fx in editable mode with [test] extras"
-"${PIP[@]}" install -q -e '.[test]'
+say "installing sliceout-fx in editable mode with [test,vision] extras"
+"${PIP[@]}" install -q -e '.[test,vision]'
 
 # --- 4. Fashion-MNIST (real data, Debian package) -----------------------------------------
 have_fmnist() {

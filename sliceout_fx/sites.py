@@ -5,7 +5,8 @@ A *site* is a sliceable group chosen by a policy, with its rate and slice width.
 * ``dropout`` - each existing dropout names the group flowing through it (a drop-in replacement: the
   dropout leaves the training graph);
 * ``expand`` - every group produced by a 1x1 convolution that widens its input (an MBConv expand);
-* ``all`` - every sliceable group (e.g. the inner channels of every ResNet bottleneck);
+* ``all`` - dropout sites, then every other sliceable group that is not a residual stream (e.g.
+  the inner channels of every ResNet bottleneck);
 * an explicit list of names: dropout module names / node names, or the name of a source op.
 
 Anything a policy wanted but could not slice becomes a :class:`SkippedSite` with the reason.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,7 +142,7 @@ def select_sites(
             name, kind, group, p, units, width, [dropout] if dropout is not None else []
         )
 
-    if config.sites in ("auto", "dropout") or explicit:
+    if config.sites in ("auto", "dropout", "all") or explicit:
         for node, rate, group in _dropout_candidates(dep, groups):
             name = _site_name(node)
             if explicit is not None and name not in wanted:
@@ -187,7 +189,7 @@ def select_sites(
             | {_site_name(g.primary.node) for g in groups}
         )
         raise SliceOutConfigError(f"unknown site name(s) {sorted(wanted)}; known sites: {known}")
-    if isinstance(config.p, dict):
+    if isinstance(config.p, Mapping):
         unused = set(config.p) - {s.name for s in sites.values()} - {s.name for s in skipped}
         if unused:
             raise SliceOutConfigError(f"p mapping names unknown sites {sorted(unused)}")

@@ -341,3 +341,130 @@ def test_table_warns_when_the_machine_was_busy(tmp_path: Path) -> None:
     assert "warning: baseline step times varied a lot within the run at p=0.25 (x3.0)" in (
         format_table(result)
     )
+
+
+# ------------------------------------------------------------------------------- CNN workloads
+
+# WRN-10-1 on 16x16 images: three blocks of 16/32/64 channels, a few ms per step.
+TINY_WRN = BenchOptions(depth=10, batch_size=4, num_batches=2, extra={"widen": 1, "image_size": 16})
+CNN_VARIANTS = ["sliceout-flow", "sliceout-prob", "controlled"]
+
+
+def _patch_available() -> bool:
+    import inspect
+
+    import sliceout_fx
+
+    return "scheme" in inspect.signature(sliceout_fx.convert).parameters
+
+
+def test_cnn_workloads_registered_with_paper_defaults() -> None:
+    for name in ("wrn", "efficientnet_b0"):
+        spec = get_workload(name)
+        assert spec.default_ps == (0.1, 0.2, 0.3, 0.4, 0.5)
+        assert spec.example_model is not None
+
+
+def test_wrn_variants_start_from_same_weights_with_paper_sgd() -> None:
+    wl = get_workload("wrn").build(0.5, TINY_WRN)
+    expected = ["dropout", *CNN_VARIANTS] + (["sliceout-patch"] if _patch_available() else [])
+    assert wl.variant_names == expected
+    assert wl.info["model"] == "WRN-10-1" and wl.info["image_size"] == 16
+    built = wl.build()
+    ref = built["dropout"].model.state_dict()
+    for variant in built.values():
+        state = variant.model.state_dict()
+        assert state.keys() == ref.keys()
+        assert all(torch.equal(state[k], ref[k]) for k in ref)
+        assert variant.model.training
+        group = variant.optimizer.param_groups[0]
+        assert isinstance(variant.optimizer, torch.optim.SGD)
+        assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (
+            0.1,
+            0.9,
+            True,
+            5e-4,
+        )
+    assert sum(isinstance(m, nn.Dropout) for m in built["dropout"].model.modules()) == 3
+
+
+def test_wrn_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="6n\\+4"):
+        get_workload("wrn").build(0.5, BenchOptions(depth=12))
+    with pytest.raises(ValueError, match="--widen"):
+        get_workload("wrn").build(0.5, BenchOptions(hidden=64))
+
+
+def test_wrn_runner_end_to_end(tmp_path: Path) -> None:
+    result = run_benchmark(
+        "wrn", [0.5], options=TINY_WRN, repeats=2, warmup=0, out=tmp_path, progress=False
+    )
+    data = _check_result_files(result, tmp_path)
+    entry = data["results"][0]
+    assert data["baseline"] == "dropout"
+    assert set(CNN_VARIANTS) <= set(entry["variants"])
+    for name in ("sliceout-flow", "sliceout-prob"):
+        v = entry["variants"][name]
+        assert v["memory_ratio"] < 1.0
+        assert v["saved_parameter_views"] >= 1
+        assert len(v["samples_s"]) == 2
+    # Controlled dropout gathers (copies) the kept channels' weights: more is saved than SliceOut.
+    assert (
+        entry["variants"]["controlled"]["saved_activation_bytes"]
+        > entry["variants"]["sliceout-flow"]["saved_activation_bytes"]
+    )
+
+
+def test_cli_bench_tiny_wrn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "bench", "wrn", "--p", "0.3", "--depth", "10", "--widen", "1", "--image-size", "8",
+            "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--variants", "sliceout-prob",
+            "--no-plot", "--no-progress", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / JSON_NAME).read_text())
+    assert data["variants"] == ["dropout", "sliceout-prob"]
+    assert data["settings"]["options"]["extra"] == {"widen": 1, "image_size": 8}
+    assert "sliceout-prob" in capsys.readouterr().out
+
+
+def test_cli_explain_tiny_wrn(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "wrn", "--p", "0.5", "--depth", "10", "--widen", "1"]) == 0
+    assert "stage1.0.dropout" in capsys.readouterr().out
+
+
+def test_efficientnet_b0_tiny_run(tmp_path: Path) -> None:
+    pytest.importorskip("torchvision")
+    options = BenchOptions(batch_size=2, num_batches=1, extra={"image_size": 32})
+    wl = get_workload("efficientnet_b0").build(0.3, options)
+    assert wl.baseline == "original"
+    assert wl.variant_names[:4] == ["original", *CNN_VARIANTS]
+    assert wl.info["convert_kwargs"] == {"sites": "expand"}
+    result = run_benchmark(
+        "efficientnet_b0",
+        [0.3],
+        options=options,
+        repeats=1,
+        warmup=0,
+        variants=["sliceout-flow"],
+        out=tmp_path,
+        progress=False,
+    )
+    data = _check_result_files(result, tmp_path)
+    assert data["variants"] == ["original", "sliceout-flow"]
+    flow = data["results"][0]["variants"]["sliceout-flow"]
+    assert flow["saved_parameter_views"] >= 1 and len(flow["samples_s"]) == 1
+
+
+def test_efficientnet_without_torchvision_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    with pytest.raises(ImportError, match="needs a working torchvision") as exc:
+        get_workload("efficientnet_b0").build(0.3, BenchOptions())
+    assert "\n" not in str(exc.value)

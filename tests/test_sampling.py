@@ -86,3 +86,13 @@ def test_effective_rate_is_reported():
     report = sliceout_fx.explain(mlp(width=10), p=0.33)
     assert all(s.width == 7 and s.effective_p == pytest.approx(0.3) for s in report.sites)
     assert "effective p=0.300" in str(report)
+
+
+def test_all_policy_replaces_dropouts_and_adds_the_other_groups():
+    from sliceout_fx.models import WideResNet
+
+    report = sliceout_fx.explain(WideResNet(10, 1), p=0.5, sites="all")
+    kinds = [s.kind for s in report.sites]
+    assert kinds.count("dropout") == 3  # the three blocks' dropouts are replaced...
+    assert kinds.count("group") == 1  # ...and the stem group, the one non-residual group left
+    assert all(s.dropouts for s in report.sites if s.kind == "dropout")
