@@ -91,7 +91,7 @@ def test_effective_rate_is_reported():
 def test_all_policy_replaces_dropouts_and_adds_the_other_groups():
     from sliceout_fx.models import WideResNet
 
-    report = sliceout_fx.explain(WideResNet(10, 1), p=0.5, sites="all")
+    report = sliceout_fx.explain(WideResNet(10, 2), p=0.5, sites="all")
     kinds = [s.kind for s in report.sites]
     assert kinds.count("dropout") == 3  # the three blocks' dropouts are replaced...
     assert kinds.count("group") == 1  # ...and the stem group, the one non-residual group left
