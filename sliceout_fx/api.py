@@ -94,8 +94,8 @@ def convert(
 
     Raises:
         SliceOutConfigError: invalid ``p``, mode, site names...
-        UntraceableModelError: the model cannot be traced; the message says which module to make a
-            leaf.
+        UntraceableModelError: the model cannot be traced; the message says which module to keep
+            as a leaf.
     """
     config = _config(
         p=p,

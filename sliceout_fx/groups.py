@@ -1,13 +1,10 @@
 """Stage 4, alignment groups and their sliceability.
 
-An alignment group is a connected component of the dependency graph: every axis in it must be cut
-by the same slice. A group is *sliceable* when each of its axes is produced by an op that can make
-it
+An alignment group is a connected component of the dependency graph: every axis in it must be cut by
+the same slice. A group is *sliceable* when each of its axes is produced by an op that can make it
 narrower (a source, or an op coupling it to another axis of the group) and each consumer of each
-axis
-either absorbs the cut (a sink), passes it on (coupled), or does not care (passive). Anything else
-is a
-*blocker*, recorded with its reason so that ``explain`` can say why a site was skipped.
+axis either absorbs the cut (a sink), passes it on (coupled), or does not care (passive). Anything
+else is a *blocker*, recorded with its reason so that ``explain`` can say why a site was skipped.
 """
 
 from __future__ import annotations

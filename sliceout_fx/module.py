@@ -1,5 +1,4 @@
-"""Stage 7, the converted module: a sliced training graph and full-width graphs over one set of
-weights.
+"""Stage 7, the converted module: sliced and full-width graphs over one set of weights.
 
 :class:`SliceOutModule` registers the original model's children, parameters and buffers under their
 original names, so ``state_dict`` keys and shapes are the original's and checkpoints move freely in

@@ -8,8 +8,8 @@ sliced axis. A cut says which units of an axis are alive this step, and how:
 * ``"gather"`` - controlled dropout: ``index`` is a sorted index tensor and parameters are gathered
   (copies), the paper's baseline with the same FLOPs as slicing.
 * ``"mask"`` - the reference: everything runs at full width and the complement of the slice is
-zeroed,
-  so tests can compare the sliced graph against a plain dense computation with the same draws.
+  zeroed, so tests can compare the sliced graph against a plain dense computation with the same
+  draws.
 
 Keeping the mode inside the cut (instead of three sets of ops) means one rewrite serves all three
 modes, and the mask reference exercises exactly the same graph positions as the sliced variant.
@@ -66,8 +66,7 @@ def take_block(t: Tensor | None, cuts: tuple[tuple[int, Cut | None], ...]) -> Te
 
     Narrowing a parameter twice through autograd builds two backward nodes, each allocating a
     full-size zero gradient; :class:`_LiveBlock` narrows all dims in one node, so backward writes
-    the
-    block's gradient once into a single zero tensor of the parameter's shape.
+    the block's gradient once into a single zero tensor of the parameter's shape.
     """
     cuts = tuple((d, c) for d, c in cuts if c is not None and c.mode != "mask")
     if t is None or not cuts:

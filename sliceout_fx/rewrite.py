@@ -3,9 +3,9 @@
 The graph gains, at its top, one call to the :class:`~sliceout_fx.sampling.SliceSampler` (one draw
 per site) and one :func:`~sliceout_fx.ops.make_cut` per (site, channels-per-unit). Then, in graph
 order, every op that touches a sliced axis is handed to its rule, which emits the sliced op;
-replaced
-dropouts disappear; normalisation is inserted where the placement says; and in mask mode every
-sliced tensor is multiplied by its mask so the reference zeroes exactly what slicing leaves out.
+replaced dropouts disappear; normalisation is inserted where the placement says; and in mask mode
+every sliced tensor is multiplied by its mask so the reference zeroes exactly what slicing leaves
+out.
 """
 
 from __future__ import annotations

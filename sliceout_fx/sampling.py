@@ -1,12 +1,11 @@
 """Slice widths, eligible starts, keep probabilities and the per-step sampler.
 
 The paper (Appendix A.1) keeps every tensor shape constant across steps: a layer of ``n`` units
-keeps
-``w = round((1 - p) n)`` of them and the start is uniform over the ``n - w + 1`` positions where the
-slice fits. Unit ``j`` is then kept with probability
-``P(j) = (min(j, n - w) - max(0, j - w + 1) + 1) / (n - w + 1)``, lower at the edges, which is what
-probabilistic normalisation divides by (Appendix B). Groups are cut in *units* (one channel, or one
-conv group, or a user-chosen multiple); all quantities here are in units.
+keeps ``w = round((1 - p) n)`` of them and the start is uniform over the ``n - w + 1`` positions
+where the slice fits. Unit ``j`` is then kept with probability ``P(j) = (min(j, n - w) - max(0, j -
+w + 1) + 1) / (n - w + 1)``, lower at the edges, which is what probabilistic normalisation divides
+by (Appendix B). Groups are cut in *units* (one channel, or one conv group, or a user-chosen
+multiple); all quantities here are in units.
 """
 
 from __future__ import annotations
@@ -75,9 +74,8 @@ class SliceSampler(nn.Module):
 
     It lives in the training graph as its first call. It is excluded from ``torch.compile`` so the
     draws are plain Python ints handed to the compiled region (which then specialises once and
-    treats
-    them as dynamic), never module attributes that would force a recompile every step. It has no
-    persistent state, so ``state_dict`` keys stay those of the original model.
+    treats them as dynamic), never module attributes that would force a recompile every step. It has
+    no persistent state, so ``state_dict`` keys stay those of the original model.
     """
 
     def __init__(self, specs: Sequence[DrawSpec], seed: int | None = None) -> None:

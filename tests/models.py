@@ -45,8 +45,7 @@ class FunctionalMLP(nn.Module):
 
 
 class ConvChain(nn.Module):
-    """conv -> BN -> ReLU -> Dropout2d -> conv -> BN -> ReLU -> grouped conv -> BN -> Dropout ->
-    1x1."""
+    """conv-BN-ReLU-Dropout2d, conv-BN-ReLU, grouped conv-BN-SiLU-Dropout, then a 1x1 conv."""
 
     def __init__(self, groups: int = 4, momentum: float | None = 0.1) -> None:
         super().__init__()

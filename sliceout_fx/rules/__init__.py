@@ -52,8 +52,7 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> OpRule:
     """The registered rule of a node, or :class:`UnknownOp`.
 
     A module subclass inherits its base class's rule only if it keeps the base ``forward``: a
-    subclass
-    that overrides ``forward`` (a conv with its own padding, say) computes something else.
+    subclass that overrides ``forward`` (a conv with its own padding, say) computes something else.
     """
     key, what = _describe(node, gm)
     if isinstance(key, type):

@@ -3,15 +3,13 @@
 A rule answers two questions about an fx node:
 
 * :meth:`OpRule.relations` - which of its axes must share a slice (*couplings*), which output axes
-it
-  can make narrower by slicing its own parameters (*sources*), which input axes it can absorb by
+  it can make narrower by slicing its own parameters (*sources*), which input axes it can absorb by
   slicing its parameters (*sinks*), and which input axes it merely looks at without caring about
   their width (*passive*). Anything a rule does not mention blocks slicing of that axis.
 * :meth:`OpRule.rewrite` - given the cuts of its sliced axes, emit the sliced computation.
 
 The dependency graph, groups and rewrite stages are generic; everything op-specific lives here and
-in
-the sibling modules, one op family per module.
+in the sibling modules, one op family per module.
 """
 
 from __future__ import annotations

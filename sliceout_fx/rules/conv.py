@@ -1,8 +1,7 @@
 """``nn.Conv1d/2d/3d`` and ``F.conv1d/2d/3d``: channel SliceOut.
 
-A plain convolution is a source on its output channels (dim 1) and a sink on its input channels.
-A grouped convolution can only be cut in whole groups, and its input and output channels of one
-group
+A plain convolution is a source on its output channels (dim 1) and a sink on its input channels. A
+grouped convolution can only be cut in whole groups, and its input and output channels of one group
 go together, so the rule *couples* its input and output channel axes and limits both to ``groups``
 units; the depthwise convolution is the special case with one channel per group.
 """

@@ -1,8 +1,7 @@
 """``nn.Linear`` / ``F.linear``: output features are a source, input features a sink.
 
 Slicing output features narrows weight rows and the bias (true views); slicing input features
-narrows
-weight columns (a strided view that BLAS handles without a copy).
+narrows weight columns (a strided view that BLAS handles without a copy).
 """
 
 from __future__ import annotations
