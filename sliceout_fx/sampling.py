@@ -2,10 +2,13 @@
 
 The paper (Appendix A.1) keeps every tensor shape constant across steps: a layer of ``n`` units
 keeps ``w = round((1 - p) n)`` of them and the start is uniform over the ``n - w + 1`` positions
-where the slice fits. Unit ``j`` is then kept with probability ``P(j) = (min(j, n - w) - max(0, j -
-w + 1) + 1) / (n - w + 1)``, lower at the edges, which is what probabilistic normalisation divides
-by (Appendix B). Groups are cut in *units* (one channel, or one conv group, or a user-chosen
-multiple); all quantities here are in units.
+where the slice fits. Unit ``j`` is then kept with probability
+
+    P(j) = (min(j, n - w) - max(0, j - w + 1) + 1) / (n - w + 1),
+
+lower at the edges, which is what probabilistic normalisation divides by (Appendix B). Groups are
+cut in *units* (one channel, or one conv group, or a user-chosen multiple); all quantities here are
+in units.
 """
 
 from __future__ import annotations

@@ -45,15 +45,16 @@ def _storages(model: nn.Module) -> set[int]:
 
 def _live(size: int, start: int, width: int) -> torch.Tensor:
     live = torch.zeros(size, dtype=torch.bool)
-    live[start:start + width] = True
+    live[start : start + width] = True
     return live
 
 
 # -- copy.deepcopy ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make,shape", [(mlp, (8, 12)), (ConvChain, (4, 3, 8, 8))],
-                         ids=["mlp", "conv-chain"])
+@pytest.mark.parametrize(
+    "make,shape", [(mlp, (8, 12)), (ConvChain, (4, 3, 8, 8))], ids=["mlp", "conv-chain"]
+)
 def test_deepcopy_is_independent_and_computes_the_same(make, shape):
     torch.manual_seed(0)
     source = sliceout_fx.convert(make(), p=0.5, seed=11)
@@ -147,8 +148,9 @@ def test_sliced_graph_follows_replaced_parameters():
 # -- state_dict through files -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make,shape", [(mlp, (8, 12)), (ConvChain, (4, 3, 8, 8))],
-                         ids=["mlp", "conv-chain"])
+@pytest.mark.parametrize(
+    "make,shape", [(mlp, (8, 12)), (ConvChain, (4, 3, 8, 8))], ids=["mlp", "conv-chain"]
+)
 def test_state_dict_file_round_trip_both_ways(make, shape, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(shape)
@@ -163,8 +165,9 @@ def test_state_dict_file_round_trip_both_ways(make, shape, tmp_path):
     torch.save(converted.state_dict(), path)
     original = make()
     original.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    for (k, a), (k2, b) in zip(converted.state_dict().items(), original.state_dict().items(),
-                                   strict=True):
+    for (k, a), (k2, b) in zip(
+        converted.state_dict().items(), original.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(a, b), k
     with torch.no_grad():
         assert torch.equal(original.eval()(x), converted.eval()(x))
@@ -340,8 +343,10 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.all_gather(gathered, final)
         gathered_init = [torch.empty_like(initial) for _ in range(world)]
         dist.all_gather(gathered_init, initial)
-        torch.save({"final": gathered, "initial": gathered_init, "draws": draws},
-                   Path(out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {"final": gathered, "initial": gathered_init, "draws": draws},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
         # Free DDP (and its reference to the gloo group) while the peer is still connected:
         # tearing it down after the other rank has exited can block in gloo.
         del model, opt
@@ -356,8 +361,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_ddp_gloo_two_processes_keeps_replicas_identical(tmp_path):
     world, port = 2, _free_port()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, str(tmp_path)))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, world, port, str(tmp_path))) for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 150
