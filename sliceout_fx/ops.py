@@ -232,11 +232,16 @@ def sliced_conv(
     groups: int,
     out_cut: Cut | None,
     in_cut: Cut | None,
+    in_scale: float = 1.0,
+    in_scale_per_channel: Tensor | None = None,
 ) -> Tensor:
     """A 1d/2d/3d convolution on the live output and input channels.
 
     Grouped convolutions are sliced in whole groups (the dependency graph aligns both cuts to the
     group size), so only weight rows are taken and ``groups`` shrinks in proportion.
+    ``in_scale`` / ``in_scale_per_channel`` (full-size, cut here) are a normalisation of the input
+    folded into the weight: the input-channel slice of the weight is copied anyway, so scaling it
+    costs nothing, while scaling the input would save a second copy of the activation.
     """
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
     if groups > 1:
@@ -244,16 +249,28 @@ def sliced_conv(
         weight = take(weight, 0, out_cut)
         if out_cut is not None and out_cut.mode != "mask":
             groups = groups * out_cut.width // out_cut.size
+        # A grouped conv couples its channels (it is never a sink), so no scale is folded into it.
+        assert in_scale == 1.0 and in_scale_per_channel is None
     else:
         weight = take_block(weight, ((0, out_cut), (1, in_cut)))
-        if in_cut is not None and in_cut.mode != "mask":
+        if in_scale_per_channel is not None:
+            scale = take(in_scale_per_channel, 0, in_cut).to(weight.dtype)
+            weight = weight * scale.view(1, -1, *([1] * (weight.dim() - 2)))
+        elif in_scale != 1.0:
+            weight = weight * in_scale
+        elif in_cut is not None and in_cut.mode != "mask":
             # Input-channel slices are strided; conv kernels want contiguous weights (a small copy).
             weight = weight.contiguous()
     return conv(x, weight, take(bias, 0, out_cut), stride, padding, dilation, groups)
 
 
 def sliced_conv_module(
-    x: Tensor, module: nn.modules.conv._ConvNd, out_cut: Cut | None, in_cut: Cut | None
+    x: Tensor,
+    module: nn.modules.conv._ConvNd,
+    out_cut: Cut | None,
+    in_cut: Cut | None,
+    in_scale: float = 1.0,
+    in_scale_per_channel: Tensor | None = None,
 ) -> Tensor:
     """:func:`sliced_conv` with the hyper-parameters of a ``nn.ConvNd`` module."""
     if module.padding_mode != "zeros":
@@ -272,6 +289,8 @@ def sliced_conv_module(
         module.groups,
         out_cut,
         in_cut,
+        in_scale,
+        in_scale_per_channel,
     )
 
 

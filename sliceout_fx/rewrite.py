@@ -19,7 +19,7 @@ from torch import fx
 
 from .config import SliceOutConfig
 from .depgraph import DependencyGraph
-from .ops import make_cut, normalise, restrict, sliced_linear
+from .ops import make_cut, normalise, restrict, sliced_conv, sliced_conv_module, sliced_linear
 from .patch import rewrite_patch_sites
 from .rules import Axis
 from .sampling import SAMPLER_NAME, DrawSpec, SliceSampler, keep_probabilities
@@ -107,7 +107,7 @@ def rewrite_training_graph(
         rewrite_patch_sites(gm, sites, config.mode)
     else:
         _Rewriter(gm, dep, sites, config).run()
-        _fold_flow_scales_into_linears(gm.graph)
+        _fold_scales_into_sinks(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -212,27 +212,38 @@ class _Rewriter:
                 graph.erase_node(node)
 
 
-def _fold_flow_scales_into_linears(graph: fx.Graph) -> None:
-    """Fold ``normalise(x, cut, dim, None)`` into the ``in_scale`` of the linears that read it.
+def _fold_scales_into_sinks(graph: fx.Graph) -> None:
+    """Fold ``normalise(x, ...)`` into the linear and conv layers that read the scaled ``x``.
 
-    Flow scaling is a constant ``size / width`` and a linear layer is linear in its input, so the
-    scale can ride on the matmul (``addmm(alpha=...)``): the scaled copy of ``x`` is then never
-    allocated nor saved for backward - a large share of the activation memory of an MLP.
+    Those layers are linear in their input, so the scale can ride on the computation instead of a
+    scaled copy of ``x`` being allocated and saved for backward (a large share of the activation
+    memory): a linear takes a flow scale as ``addmm(alpha=...)``; a conv takes a flow or
+    per-channel scale on its input-channel weight slice, which it copies anyway. A per-unit scale
+    on a linear would need a weight copy larger than the activation, so it stays where it is.
     """
     for node in list(graph.nodes):
-        if node.target is not normalise or node.args[3] is not None:
+        if node.target is not normalise:
             continue
-        x, cut, dim, _ = node.args
+        x, cut, _, per_unit = node.args
         readers = list(node.users)
+        allowed = _CONV_SINKS if per_unit is not None else (*_CONV_SINKS, sliced_linear)
         if not readers or not all(
-            u.target is sliced_linear and u.args[0] is node and node not in u.args[1:]
-            for u in readers
+            u.target in allowed and u.args[0] is node and node not in u.args[1:] for u in readers
         ):
             continue
         _, width, size, _, _ = cut.args
         for user in readers:
-            user.args = (x, *user.args[1:5], size / width)
+            scale = (
+                {"in_scale_per_channel": per_unit}
+                if per_unit is not None
+                else {"in_scale": size / width}
+            )
+            user.args = (x, *user.args[1:])
+            user.kwargs = {**user.kwargs, **scale}
         graph.erase_node(node)
+
+
+_CONV_SINKS = (sliced_conv, sliced_conv_module)
 
 
 def _sliced_dims(ctx: RewriteContext, node: fx.Node) -> list[int]:
