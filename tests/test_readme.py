@@ -19,6 +19,6 @@ def test_the_readme_has_python_examples():
 def test_readme_block_runs(index):
     if "torchvision" in BLOCKS[index]:
         pytest.importorskip("torchvision")
-    namespace: dict = {}
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)  # noqa: S102
-    assert namespace  # the block defined its names; its own asserts checked the behaviour
+    # The blocks carry their own asserts (eval equality, state_dict keys, sites found).
+    assert "assert " in BLOCKS[index]
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {})
