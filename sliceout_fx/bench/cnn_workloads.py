@@ -17,7 +17,6 @@ workload is built.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -25,13 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .workloads import (
-    BenchOptions,
-    Variant,
-    Workload,
-    classification_step,
-    register_workload,
-)
+from .workloads import BenchOptions, Workload, register_workload, variant_factory
 
 __all__ = ["efficientnet_b0_workload", "make_sgd", "wrn_workload"]
 
@@ -133,23 +126,7 @@ def _cnn_workload(
             sliceout(scheme="patch", normalisation="flow"),
         )
 
-    def factory(
-        vname: str, transform: Callable[[nn.Module], nn.Module], description: str
-    ) -> Callable[[], Variant]:
-        def build() -> Variant:
-            model = transform(copy.deepcopy(base))
-            model.train()
-            optimizer = make_sgd(model.parameters(), lr, options)
-            return Variant(
-                name=vname,
-                model=model,
-                optimizer=optimizer,
-                step=classification_step(model, optimizer, batches),
-                params=list(model.parameters()),
-                description=description,
-            )
-
-        return build
+    factory = variant_factory(base, lambda params: make_sgd(params, lr, options), batches)
 
     return Workload(
         name=name,

@@ -195,6 +195,38 @@ def classification_step(
     return step
 
 
+def variant_factory(
+    base: nn.Module,
+    make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> Callable[[str, Callable[[nn.Module], nn.Module], str], Callable[[], Variant]]:
+    """``factory(name, transform, description)`` -> a builder of that variant.
+
+    Each variant is ``transform`` applied to its own deep copy of ``base`` (so all start from the
+    same weights), with its own optimizer, stepping over the same batches.
+    """
+
+    def factory(
+        name: str, transform: Callable[[nn.Module], nn.Module], description: str
+    ) -> Callable[[], Variant]:
+        def build() -> Variant:
+            model = transform(copy.deepcopy(base))
+            model.train()
+            optimizer = make_optimizer(model.parameters())
+            return Variant(
+                name=name,
+                model=model,
+                optimizer=optimizer,
+                step=classification_step(model, optimizer, batches),
+                params=list(model.parameters()),
+                description=description,
+            )
+
+        return build
+
+    return factory
+
+
 def _convert(model: nn.Module, p: float, **kwargs: Any) -> nn.Module:
     """Call the core library's ``convert`` (imported late: the bench must load without it)."""
     import sliceout_fx
@@ -248,23 +280,7 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
     ]
     example_inputs = (batches[0][0],)
 
-    def factory(
-        name: str, transform: Callable[[nn.Module], nn.Module], description: str
-    ) -> Callable[[], Variant]:
-        def build() -> Variant:
-            model = transform(copy.deepcopy(base))
-            model.train()
-            optimizer = make_adam(model.parameters(), lr, options)
-            return Variant(
-                name=name,
-                model=model,
-                optimizer=optimizer,
-                step=classification_step(model, optimizer, batches),
-                params=list(model.parameters()),
-                description=description,
-            )
-
-        return build
+    factory = variant_factory(base, lambda params: make_adam(params, lr, options), batches)
 
     def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
         return lambda m: _convert(m, p, seed=options.seed, example_inputs=example_inputs, **kwargs)
