@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -36,18 +37,39 @@ def synthesize_example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "call_module":
-            mod = gm.get_submodule(str(node.target))
-            like = {"dtype": mod.weight.dtype, "device": mod.weight.device}
-            if isinstance(mod, nn.Linear):
-                return (torch.randn(2, mod.in_features, **like),)
-            if isinstance(mod, nn.modules.conv._ConvNd):
-                spatial = (DEFAULT_SPATIAL,) * len(mod.kernel_size)
-                return (torch.randn(2, mod.in_channels, *spatial, **like),)
+        weight = _first_layer_weight(node, gm)
+        if weight is not None:
+            like = {"dtype": weight.dtype, "device": weight.device}
+            if weight.dim() == 2:  # linear: (out, in)
+                return (torch.randn(2, weight.shape[1], **like),)
+            groups = gm.get_submodule(str(node.target)).groups if node.op == "call_module" else 1
+            spatial = (DEFAULT_SPATIAL,) * (weight.dim() - 2)
+            return (torch.randn(2, weight.shape[1] * groups, *spatial, **like),)
         frontier.extend(node.users)
     raise ShapeInferenceError(
         "cannot guess the input shape of this model; pass example_inputs=(tensor, ...) to convert()"
     )
+
+
+def _first_layer_weight(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
+    """The weight of a Linear/Conv module or of an ``F.linear``/``F.convNd`` on a parameter."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            return mod.weight
+        return None
+    if node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d) and len(node.args) > 1:
+        weight = node.args[1]
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            return _fetch(gm, str(weight.target))
+    return None
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def propagate_shapes(

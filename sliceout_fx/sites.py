@@ -65,7 +65,19 @@ class SkippedSite:
 
 
 def _site_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
+    """The module path of the op (for a functional op, of the module whose forward called it)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, _ = next(reversed(stack.values()))
+        if path:
+            return f"{path}.{node.name}" if node.target in _NAMED_BY_NODE else path
+    return node.name
+
+
+# Functional dropouts are named by module and node: one forward may call several of them.
+_NAMED_BY_NODE = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 
 
 def _group_of(groups: list[AlignmentGroup], axis: Axis) -> AlignmentGroup | None:
