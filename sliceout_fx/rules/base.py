@@ -116,6 +116,14 @@ def module_of(node: fx.Node, gm: fx.GraphModule) -> torch.nn.Module:
     return gm.get_submodule(str(node.target))
 
 
+def bind_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A functional call's arguments by parameter name (positional, keyword, then defaults)."""
+    bound = dict(defaults)
+    bound.update(zip(names, node.args, strict=False))
+    bound.update(node.kwargs)
+    return bound
+
+
 def couple_all_dims(src: fx.Node, dst: fx.Node) -> list[tuple[Axis, Axis]]:
     """Couple every axis of ``src`` with the same axis of ``dst`` (shape-preserving ops)."""
     rank = rank_of(dst)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops import sliced_batch_norm, sliced_batch_norm_fn
-from .base import Axis, AxisRelations, OpRule, shape_of
+from .base import Axis, AxisRelations, OpRule, bind_args, shape_of
 
 
 class BatchNormRule(OpRule):
@@ -58,10 +58,7 @@ class FunctionalBatchNormRule(OpRule):
     _DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 
     def _bound(self, node: fx.Node) -> dict:
-        bound = dict(self._DEFAULTS)
-        bound.update(zip(self._NAMES, node.args, strict=False))
-        bound.update(node.kwargs)
-        return bound
+        return bind_args(node, self._NAMES, self._DEFAULTS)
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         a = self._bound(node)

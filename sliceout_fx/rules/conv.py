@@ -14,18 +14,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops import sliced_conv, sliced_conv_module
-from .base import Axis, AxisRelations, OpRule, shape_of
+from .base import Axis, AxisRelations, OpRule, bind_args, shape_of
 
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
-_FUNCTIONAL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
 def _functional_args(node: fx.Node) -> dict:
-    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-    bound = dict(_FUNCTIONAL_DEFAULTS)
-    bound.update(zip(names, node.args, strict=False))
-    bound.update(node.kwargs)
-    return bound
+    return bind_args(node, _NAMES, _DEFAULTS)
 
 
 class ConvRule(OpRule):

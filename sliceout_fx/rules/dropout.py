@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import AxisRelations, OpRule, SiteHint, couple_all_dims
+from .base import AxisRelations, OpRule, SiteHint, bind_args, couple_all_dims
 
 # Dropout flavours that drop whole channels (dim 1) rather than single elements.
 _CHANNEL_DROPOUTS = (
@@ -26,10 +26,7 @@ def _rate_and_training(node: fx.Node, gm: fx.GraphModule) -> tuple[float, bool]:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         return float(mod.p), True
-    names = ["input", "p", "training", "inplace"]
-    bound = {"p": 0.5, "training": True}
-    bound.update(zip(names, node.args, strict=False))
-    bound.update(node.kwargs)
+    bound = bind_args(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True})
     return float(bound["p"]), bool(bound["training"])
 
 
