@@ -143,10 +143,8 @@ def explain(
     """
     if isinstance(model, SliceOutModule):
         return model.report
-    leaf = options.pop("leaf_modules", None)
     options.pop("inplace", None)
-    config = SliceOutConfig(p=p, leaf_modules=tuple(leaf or ()), **options)
-    return analyse(model, config, example_inputs).report
+    return analyse(model, _config(p=p, **options), example_inputs).report
 
 
 def to_original(model: nn.Module) -> nn.Module:
