@@ -31,7 +31,6 @@ class RewriteContext:
     """What a rule sees while it rewrites one node."""
 
     gm: fx.GraphModule
-    mode: str
     axis_site: dict[Axis, Site]
     cut_nodes: dict[tuple[int, int], fx.Node] = field(default_factory=dict)  # (group id, scale)
     alias: dict[fx.Node, fx.Node] = field(default_factory=dict)  # inserted node -> original node
@@ -121,7 +120,7 @@ class _Rewriter:
     ) -> None:
         self.graph, self.dep, self.sites, self.config = gm.graph, dep, sites, config
         axis_site = {axis: site for site in sites for axis in site.group.axes}
-        self.ctx = RewriteContext(gm, config.mode, axis_site)
+        self.ctx = RewriteContext(gm, axis_site)
         self.replaced_dropouts = {d for site in sites for d in site.dropouts}
         # Sites without a dropout get their immediate scale right after their primary source
         # (not after a squeeze-excite expand conv, which also sources the group).

@@ -112,10 +112,6 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def module_of(node: fx.Node, gm: fx.GraphModule) -> torch.nn.Module:
-    return gm.get_submodule(str(node.target))
-
-
 def bind_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
     """A functional call's arguments by parameter name (positional, keyword, then defaults)."""
     bound = dict(defaults)
