@@ -4,8 +4,8 @@ Training on slices shifts the statistics a batch norm sees downstream of a site 
 fewer, rescaled channels), so running statistics accumulated during training can mismatch the
 full-width network used in eval mode - the variance shift known from dropout. A few full-width
 forward passes in train mode, with a cumulative average, re-estimate them without touching a
-weight. The EfficientNet-Lite fine-tuning example shows the effect: eval accuracy 15.9% before,
-89.7% after recalibration on 20 batches.
+weight. The EfficientNet-Lite fine-tuning example shows the effect: eval accuracy 25.0% before,
+89.1% after recalibration on 20 batches.
 """
 
 from __future__ import annotations
