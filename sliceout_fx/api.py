@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 
+from .blocks import (
+    block_states,
+    blocks_full_width,
+    convert_blocks,
+    example_inputs_for,
+    is_huggingface_model,
+    restore_blocks,
+)
 from .capture import trace
-from .config import Mode, Normalisation, Placement, Rate, Scheme, SitePolicy, SliceOutConfig
+from .config import (
+    Capture,
+    Mode,
+    Normalisation,
+    Placement,
+    Rate,
+    Scheme,
+    SitePolicy,
+    SliceOutConfig,
+)
+from .errors import SliceOutConfigError
 from .depgraph import DependencyGraph, build_dependency_graph
 from .groups import AlignmentGroup, find_groups
 from .module import SAMPLER_NAME, SliceOutModule
 from .patch import assign_patches
-from .report import Report, expected_ratios
+from .report import Report, combine_reports, expected_ratios
 from .rewrite import build_sampler, rewrite_training_graph
 from .shapes import propagate_shapes
 from .sites import Site, SkippedSite, select_sites
@@ -40,6 +59,18 @@ def analyse(
 ) -> Analysis:
     """Capture -> shapes -> dependency graph -> groups -> sites, on ``model`` (not modified)."""
     train_gm = trace(model, leaf_modules=config.leaf_modules, training=True)
+    analysis = analyse_graph(train_gm, config, example_inputs, type(model).__name__)
+    analysis.model = model
+    return analysis
+
+
+def analyse_graph(
+    train_gm: fx.GraphModule,
+    config: SliceOutConfig,
+    example_inputs: Sequence[Any] | None,
+    model_name: str,
+) -> Analysis:
+    """Shapes -> dependency graph -> groups -> sites on an already captured training graph."""
     propagate_shapes(train_gm, example_inputs)
     dep = build_dependency_graph(train_gm)
     groups = find_groups(dep)
@@ -48,8 +79,8 @@ def analyse(
         sites, not_patchable = assign_patches(sites, dep)
         skipped += not_patchable
     flops_ratio, act_ratio = expected_ratios(dep, sites)
-    report = Report(type(model).__name__, config, groups, sites, skipped, flops_ratio, act_ratio)
-    return Analysis(model, train_gm, dep, groups, sites, skipped, report)
+    report = Report(model_name, config, groups, sites, skipped, flops_ratio, act_ratio)
+    return Analysis(train_gm, train_gm, dep, groups, sites, skipped, report)
 
 
 def _config(**kwargs: Any) -> SliceOutConfig:
@@ -62,72 +93,98 @@ def convert(
     p: Rate = 0.5,
     *,
     normalisation: Normalisation = "flow",
-    placement: Placement = "immediate",
+    placement: Placement | None = None,
     sites: SitePolicy = "auto",
     mode: Mode = "slice",
     scheme: Scheme = "channel",
     seed: int | None = None,
     width_multiple: int | None = None,
-    example_inputs: Sequence[Any] | None = None,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     leaf_modules: Sequence[type[nn.Module] | str] | None = None,
+    capture: Capture = "auto",
     inplace: bool = False,
-) -> SliceOutModule:
+) -> nn.Module:
     """Convert ``model`` into a module that trains with SliceOut and evaluates at full width.
 
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace (see ``leaf_modules``).
         p: drop rate, a ``{site: rate}`` mapping, or ``None`` to reuse each dropout's own rate.
         normalisation: ``"flow"`` or ``"probabilistic"`` (see :class:`SliceOutConfig`).
-        placement: ``"immediate"`` or ``"delayed"`` normalisation.
+        placement: ``"immediate"`` or ``"delayed"`` normalisation (default: immediate for
+            whole-graph conversion, delayed for transformer blocks; attention always delays).
         sites: ``"auto"``, ``"dropout"``, ``"expand"`` or a list of site names (see ``explain``).
         mode: ``"slice"`` (SliceOut), ``"gather"`` (controlled dropout) or ``"mask"`` (reference).
         scheme: ``"channel"`` (Channel SliceOut) or ``"patch"`` (Patch SliceOut on convolutions).
         seed: seed of the slice sampler (``None``: draws come from the global torch RNG).
         width_multiple: round slice widths and starts to this many channels.
-        example_inputs: inputs to learn tensor shapes from; guessed for simple MLPs and CNNs.
+        example_inputs: inputs to learn tensor shapes from (a dict of keyword arguments for a
+            HuggingFace model); guessed for simple MLPs, CNNs and HuggingFace configs.
         leaf_modules: module types or qualified names to keep whole when tracing.
+        capture: ``"fx"`` traces the whole model into a :class:`SliceOutModule`; ``"blocks"``
+            exports each repeated layer with ``torch.export`` and converts it in place, keeping
+            the model object and class; ``"auto"`` picks ``"blocks"`` for HuggingFace models.
         inplace: share the given model's parameters instead of deep-copying the model first.
 
     Returns:
-        A :class:`SliceOutModule` with the original ``state_dict`` keys. Sites that could not be
-        sliced are left at full width and listed by ``result.explain()``.
+        With ``capture="fx"``, a :class:`SliceOutModule` with the original ``state_dict`` keys.
+        With ``capture="blocks"``, the model itself (a copy unless ``inplace``), of its own class,
+        whose layers slice in training. Sites that could not be sliced are left at full width
+        and listed by ``sliceout_fx.explain(result)``.
 
     Raises:
         SliceOutConfigError: invalid ``p``, mode, site names...
         UntraceableModelError: the model cannot be traced; the message says which module to keep
             as a leaf.
     """
+    if isinstance(model, SliceOutModule) or block_states(model):
+        raise TypeError("this model is already converted; convert to_original(model) instead")
+    by_blocks = _by_blocks(model, capture)
     config = _config(
         p=p,
         normalisation=normalisation,
-        placement=placement,
-        sites=sites,
+        placement=placement or ("delayed" if by_blocks else "immediate"),
+        sites="all" if by_blocks and sites == "auto" else sites,
         mode=mode,
         scheme=scheme,
         seed=seed,
         width_multiple=width_multiple,
         leaf_modules=leaf_modules,
     )
-    if isinstance(model, SliceOutModule):
-        raise TypeError("this model is already converted; convert model.to_original() instead")
     source = model if inplace else copy.deepcopy(model)
+    if by_blocks:
+        inputs = example_inputs if example_inputs is not None else example_inputs_for(source)
+        states = convert_blocks(source, config, inputs)
+        source.__dict__[_REPORT] = combine_reports(type(model).__name__, config, states)
+        _warn_if_nothing_sliced(model, [s for st in states for s in st.sites], [])
+        return source
     analysis = analyse(source, config, example_inputs)
-    if not analysis.sites:
-        reasons = "; ".join(f"{k.name}: {k.reason}" for k in analysis.skipped) or (
-            "the model has no dropout and no expand convolution"
-        )
-        warnings.warn(
-            f"sliceout_fx.convert found no site to slice in {type(model).__name__} ({reasons}). "
-            "The converted model trains and evaluates exactly like the original; see "
-            "sliceout_fx.explain(model) for the groups it found.",
-            stacklevel=2,
-        )
+    _warn_if_nothing_sliced(model, analysis.sites, analysis.skipped)
     eval_gm = trace(source, leaf_modules=config.leaf_modules, training=False)
     full_train_gm = fx.GraphModule(analysis.train_gm, copy.deepcopy(analysis.train_gm.graph))
     sampler = build_sampler(analysis.sites, config)
     analysis.train_gm.add_submodule(SAMPLER_NAME, sampler)
     sliced = rewrite_training_graph(analysis.train_gm, analysis.dep, analysis.sites, config)
     return SliceOutModule(source, eval_gm, full_train_gm, sliced.graph, sampler, analysis.report)
+
+
+def _warn_if_nothing_sliced(model: nn.Module, sites: list, skipped: list) -> None:
+    if sites:
+        return
+    reasons = "; ".join(f"{k.name}: {k.reason}" for k in skipped) or (
+        "the model has no dropout and no expand convolution"
+    )
+    warnings.warn(
+        f"sliceout_fx.convert found no site to slice in {type(model).__name__} ({reasons}). "
+        "The converted model trains and evaluates exactly like the original; see "
+        "sliceout_fx.explain(model) for the groups it found.",
+        stacklevel=3,
+    )
+
+
+def _by_blocks(model: nn.Module, capture: str) -> bool:
+    if capture not in ("auto", "fx", "blocks"):
+        raise SliceOutConfigError(f"capture must be 'auto', 'fx' or 'blocks', got {capture!r}")
+    return capture == "blocks" or (capture == "auto" and is_huggingface_model(model))
 
 
 def explain(
@@ -143,12 +200,35 @@ def explain(
     """
     if isinstance(model, SliceOutModule):
         return model.report
+    if _REPORT in model.__dict__:
+        return model.__dict__[_REPORT]
     options.pop("inplace", None)
+    if _by_blocks(model, options.pop("capture", "auto")):
+        converted = convert(model, p, example_inputs=example_inputs, capture="blocks", **options)
+        return converted.__dict__[_REPORT]
     return analyse(model, _config(p=p, **options), example_inputs).report
 
 
 def to_original(model: nn.Module) -> nn.Module:
-    """The plain full-width model (original class and structure) sharing the trained weights."""
+    """The plain full-width model (original class and structure) sharing the trained weights.
+
+    A block-converted model (HuggingFace) is restored in place and returned.
+    """
     if isinstance(model, SliceOutModule):
         return model.to_original()
-    return model
+    model.__dict__.pop(_REPORT, None)
+    return restore_blocks(model)
+
+
+@contextlib.contextmanager
+def full_width(model: nn.Module) -> Iterator[nn.Module]:
+    """Train ``model`` at full width inside the block, e.g. for the last steps as in the paper."""
+    if isinstance(model, SliceOutModule):
+        with model.full_width():
+            yield model
+    else:
+        with blocks_full_width(model):
+            yield model
+
+
+_REPORT = "sliceout_report"

@@ -1,4 +1,4 @@
-"""Command-line entry point: ``sliceout-fx {bench,demo,explain}``.
+"""Command-line entry point: ``sliceout-fx {bench,demo,explain,draw}``.
 
 Heavy or optional pieces (torch, the core transformation, the demo) are imported only by the
 subcommand that needs them, so ``--help`` is fast and one broken piece does not take down the rest.
@@ -108,6 +108,19 @@ examples:
   {PROG} explain efficientnet_b0 --p 0.3
 """
 
+DRAW_EPILOG = f"""\
+Draws the model's traced graph with what convert() would slice: each site's alignment group in its
+own colour (the ops that share one slice), the site starred, ops that stop a group hatched, and a
+legend with each site's kept/total channels and each blocker's reason. The format follows the
+suffix of --out (.svg, .png, .pdf). Large models: draw one block with --only.
+
+examples:
+  {PROG} draw mlp -o mlp.svg
+  {PROG} draw wrn -o wrn-block.svg --p 0.3 --only stage2.0
+  {PROG} draw efficientnet_b0 -o mbconv.png --p 0.3 --only features.2.1
+  {PROG} draw efficientnet_b0 -o se.svg --sites all --only features.1
+"""
+
 DEMO_EPILOG = f"""\
 All arguments after 'demo' are passed to the demo unchanged; see '{PROG} demo --help'.
 """
@@ -115,8 +128,9 @@ All arguments after 'demo' are passed to the demo unchanged; see '{PROG} demo --
 MAIN_EPILOG = f"""\
 examples:
   {PROG} bench mlp --p 0.1 0.5 --repeats 20   # SliceOut vs dropout vs controlled dropout
-  {PROG} explain mlp --p 0.5                  # what convert() slices in the paper's MLP
   {PROG} demo --help                          # the demo's own options
+  {PROG} explain mlp --p 0.5                  # what convert() slices in the paper's MLP
+  {PROG} draw wrn -o wrn.svg --only stage2.0  # picture: which ops share a slice, one block
 """
 
 
@@ -155,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser (``demo`` arguments are forwarded verbatim, see :func:`main`)."""
     parser = _Parser(
         prog=PROG,
-        description="SliceOut as a torch.fx transformation: benchmarks, demo and model reports.",
+        description="SliceOut as a torch.fx transformation: benchmarks, demo, model reports and "
+        "pictures.",
         epilog=MAIN_EPILOG,
         formatter_class=_Formatter,
     )
@@ -163,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{bench,demo,explain}", parser_class=_Parser
+        dest="command", metavar="{bench,demo,explain,draw}", parser_class=_Parser
     )
     sub.required = True
     names = _workload_names()
@@ -254,6 +269,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=None, help="batch size of the example input"
     )
     explain.add_argument("--seed", type=int, default=0, help="seed for the model's weights")
+
+    draw = sub.add_parser(
+        "draw",
+        help="picture of what convert() slices in a workload's model (SVG, PNG or PDF)",
+        description="Build a workload's (untransformed) model and draw its alignment groups and "
+        "SliceOut sites with sliceout_fx.draw.draw().",
+        epilog=DRAW_EPILOG,
+        formatter_class=_Formatter,
+    )
+    draw.add_argument("model", choices=names, help="workload whose model to draw")
+    draw.add_argument(
+        "-o", "--out", required=True, help="output file: .svg, .png or .pdf (picks the format)"
+    )
+    draw.add_argument("--p", type=_rate, default=0.5, help="dropout rate")
+    draw.add_argument(
+        "--sites",
+        choices=("auto", "dropout", "expand", "all"),
+        default="auto",
+        help="site policy, as convert(sites=...)",
+    )
+    draw.add_argument(
+        "--only",
+        default=None,
+        metavar="PREFIX",
+        help="draw only the ops under this module path (one block, e.g. features.2.1)",
+    )
+    draw.add_argument(
+        "--max-nodes",
+        type=_positive_int,
+        default=120,
+        help="refuse to draw more ops than this (use --only for large models)",
+    )
+    draw.add_argument("--title", default=None, help="figure title (default: model, p, sites)")
+    _add_shape_options(draw)
+    draw.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=2,
+        help="batch size of the example input (only shapes matter)",
+    )
+    draw.add_argument("--seed", type=int, default=0, help="seed for the model's weights")
     return parser
 
 
@@ -295,17 +351,44 @@ def _core() -> Any:
     return sliceout_fx
 
 
-def _cmd_explain(args: argparse.Namespace) -> int:
+def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
+    """The workload's untransformed model and example inputs (``explain`` and ``draw``)."""
     from .bench.workloads import BenchOptions, get_workload
 
     spec = get_workload(args.model)
     if spec.example_model is None:
-        raise CLIError(f"workload {args.model!r} has no model to explain")
-    core = _core()
+        raise CLIError(f"workload {args.model!r} has no example model to {args.command}")
     options = BenchOptions(batch_size=args.batch_size, seed=args.seed, **_shape_options(args))
-    model, example_inputs = spec.example_model(args.p, options)
+    return spec.example_model(args.p, options)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    core = _core()
+    model, example_inputs = _example_model(args)
     report = core.explain(model, p=args.p, example_inputs=example_inputs)
     print(report)
+    return 0
+
+
+def _cmd_draw(args: argparse.Namespace) -> int:
+    _core()
+    try:
+        from .draw import draw, output_format
+    except ImportError as exc:
+        raise CLIError(f"drawing is not available: {exc} (pip install matplotlib)") from exc
+    output_format(args.out)  # a bad suffix fails before the model is built
+    model, example_inputs = _example_model(args)
+    path = draw(
+        model,
+        args.out,
+        p=args.p,
+        sites=args.sites,
+        example_inputs=example_inputs,
+        only=args.only,
+        title=args.title,
+        max_nodes=args.max_nodes,
+    )
+    print(f"wrote {path}")
     return 0
 
 
@@ -337,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(args)
         if args.command == "explain":
             return _cmd_explain(args)
+        if args.command == "draw":
+            return _cmd_draw(args)
         if args.command == "demo":
             return _cmd_demo(rest)
         raise CLIError(f"unknown command {args.command!r}")

@@ -13,6 +13,7 @@ from .sampling import validate_rate
 
 Normalisation = Literal["flow", "probabilistic"]
 Placement = Literal["immediate", "delayed"]
+Capture = Literal["auto", "fx", "blocks"]
 Mode = Literal["slice", "gather", "mask"]
 Scheme = Literal["channel", "patch"]
 SitePolicy = Union[Literal["auto", "dropout", "expand", "all"], Sequence[str]]  # noqa: UP007

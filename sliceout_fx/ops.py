@@ -29,7 +29,9 @@ __all__ = [
     "take",
     "restrict",
     "normalise",
+    "live_size",
     "sliced_linear",
+    "sliced_linear_part",
     "sliced_conv",
     "sliced_conv_module",
     "sliced_batch_norm",
@@ -153,6 +155,33 @@ def sliced_linear(
         x = x * in_scale
     weight = take_block(weight, ((0, out_cut), (1, in_cut)))
     return F.linear(x, weight, take(bias, 0, out_cut))
+
+
+def sliced_linear_part(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    offset: int,
+    part: int,
+    out_cut: Cut,
+    in_cut: Cut | None,
+) -> Tensor:
+    """Rows ``offset : offset + part`` of a fused projection (Q, K or V of one ``c_attn``), cut.
+
+    In slice and gather mode the part's cut is shifted into the fused weight, so only the live
+    rows are multiplied; in mask mode the whole part is computed, to be masked like any output.
+    """
+    if out_cut.mode == "mask":
+        weight = weight.narrow(0, offset, part)
+        bias = None if bias is None else bias.narrow(0, offset, part)
+        return sliced_linear(x, weight, bias, None, in_cut)
+    shifted = Cut(out_cut.index + offset, out_cut.width, part, out_cut.mode)
+    return sliced_linear(x, weight, bias, shifted, in_cut)
+
+
+def live_size(cut: Cut) -> int:
+    """The size a cut axis has in the rewritten graph (its full size in mask mode)."""
+    return cut.size if cut.mode == "mask" else cut.width
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -121,3 +121,22 @@ def expected_ratios(dep: DependencyGraph, sites: list[Site]) -> tuple[float, flo
         sliced_flops / full_flops if full_flops else 1.0,
         sliced_act / full_act if full_act else 1.0,
     )
+
+
+def combine_reports(model_name: str, config: SliceOutConfig, states: list) -> Report:
+    """One report for a block-converted model: every block's sites, groups and skips.
+
+    The expected ratios are the blocks' averages (the layers of one model are alike); they cover
+    the converted blocks only, not embeddings or heads outside them.
+    """
+    reports = [state.analysis.report for state in states]
+    n = max(len(reports), 1)
+    return Report(
+        f"{model_name} ({len(reports)} blocks converted)",
+        config,
+        [g for r in reports for g in r.groups],
+        [s for r in reports for s in r.sites],
+        [k for r in reports for k in r.skipped],
+        sum(r.flops_ratio for r in reports) / n if reports else 1.0,
+        sum(r.activation_ratio for r in reports) / n if reports else 1.0,
+    )

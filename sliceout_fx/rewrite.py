@@ -107,6 +107,8 @@ def rewrite_training_graph(
     else:
         _Rewriter(gm, dep, sites, config).run()
         _fold_scales_into_sinks(gm.graph)
+        # A fused projection recomputed part by part leaves its full-width matmul unused.
+        gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -121,11 +123,15 @@ class _Rewriter:
         self.graph, self.dep, self.sites, self.config = gm.graph, dep, sites, config
         axis_site = {axis: site for site in sites for axis in site.group.axes}
         self.ctx = RewriteContext(gm, axis_site)
-        self.replaced_dropouts = {d for site in sites for d in site.dropouts}
+        self.replaced_dropouts = {d: site for site in sites for d in site.dropouts}
+        # Attention groups always scale where the heads leave (the values), never the queries.
+        delayed = [s for s in sites if config.placement == "delayed" or _has_attention(dep, s)]
+        immediate = [s for s in sites if s not in delayed]
         # Sites without a dropout get their immediate scale right after their primary source
         # (not after a squeeze-excite expand conv, which also sources the group).
-        self.bare_sources = {s.group.primary.node for s in sites if not s.dropouts}
-        self.sink_sites = {(n, site) for site in sites for n, _ in site.group.exit_sinks}
+        self.bare_sources = {s.group.primary.node for s in immediate if not s.dropouts}
+        self.immediate_dropouts = {d for s in immediate for d in s.dropouts}
+        self.sink_sites = {(n, site) for site in delayed for n, _ in site.group.exit_sinks}
         self.scaled_inputs: dict[fx.Node, fx.Node] = {}  # delayed placement: value -> scaled
         self.scale_buffers: dict[tuple[int, int], fx.Node] = {}
 
@@ -136,7 +142,7 @@ class _Rewriter:
             self._insert_draws_and_cuts()
         for node in nodes:
             if node.op in ("call_module", "call_function", "call_method"):
-                if self.config.placement == "delayed":
+                if self.sink_sites:
                     self._scale_sliced_inputs_of_sink(node)
                 self._rewrite(node)
 
@@ -194,9 +200,7 @@ class _Rewriter:
         steps: list[tuple[Callable, tuple]] = []
         if self.config.mode == "mask" and node not in self.replaced_dropouts:
             steps += [(restrict, (ctx.cut_for(node, d), d)) for d in _sliced_dims(ctx, node)]
-        if self.config.placement == "immediate" and (
-            node in self.replaced_dropouts or node in self.bare_sources
-        ):
+        if node in self.immediate_dropouts or node in self.bare_sources:
             steps.append((normalise, self._normalise_args(node)))
         for fn, args in steps:
             with graph.inserting_after(current):
@@ -243,6 +247,10 @@ def _fold_scales_into_sinks(graph: fx.Graph) -> None:
 
 
 _CONV_SINKS = (sliced_conv, sliced_conv_module)
+
+
+def _has_attention(dep: DependencyGraph, site: Site) -> bool:
+    return any(getattr(dep.rule(n), "is_attention", False) for n in site.group.nodes)
 
 
 def _sliced_dims(ctx: RewriteContext, node: fx.Node) -> list[int]:

@@ -10,12 +10,36 @@ from typing import Any
 
 from torch import fx
 
-from . import batchnorm, boundary, conv, dropout, elementwise, linear, padding, pooling
+from . import (
+    attention,
+    batchnorm,
+    boundary,
+    conv,
+    dropout,
+    elementwise,
+    layernorm,
+    layout,
+    linear,
+    padding,
+    pooling,
+)
 from .base import Axis, AxisRelations, OpRule, SiteHint
 
 __all__ = ["Axis", "AxisRelations", "OpRule", "SiteHint", "register_rule", "rule_for", "UnknownOp"]
 
-_FAMILIES = (linear, conv, batchnorm, elementwise, pooling, padding, dropout, boundary)
+_FAMILIES = (
+    linear,
+    conv,
+    batchnorm,
+    layernorm,
+    elementwise,
+    pooling,
+    padding,
+    dropout,
+    attention,
+    layout,
+    boundary,
+)
 _REGISTRY: dict[Any, OpRule] = {}
 for _family in _FAMILIES:
     _REGISTRY.update(_family.RULES)

@@ -126,3 +126,9 @@ def couple_all_dims(src: fx.Node, dst: fx.Node) -> list[tuple[Axis, Axis]]:
     if rank is None or shape_of(src) != shape_of(dst):
         return []
     return [(Axis(src, d), Axis(dst, d)) for d in range(rank)]
+
+
+def aten_op(name: str) -> Any:
+    """``"add.Tensor"`` -> ``torch.ops.aten.add.Tensor`` (how export records calls)."""
+    packet, overload = name.split(".")
+    return getattr(getattr(torch.ops.aten, packet), overload)

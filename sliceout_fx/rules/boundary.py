@@ -75,4 +75,5 @@ RULES = {
     "method:size": SizeRule(),
     getattr: AttributeRule(),
     "method:dim": SizeRule(),
+    torch.ops.aten.sym_size.int: SizeRule(),
 }

@@ -6,10 +6,13 @@ site policy can replace the dropout with a slice of the group that flows through
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .base import AxisRelations, OpRule, SiteHint, bind_args, couple_all_dims
+
+aten = torch.ops.aten
 
 # Dropout flavours that drop whole channels (dim 1) rather than single elements.
 _CHANNEL_DROPOUTS = (
@@ -20,6 +23,16 @@ _CHANNEL_DROPOUTS = (
     F.dropout2d,
     F.dropout3d,
 )
+
+
+def _drops_attention_weights(x: fx.Node) -> bool:
+    """Whether ``x`` is a softmax output (through dtype casts): attention-probability dropout.
+
+    That dropout removes attention links, not units; it is left as it is, never a slice site.
+    """
+    while isinstance(x, fx.Node) and x.target in _CASTS:
+        x = x.args[0]
+    return isinstance(x, fx.Node) and x.target in _SOFTMAXES
 
 
 def _rate_and_training(node: fx.Node, gm: fx.GraphModule) -> tuple[float, bool]:
@@ -39,12 +52,16 @@ class DropoutRule(OpRule):
         rate, training = _rate_and_training(node, gm)
         key = type(gm.get_submodule(str(node.target))) if node.op == "call_module" else node.target
         dims = (1,) if key in _CHANNEL_DROPOUTS else None
-        site = SiteHint("dropout", rate, dims) if training else None
+        site = SiteHint("dropout", rate, dims) if training and not _drops_attention_weights(x) else None
         return AxisRelations(couplings=couplings, site=site)
 
 
+_CASTS = (aten.to.dtype, aten._to_copy.default, "to", "float", "type_as")
+_SOFTMAXES = (aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax, "softmax")
+
 _RULE = DropoutRule()
 RULES = {
+    aten.dropout.default: _RULE,
     nn.Dropout: _RULE,
     nn.Dropout1d: _RULE,
     nn.Dropout2d: _RULE,

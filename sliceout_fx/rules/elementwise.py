@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import Axis, AxisRelations, OpRule, couple_all_dims, shape_of, tensor_args
+from .base import Axis, AxisRelations, OpRule, aten_op, couple_all_dims, shape_of, tensor_args
 
 
 class ElementwiseRule(OpRule):
@@ -141,9 +141,45 @@ _METHODS = (
     "clone",
 )
 
+# The same ops as ATen overloads, as torch.export records them.
+_ATEN_NAMES = (
+    "add.Tensor",
+    "add.Scalar",
+    "sub.Tensor",
+    "sub.Scalar",
+    "rsub.Scalar",
+    "mul.Tensor",
+    "mul.Scalar",
+    "div.Tensor",
+    "div.Scalar",
+    "neg.default",
+    "pow.Tensor_Scalar",
+    "rsqrt.default",
+    "sqrt.default",
+    "exp.default",
+    "tanh.default",
+    "sigmoid.default",
+    "relu.default",
+    "gelu.default",
+    "silu.default",
+    "erf.default",
+    "hardtanh.default",
+    "clamp.default",
+    "contiguous.default",
+    "clone.default",
+    "alias.default",
+    "detach.default",
+    "to.dtype",
+    "to.dtype_layout",
+    "_to_copy.default",
+    "type_as.default",
+)
+_ATEN = tuple(aten_op(name) for name in _ATEN_NAMES)
+
 _RULE = ElementwiseRule()
 RULES = {
     **{m: _RULE for m in _MODULES},
+    **{f: _RULE for f in _ATEN},
     **{f: _RULE for f in _FUNCTIONS},
     **{f"method:{name}": _RULE for name in _METHODS},
 }

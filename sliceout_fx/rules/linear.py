@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import sliced_linear
+from ..ops import sliced_linear, sliced_linear_part
 from .base import Axis, AxisRelations, OpRule, rank_of, shape_of
 
 
@@ -47,6 +48,13 @@ class LinearRule(OpRule):
         weight, bias = self._params(node, ctx)
         return ctx.call(sliced_linear, (x, weight, bias, out_cut, in_cut))
 
+    def rewrite_part(self, node: fx.Node, ctx, offset: int, part: int, out_cut) -> fx.Node:
+        """One cut part of this (fused) projection's output features (see SplitItemRule)."""
+        x = self._input(node)
+        in_cut = ctx.in_cut(x, rank_of(ctx.original(x)) - 1)
+        weight, bias = self._params(node, ctx)
+        return ctx.call(sliced_linear_part, (x, weight, bias, offset, part, out_cut, in_cut))
+
     def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
         shape = shape_of(node)
         x = shape_of(self._input(node))
@@ -55,4 +63,33 @@ class LinearRule(OpRule):
         return math.prod(shape) * x[-1]
 
 
-RULES = {nn.Linear: LinearRule(), F.linear: LinearRule()}
+class AddmmRule(LinearRule):
+    """``addmm(bias, x, W)`` with ``W`` stored ``(in, out)``: HF's ``Conv1D`` (GPT-2)."""
+
+    name = "addmm"
+
+    def _input(self, node: fx.Node) -> fx.Node:
+        return node.args[1]
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return AxisRelations(blocks="addmm with alpha/beta")
+        if rank_of(node.args[0]) != 1 or node.args[2].op != "get_attr":
+            return AxisRelations(blocks="addmm that is not a projection by a parameter")
+        return super().relations(node, gm)
+
+    def _params(self, node: fx.Node, ctx) -> tuple[fx.Node, fx.Node | None]:
+        weight = ctx.graph.call_function(torch.ops.aten.t.default, (node.args[2],))
+        return weight, node.args[0]
+
+    def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
+        shape, x = shape_of(node), shape_of(node.args[1])
+        return 0 if shape is None or x is None else math.prod(shape) * x[-1]
+
+
+RULES = {
+    nn.Linear: LinearRule(),
+    F.linear: LinearRule(),
+    torch.ops.aten.linear.default: LinearRule(),
+    torch.ops.aten.addmm.default: AddmmRule(),
+}

@@ -87,4 +87,7 @@ RULES = {
     torch.mean: _REDUCE,
     torch.sum: _REDUCE,
     torch.amax: _REDUCE,
+    torch.ops.aten.mean.dim: _REDUCE,
+    torch.ops.aten.sum.dim_IntList: _REDUCE,
+    torch.ops.aten.amax.default: _REDUCE,
 }

@@ -1,0 +1,179 @@
+"""Stage 1, capture (second front end): ``torch.export`` for code ``torch.fx`` cannot trace.
+
+``symbolic_trace`` fails on most HuggingFace code (``(*shape, -1, head_dim)`` unpacks a proxy) and
+hides the inside of ``nn.MultiheadAttention``. Non-strict ``torch.export`` runs the Python code
+with fake tensors instead, so it records whatever the forward really does, as ATen ops
+(``aten.linear``, ``aten.view``, ``aten.scaled_dot_product_attention``, ``aten.dropout(x, p,
+True)``) whose rules live beside the torch-level ones.
+
+The export is specialised on the *structure* of the call (which arguments are tensors, ``None``,
+flags) and made dynamic in every tensor size, so one graph serves every batch size and sequence
+length. What comes out is turned into a plain ``fx.GraphModule`` on the module itself: parameters
+as ``get_attr`` of their original names (no copies), one placeholder per flattened tensor input,
+export's own guard and metadata-assert nodes removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from .errors import UntraceableModelError
+
+__all__ = ["CallSpec", "ExportedCall", "export_call", "normalise_call"]
+
+# Nodes torch.export adds for its own checks; they would pin shapes and dtypes of the call.
+_DROPPED_TARGETS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """The structure of one call: a pytree spec plus the non-tensor leaves, which are baked in."""
+
+    treespec: pytree.TreeSpec
+    constants: tuple[tuple[int, Any], ...]  # (leaf index, value) of every non-tensor leaf
+
+    def tensor_leaves(self, leaves: list[Any]) -> list[torch.Tensor]:
+        constant_at = {i for i, _ in self.constants}
+        return [leaf for i, leaf in enumerate(leaves) if i not in constant_at]
+
+
+def _exportable(value: Any) -> Any:
+    """Objects export cannot take as inputs (a KV cache...) become ``None``."""
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_exportable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _exportable(v) for k, v in value.items()}
+    return None
+
+
+def normalise_call(args: tuple, kwargs: dict[str, Any]) -> tuple[CallSpec, list[torch.Tensor]]:
+    """The call's spec and its tensor leaves, in the order of the exported graph's placeholders.
+
+    Keyword arguments are sorted so that the same call made in another keyword order matches.
+    """
+    call = (_exportable(tuple(args)), {k: _exportable(kwargs[k]) for k in sorted(kwargs)})
+    leaves, treespec = pytree.tree_flatten(call)
+    constants = tuple(
+        (i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor)
+    )
+    spec = CallSpec(treespec, constants)
+    return spec, spec.tensor_leaves(leaves)
+
+
+@dataclass
+class ExportedCall:
+    """One exported call of a module, ready for the analysis pipeline."""
+
+    gm: fx.GraphModule  # placeholders: the tensor leaves of the call, in `normalise_call` order
+    spec: CallSpec
+    out_spec: pytree.TreeSpec
+    example_inputs: list[torch.Tensor]
+
+    def unflatten_output(self, flat: Any) -> Any:
+        flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+        return pytree.tree_unflatten(flat, self.out_spec)
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    states = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, state in states.items():
+            m.training = state
+
+
+def export_call(
+    module: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool = True
+) -> ExportedCall:
+    """Export ``module(*args, **kwargs)`` in training (or eval) mode as a plain graph module."""
+    spec, tensors = normalise_call(args, kwargs)
+    flat_call = _FlatCall(module, spec)
+    dynamic = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in tensors)
+    try:
+        with _mode(module, training), warnings.catch_warnings(), _quiet_export_logs():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(
+                flat_call, tuple(tensors), dynamic_shapes=(dynamic,), strict=False
+            )
+    except Exception as error:  # export raises many error types; all mean the same here
+        first_line = (str(error).splitlines() or [""])[0]
+        raise UntraceableModelError(
+            f"torch.export could not capture {type(module).__name__}: "
+            f"{type(error).__name__}: {first_line}. Pass example_inputs that match how the "
+            "model is called, or convert a submodule."
+        ) from error
+    gm = _plain_graph_module(module, exported)
+    return ExportedCall(gm, spec, exported.call_spec.out_spec, tensors)
+
+
+class _FlatCall(nn.Module):
+    """Calls ``module`` from the flat tensor leaves of one call structure (what export sees)."""
+
+    def __init__(self, module: nn.Module, spec: CallSpec) -> None:
+        super().__init__()
+        self.inner = module
+        self.spec = spec
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        args, kwargs = pytree.tree_unflatten(_fill(self.spec, list(tensors)), self.spec.treespec)
+        return self.inner(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_export_logs() -> Iterator[None]:
+    """Export logs a warning per size it specialises (batch 1...); the graph is checked anyway."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _fill(spec: CallSpec, tensors: list[torch.Tensor]) -> list[Any]:
+    """All leaves of a call from its tensor leaves and the spec's constants."""
+    constants = dict(spec.constants)
+    it = iter(tensors)
+    return [
+        constants[i] if i in constants else next(it) for i in range(spec.treespec.num_leaves)
+    ]
+
+
+INNER = "inner"
+
+
+def _plain_graph_module(module: nn.Module, exported: torch.export.ExportedProgram) -> fx.GraphModule:
+    """``exported.module()`` without pytree codegen, guards or asserts, rooted on ``module``."""
+    graph = exported.module().graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+        elif node.op == "get_attr":
+            node.target = str(node.target).removeprefix(INNER + ".")
+        elif node.op == "call_function" and node.target in _DROPPED_TARGETS:
+            graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()
+    # Rooting on the module makes every get_attr resolve to the module's own parameter objects.
+    gm = fx.GraphModule(module, graph, type(module).__name__ + "Export")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

@@ -1,0 +1,108 @@
+"""Attention: scaled-dot-product attention (fused) and its eager matmul-softmax-matmul form.
+
+SliceOut cuts attention by whole heads: the head axis of Q, K, V and of the output share one
+slice, so every kept head sees its full ``d_head`` and the ``1/sqrt(d_head)`` temperature stays
+right (the paper's rule "temperature = the sliced dimension" with whole heads). With grouped-query
+attention K and V have fewer heads; coupling Q's head axis with theirs makes the group's unit a
+whole KV group. The head-dim contraction is never cut, so nothing inside attention needs scaling:
+normalisation happens where the heads leave the group (the output projection), i.e. on the values.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .base import Axis, AxisRelations, OpRule, bind_args, rank_of, shape_of
+
+aten = torch.ops.aten
+
+
+class AttentionRule(OpRule):
+    """``scaled_dot_product_attention(q, k, v, mask, ...)`` on ``(B, H, T, d)`` tensors."""
+
+    name = "attention"
+    is_attention = True
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        bound = bind_args(node, ("query", "key", "value", "attn_mask"), {"attn_mask": None})
+        q, k, v, mask = bound["query"], bound["key"], bound["value"], bound["attn_mask"]
+        if any(rank_of(t) != 4 for t in (q, k, v, node)):
+            return AxisRelations(blocks="attention on tensors that are not (B, H, T, d)")
+        couplings = [(Axis(q, 1), Axis(node, 1)), (Axis(k, 1), Axis(node, 1))]
+        couplings += [(Axis(v, 1), Axis(node, 1))]
+        if isinstance(mask, fx.Node) and rank_of(mask) == 4 and shape_of(mask)[1] != 1:
+            couplings.append((Axis(mask, 1), Axis(node, 1)))  # a per-head mask is cut too
+        # Sequence and head-dim axes are not mentioned: they are never cut.
+        return AxisRelations(couplings=couplings)
+
+
+class MatmulRule(OpRule):
+    """``a @ b`` with batch dims: batch axes line up; rows of ``a`` and columns of ``b`` pass.
+
+    The contracted axis is not coupled: cutting it would change every product (the eager
+    attention ``q @ k^T`` contracts over ``d_head``, which SliceOut leaves whole).
+    """
+
+    name = "matmul"
+    is_attention = True
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        a, b = node.args[0], node.args[1]
+        ra, rb, ro = rank_of(a), rank_of(b), rank_of(node)
+        if None in (ra, rb, ro) or ra < 2 or rb < 2:
+            return AxisRelations(blocks="matmul of vectors or unknown shapes")
+        out = shape_of(node)
+        couplings = [(Axis(a, ra - 2), Axis(node, ro - 2)), (Axis(b, rb - 1), Axis(node, ro - 1))]
+        for t, r in ((a, ra), (b, rb)):
+            shape = shape_of(t)
+            for d in range(r - 2):  # broadcast batch dims, aligned from the right
+                o = d + (ro - r)
+                if shape[d] == out[o]:
+                    couplings.append((Axis(t, d), Axis(node, o)))
+        return AxisRelations(
+            couplings=couplings,
+            blocks="matmul contracts over this axis",
+        )
+
+
+class SoftmaxRule(OpRule):
+    """``softmax(x, dim)``: normalises along ``dim``, which must stay whole; others pass."""
+
+    name = "softmax"
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        x = node.args[0]
+        rank = rank_of(x)
+        if rank is None:
+            return AxisRelations(blocks="softmax with unknown shapes")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(dim, int):
+            return AxisRelations(blocks="softmax over an implicit dim")
+        dim %= rank
+        return AxisRelations(
+            couplings=[(Axis(x, d), Axis(node, d)) for d in range(rank) if d != dim],
+            blocks="softmax normalises along this axis",
+        )
+
+
+_SDPA = AttentionRule()
+_MATMUL = MatmulRule()
+_SOFTMAX = SoftmaxRule()
+RULES = {
+    aten.scaled_dot_product_attention.default: _SDPA,
+    F.scaled_dot_product_attention: _SDPA,
+    aten.matmul.default: _MATMUL,
+    aten.bmm.default: _MATMUL,
+    torch.matmul: _MATMUL,
+    operator.matmul: _MATMUL,
+    "method:matmul": _MATMUL,
+    aten.softmax.int: _SOFTMAX,
+    aten._softmax.default: _SOFTMAX,
+    F.softmax: _SOFTMAX,
+    torch.softmax: _SOFTMAX,
+    "method:softmax": _SOFTMAX,
+}
