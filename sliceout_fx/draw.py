@@ -13,9 +13,10 @@ figures of the SliceOut paper. :func:`draw` renders the traced training graph to
 * an op that stops a channel group (a reshape, an op without a rule, the model output) is hatched
   grey, and the legend says why.
 
-Only matplotlib is used (no graphviz): the layered layout (longest-path layers, dummy nodes on long
-edges, barycentre ordering) is computed here. Large models are drawn one block at a time with
-``only="features.2.1"``: nodes outside the prefix are shown as dashed stubs where they connect.
+Only matplotlib is used (no graphviz): the layered layout is computed here (longest-path layers;
+each chain of ops one straight column; an edge that skips layers runs down a column of its own).
+Large models are drawn one block at a time with ``only="features.2.1"``: ops outside the prefix
+are shown as dashed stubs where they connect.
 """
 
 from __future__ import annotations
@@ -110,20 +111,26 @@ def draw(
             :class:`~sliceout_fx.Analysis` from :func:`sliceout_fx.analyse`, or a converted
             :class:`~sliceout_fx.SliceOutModule` (its original is re-analysed with its config).
         path: output file; ``.svg``, ``.png`` or ``.pdf`` (the suffix picks the format).
-        p, sites, example_inputs, leaf_modules, **options: as for :func:`sliceout_fx.convert`
-            (``normalisation``, ``placement``, ``width_multiple``...); defaults are convert's.
-            Not allowed with an Analysis or a converted module, which already fix them.
+        p: drop rate, as for :func:`sliceout_fx.convert` (default: convert's). This and the
+            other analysis options are refused with an Analysis or a converted module, which
+            already fix them.
+        sites: site policy or site names, as for ``convert`` (default: ``"auto"``).
+        example_inputs: inputs to learn tensor shapes from, as for ``convert``.
+        leaf_modules: module types or names to keep whole when tracing, as for ``convert``.
         only: draw only the ops whose module path is this prefix or lies under it (one block
             of a large model, e.g. ``"features.2.1"``); connections to the rest are stubs.
         title: figure title (default: the model name, rate and site policy).
         max_nodes: refuse to draw more ops than this (the error lists prefixes for ``only``):
             a figure of hundreds of boxes is unreadable.
+        **options: the other options of ``convert`` (``normalisation``, ``placement``,
+            ``scheme``, ``width_multiple``...).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
         ValueError: unknown suffix, ``only`` matching nothing, or too many nodes.
+        TypeError: analysis options given with an Analysis or a converted module.
     """
     path = Path(path)
     fmt = output_format(path)
@@ -235,7 +242,7 @@ class _Scene:
     blockers: list[tuple[str, str]]
     more_blockers: int = 0
     has_band: bool = False
-    sources: dict[Any, int] = field(default_factory=dict)  # fx order, for stable layouts
+    sources: dict[Any, float] = field(default_factory=dict)  # fx order, for stable layouts
 
     @classmethod
     def build(cls, analysis: Analysis, only: str | None, max_nodes: int) -> _Scene:
@@ -628,7 +635,7 @@ def _render(scene: _Scene, title: str) -> Any:
 
     def entry(handle: Any, text: str) -> None:
         handles.append(handle)
-        labels.append(textwrap.fill(text, _LEGEND_WRAP, subsequent_indent="  "))
+        labels.append(textwrap.fill(text, _LEGEND_WRAP))
 
     for site, (fill, line) in scene.sites:
         entry(Patch(facecolor=fill, edgecolor=line, linewidth=1.5), _site_text(site))

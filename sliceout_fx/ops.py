@@ -30,8 +30,9 @@ __all__ = [
     "restrict",
     "normalise",
     "live_size",
+    "live_part",
     "sliced_linear",
-    "sliced_linear_part",
+    "sliced_fused_linear",
     "sliced_conv",
     "sliced_conv_module",
     "sliced_batch_norm",
@@ -136,52 +137,77 @@ def sliced_linear(
     out_cut: Cut | None,
     in_cut: Cut | None,
     in_scale: float = 1.0,
+    layout: str = "out_in",
 ) -> Tensor:
     """``F.linear(x * in_scale, W)`` on the live rows (outputs) and columns (inputs) of ``W``.
 
     ``in_scale`` is a flow normalisation folded into the matmul, so the scaled input is never
     materialised nor saved for backward. In slice mode a custom autograd function computes the
     weight gradient straight into its block of a zero gradient of the parameter's shape.
+    ``layout="in_out"`` reads a weight stored ``(in, out)`` (HuggingFace's ``Conv1D``) as it is,
+    instead of through a transposed view whose gradient would need a transposed copy.
     """
+    out_dim, in_dim = (0, 1) if layout == "out_in" else (1, 0)
     region = tuple(
         (dim, cut.index, cut.width)
-        for dim, cut in ((0, out_cut), (1, in_cut))
+        for dim, cut in ((out_dim, out_cut), (in_dim, in_cut))
         if cut is not None and cut.mode == "slice"
     )
     if region and weight.requires_grad:
-        bias_region = tuple(r for r in region if r[0] == 0)
-        return _SlicedLinear.apply(x, weight, bias, region, bias_region, in_scale)
+        bias_region = tuple((0, start, width) for dim, start, width in region if dim == out_dim)
+        return _SlicedLinear.apply(x, weight, bias, region, bias_region, in_scale, layout)
     if in_scale != 1.0:
         x = x * in_scale
-    weight = take_block(weight, ((0, out_cut), (1, in_cut)))
+    weight = take_block(weight, ((out_dim, out_cut), (in_dim, in_cut)))
+    if layout == "in_out":
+        weight = weight.t()
     return F.linear(x, weight, take(bias, 0, out_cut))
 
 
-def sliced_linear_part(
+def sliced_fused_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    offset: int,
-    part: int,
+    parts: int,
     out_cut: Cut,
     in_cut: Cut | None,
+    layout: str = "out_in",
 ) -> Tensor:
-    """Rows ``offset : offset + part`` of a fused projection (Q, K or V of one ``c_attn``), cut.
+    """A fused projection of ``parts`` equal outputs (GPT-2's Q|K|V), each cut by ``out_cut``.
 
-    In slice and gather mode the part's cut is shifted into the fused weight, so only the live
-    rows are multiplied; in mask mode the whole part is computed, to be masked like any output.
+    Returns the live features of every part, concatenated: ``parts * live`` features. The weight
+    is viewed as ``(parts, part, in)`` and narrowed on the middle axis, so one matmul computes all
+    parts and backward fills one zero gradient of the parameter's shape.
     """
+    out_dim = 0 if layout == "out_in" else 1
+    part = weight.shape[out_dim] // parts
     if out_cut.mode == "mask":
-        weight = weight.narrow(0, offset, part)
-        bias = None if bias is None else bias.narrow(0, offset, part)
-        return sliced_linear(x, weight, bias, None, in_cut)
-    shifted = Cut(out_cut.index + offset, out_cut.width, part, out_cut.mode)
-    return sliced_linear(x, weight, bias, shifted, in_cut)
+        return sliced_linear(x, weight, bias, None, in_cut, layout=layout)
+    if in_cut is not None:
+        weight = take(weight, 1 - out_dim, in_cut)
+    split = (*weight.shape[:out_dim], parts, part, *weight.shape[out_dim + 1 :])
+    w = weight.reshape(split)
+    b = None if bias is None else bias.reshape(parts, part)
+    if out_cut.mode == "gather":
+        w = w.index_select(out_dim + 1, out_cut.index.to(w.device))
+        b = None if b is None else b.index_select(1, out_cut.index.to(b.device))
+    else:
+        w = w.narrow(out_dim + 1, out_cut.index, out_cut.width)
+        b = None if b is None else b.narrow(1, out_cut.index, out_cut.width)
+    live = parts * out_cut.width
+    w = w.reshape(live, -1) if layout == "out_in" else w.reshape(-1, live).t()
+    return F.linear(x, w, None if b is None else b.reshape(live))
 
 
 def live_size(cut: Cut) -> int:
     """The size a cut axis has in the rewritten graph (its full size in mask mode)."""
     return cut.size if cut.mode == "mask" else cut.width
+
+
+def live_part(fused: Tensor, index: int, cut: Cut) -> Tensor:
+    """Item ``index`` of the concatenated live parts of :func:`sliced_fused_linear`."""
+    width = live_size(cut)
+    return fused.narrow(-1, index * width, width)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -197,21 +223,25 @@ class _SlicedLinear(torch.autograd.Function):
     Autograd's own path would give the weight block a gradient laid out for the strided view
     (column-major when columns are sliced), copy it transposed into a full-size zero tensor, and
     do so once per narrowed dimension. Here ``torch.addmm(out=block)`` writes the block directly.
-    Autocast is honoured by casting explicitly, as the autocast-wrapped ``F.linear`` would.
+    Bias and input scale ride on the forward ``addmm`` too. Autocast is honoured by casting
+    explicitly, as the autocast-wrapped ``F.linear`` would.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, region, bias_region, in_scale):
+    def forward(ctx, x, weight, bias, region, bias_region, in_scale, layout):
         dtype = _compute_dtype(x)
         w = _narrow(weight, region).to(dtype)
+        wt = w.t() if layout == "out_in" else w  # (in, out)
         b = None if bias is None else _narrow(bias, bias_region).to(dtype)
         xc = x.to(dtype)
+        x2 = xc.reshape(-1, xc.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            y = torch.matmul(xc, w.t())
-            if in_scale != 1.0:
-                y.mul_(in_scale)
             if b is not None:
-                y.add_(b)
+                y = torch.addmm(b, x2, wt, alpha=in_scale)
+            else:
+                y = torch.mm(x2, wt)
+                if in_scale != 1.0:
+                    y.mul_(in_scale)
         ctx.save_for_backward(xc, w)
         ctx.meta = (
             weight.shape,
@@ -221,34 +251,37 @@ class _SlicedLinear(torch.autograd.Function):
             in_scale,
             x.dtype,
             None if bias is None else (bias.shape, bias.dtype),
+            layout,
         )
-        return y
+        return y.view(*xc.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         xc, w = ctx.saved_tensors
-        w_shape, w_dtype, region, bias_region, in_scale, x_dtype, bias_meta = ctx.meta
+        w_shape, w_dtype, region, bias_region, in_scale, x_dtype, bias_meta, layout = ctx.meta
         grad_y = grad_y.to(w.dtype)
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_y, w)
+            w_out_in = w if layout == "out_in" else w.t()
+            grad_x = torch.mm(g2, w_out_in)
             if in_scale != 1.0:
                 grad_x.mul_(in_scale)
-            grad_x = grad_x.to(x_dtype)
+            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = torch.zeros(w_shape, dtype=w_dtype, device=w.device)
             block = _narrow(grad_w, region)
             x2 = xc.reshape(-1, xc.shape[-1])
+            a, b = (g2.t(), x2) if layout == "out_in" else (x2.t(), g2)
             if w.dtype == w_dtype and not torch.compiler.is_compiling():
-                torch.addmm(block, g2.t(), x2, beta=0, alpha=in_scale, out=block)
+                torch.addmm(block, a, b, beta=0, alpha=in_scale, out=block)
             else:
-                block.copy_(torch.mm(g2.t(), x2).mul_(in_scale))
+                block.copy_(torch.mm(a, b).mul_(in_scale))
         if bias_meta is not None and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(bias_meta[0], dtype=bias_meta[1], device=w.device)
             _narrow(grad_b, bias_region).copy_(g2.sum(0))
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def sliced_conv(

@@ -34,6 +34,7 @@ class RewriteContext:
     axis_site: dict[Axis, Site]
     cut_nodes: dict[tuple[int, int], fx.Node] = field(default_factory=dict)  # (group id, scale)
     alias: dict[fx.Node, fx.Node] = field(default_factory=dict)  # inserted node -> original node
+    memo: dict[Any, fx.Node] = field(default_factory=dict)  # nodes a rule shares across calls
 
     @property
     def graph(self) -> fx.Graph:

@@ -324,3 +324,4 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
 # The CNN workloads (wrn, efficientnet_b0) register themselves on import; torchvision is imported
 # only when an EfficientNet workload is built.
 from . import cnn_workloads  # noqa: E402, F401
+from . import transformer_workloads  # noqa: E402, F401

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..ops import live_size
+from ..ops import live_part, live_size
 from .base import Axis, AxisRelations, OpRule, rank_of, shape_of
 
 aten = torch.ops.aten
@@ -227,8 +227,8 @@ class SplitItemRule(OpRule):
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         split = node.args[0]
-        if not (isinstance(split, fx.Node) and split.target in SPLITS):
-            return AxisRelations(blocks="item of an op without a rule")
+        if not _is_split(split):
+            return AxisRelations(blocks="no rule for function getitem")
         x, dim = split.args[0], split_dim(split)
         rank = rank_of(node)
         if rank is None:
@@ -239,22 +239,34 @@ class SplitItemRule(OpRule):
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
         split = node.args[0]
-        dim = split_dim(split)
-        out_cut = ctx.out_cut(node, dim)
+        if not _is_split(split):
+            return None
+        out_cut = ctx.out_cut(node, split_dim(split))
         if out_cut is None:
             return None
-        projection = fused_projection(split)
-        sizes = split_sizes(split)
-        offset, part = sum(sizes[: node.args[1]]), sizes[node.args[1]]
-        result = projection.rule.rewrite_part(projection.node, ctx, offset, part, out_cut)
-        for view in projection.views:  # re-apply the views between projection and split
-            sizes = list(view.args[1])
-            sizes[-1] = ctx.call(live_size, (out_cut,))
-            result = ctx.graph.call_function(view.target, (result, sizes))
-        return result
+        key = ("fused", split)
+        if key not in ctx.memo:  # the first item computes every part in one matmul
+            projection = fused_projection(split)
+            parts = len(split_sizes(split))
+            fused = projection.rule.rewrite_fused(projection.node, ctx, parts, out_cut)
+            if projection.views:
+                width = ctx.call(operator.mul, (ctx.call(live_size, (out_cut,)), parts))
+            for view in projection.views:  # the views between projection and split
+                sizes = [*view.args[1][:-1], width]
+                fused = ctx.graph.call_function(view.target, (fused, sizes))
+            ctx.memo[key] = fused
+        return ctx.call(live_part, (ctx.memo[key], node.args[1], out_cut))
 
 
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def _is_split(node: Any) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and any(node.target is op for op in SPLITS)
+    )
 
 
 def split_sizes(split: fx.Node) -> list[int]:
@@ -285,10 +297,16 @@ def fused_projection(split: fx.Node) -> _Projection | None:
     ):
         views.insert(0, x)
         x = x.args[0]
-    if not isinstance(x, fx.Node) or len(x.users) != 1 or split_dim(split) != rank_of(split.args[0]) - 1:
+    sizes = split_sizes(split)
+    if (
+        not isinstance(x, fx.Node)
+        or len(x.users) != 1
+        or split_dim(split) != rank_of(split.args[0]) - 1
+        or len(set(sizes)) != 1
+    ):
         return None
     rule = linear.RULES.get(x.target)
-    if rule is None or not hasattr(rule, "rewrite_part"):
+    if rule is None or not hasattr(rule, "rewrite_fused"):
         return None
     return _Projection(x, rule, views)
 

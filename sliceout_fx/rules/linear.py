@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import sliced_linear, sliced_linear_part
+from ..ops import sliced_fused_linear, sliced_linear
 from .base import Axis, AxisRelations, OpRule, rank_of, shape_of
 
 
 class LinearRule(OpRule):
     name = "linear"
+    #: How the weight is stored: ``(out, in)`` as in ``nn.Linear``, or ``(in, out)``.
+    layout = "out_in"
 
     def _input(self, node: fx.Node) -> fx.Node:
         return node.args[0] if node.args else node.kwargs["input"]
@@ -46,14 +48,19 @@ class LinearRule(OpRule):
         if out_cut is None and in_cut is None:
             return None
         weight, bias = self._params(node, ctx)
-        return ctx.call(sliced_linear, (x, weight, bias, out_cut, in_cut))
+        args = (x, weight, bias, out_cut, in_cut)
+        return ctx.graph.call_function(sliced_linear, args, self._layout_kwargs())
 
-    def rewrite_part(self, node: fx.Node, ctx, offset: int, part: int, out_cut) -> fx.Node:
-        """One cut part of this (fused) projection's output features (see SplitItemRule)."""
+    def rewrite_fused(self, node: fx.Node, ctx, parts: int, out_cut) -> fx.Node:
+        """All ``parts`` equal outputs of a fused projection, each cut by ``out_cut``."""
         x = self._input(node)
         in_cut = ctx.in_cut(x, rank_of(ctx.original(x)) - 1)
         weight, bias = self._params(node, ctx)
-        return ctx.call(sliced_linear_part, (x, weight, bias, offset, part, out_cut, in_cut))
+        args = (x, weight, bias, parts, out_cut, in_cut)
+        return ctx.graph.call_function(sliced_fused_linear, args, self._layout_kwargs())
+
+    def _layout_kwargs(self) -> dict[str, str]:
+        return {} if self.layout == "out_in" else {"layout": self.layout}
 
     def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
         shape = shape_of(node)
@@ -67,6 +74,7 @@ class AddmmRule(LinearRule):
     """``addmm(bias, x, W)`` with ``W`` stored ``(in, out)``: HF's ``Conv1D`` (GPT-2)."""
 
     name = "addmm"
+    layout = "in_out"
 
     def _input(self, node: fx.Node) -> fx.Node:
         return node.args[1]
@@ -79,8 +87,7 @@ class AddmmRule(LinearRule):
         return super().relations(node, gm)
 
     def _params(self, node: fx.Node, ctx) -> tuple[fx.Node, fx.Node | None]:
-        weight = ctx.graph.call_function(torch.ops.aten.t.default, (node.args[2],))
-        return weight, node.args[0]
+        return node.args[2], node.args[0]
 
     def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
         shape, x = shape_of(node), shape_of(node.args[1])
