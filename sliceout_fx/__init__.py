@@ -6,7 +6,7 @@ ops must share one contiguous slice of channels, and returns a module that train
 original model's parameters and ``state_dict`` keys.
 """
 
-from .api import Analysis, analyse, convert, explain, full_width, to_original
+from .api import Analysis, analyse, analyse_blocks, convert, explain, full_width, to_original
 from .calibration import recalibrate_batch_norm
 from .config import SliceOutConfig
 from .errors import (
@@ -30,6 +30,7 @@ __all__ = [
     "SliceOutModule",
     "UntraceableModelError",
     "analyse",
+    "analyse_blocks",
     "convert",
     "explain",
     "full_width",

@@ -16,10 +16,14 @@ from .blocks import (
     blocks_full_width,
     convert_blocks,
     example_inputs_for,
+    find_blocks,
+    record_calls,
+    rename_module_paths,
     is_huggingface_model,
     restore_blocks,
 )
 from .capture import trace
+from .capture_export import export_call
 from .config import (
     Capture,
     Mode,
@@ -81,6 +85,35 @@ def analyse_graph(
     flops_ratio, act_ratio = expected_ratios(dep, sites)
     report = Report(model_name, config, groups, sites, skipped, flops_ratio, act_ratio)
     return Analysis(train_gm, train_gm, dep, groups, sites, skipped, report)
+
+
+def analyse_blocks(
+    model: nn.Module,
+    p: Rate = 0.5,
+    *,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Analysis]:
+    """The analysis of every repeated block, as ``convert(..., capture="blocks")`` would see it.
+
+    Nothing is converted: each block's training call is exported and analysed (for ``explain``
+    and ``draw`` of one transformer layer).
+    """
+    options.setdefault("placement", "delayed")
+    if options.get("sites", "auto") == "auto":
+        options["sites"] = "all"
+    config = _config(p=p, **options)
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    blocks = find_blocks(model)
+    calls = record_calls(model, blocks, inputs)
+    result = {}
+    for name, block in blocks:
+        exported = export_call(block, *calls[name], training=True)
+        rename_module_paths(exported.gm, name)
+        result[name] = analyse_graph(
+            exported.gm, config, exported.example_inputs, type(block).__name__
+        )
+    return result
 
 
 def _config(**kwargs: Any) -> SliceOutConfig:

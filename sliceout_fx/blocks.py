@@ -138,7 +138,7 @@ def _sliced_graph(
     from .rewrite import rewrite_training_graph
 
     if analysis is None:
-        _rename_module_paths(exported.gm, state.name)
+        rename_module_paths(exported.gm, state.name)
         analysis = analyse_graph(
             exported.gm, state.config, exported.example_inputs, type(block).__name__
         )
@@ -225,7 +225,7 @@ def convert_blocks(
             raise SliceOutConfigError(f"block {name} is already converted")
         args, kwargs = calls[name]
         exported = export_call(block, args, kwargs, training=True)
-        _rename_module_paths(exported.gm, name)
+        rename_module_paths(exported.gm, name)
         analysis = analyse_graph(
             exported.gm, config, exported.example_inputs, type(block).__name__
         )
@@ -238,7 +238,7 @@ def convert_blocks(
     return states
 
 
-def _rename_module_paths(gm: fx.GraphModule, prefix: str) -> None:
+def rename_module_paths(gm: fx.GraphModule, prefix: str) -> None:
     """Module paths in node metadata, relative to the model (site names are built from them)."""
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")

@@ -17,23 +17,45 @@ Only matplotlib is used (no graphviz): the layered layout is computed here (long
 each chain of ops one straight column; an edge that skips layers runs down a column of its own).
 Large models are drawn one block at a time with ``only="features.2.1"``: ops outside the prefix
 are shown as dashed stubs where they connect.
+
+A transformer (a HuggingFace model, a model converted block by block, or any model drawn with
+``capture="blocks"``) is drawn one layer at a time, as ``convert`` sees it: the layer's
+``torch.export`` graph from :func:`sliceout_fx.analyse_blocks`. There every op is an ATen op; an op
+that reads a module's weights is named after that module (``self_attn.q_proj``), the layer's
+inputs are named after the arguments of its call (``hidden_states``, ``attention_mask``), and the
+parameters and shape arithmetic of the graph are left out.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
+import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from .api import Analysis, _config, analyse
+from .api import Analysis, _config, analyse, analyse_blocks, to_original
+from .blocks import (
+    block_states,
+    example_inputs_for,
+    is_huggingface_model,
+    record_calls,
+)
+from .capture_export import _exportable
 from .config import Rate, SitePolicy
+from .errors import UntraceableModelError
 from .groups import AlignmentGroup
 from .module import SliceOutModule
+from .report import Report
 from .rules.base import shape_of
 from .sites import Site, _site_name
 
@@ -97,7 +119,7 @@ def draw(
     *,
     p: Rate = _SAME,
     sites: SitePolicy = _SAME,
-    example_inputs: Sequence[Any] | None = None,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     leaf_modules: Sequence[type[nn.Module] | str] | None = None,
     only: str | None = None,
     title: str | None = None,
@@ -108,22 +130,30 @@ def draw(
 
     Args:
         model_or_analysis: a model (analysed here as ``convert`` would, nothing is modified), an
-            :class:`~sliceout_fx.Analysis` from :func:`sliceout_fx.analyse`, or a converted
-            :class:`~sliceout_fx.SliceOutModule` (its original is re-analysed with its config).
+            :class:`~sliceout_fx.Analysis` from :func:`sliceout_fx.analyse` or
+            :func:`sliceout_fx.analyse_blocks`, or a converted model (a
+            :class:`~sliceout_fx.SliceOutModule` or a block-converted HuggingFace model: a copy
+            of its original is re-analysed with its config; the model itself is untouched). A
+            HuggingFace model, a block-converted one, or a model given ``capture="blocks"`` is
+            drawn one layer at a time (see ``only``).
         path: output file; ``.svg``, ``.png`` or ``.pdf`` (the suffix picks the format).
         p: drop rate, as for :func:`sliceout_fx.convert` (default: convert's). This and the
             other analysis options are refused with an Analysis or a converted module, which
             already fix them.
         sites: site policy or site names, as for ``convert`` (default: ``"auto"``).
-        example_inputs: inputs to learn tensor shapes from, as for ``convert``.
+        example_inputs: inputs to learn tensor shapes from, as for ``convert`` (a dict of
+            keyword arguments for a HuggingFace model; guessed from its config when left out).
         leaf_modules: module types or names to keep whole when tracing, as for ``convert``.
         only: draw only the ops whose module path is this prefix or lies under it (one block
-            of a large model, e.g. ``"features.2.1"``); connections to the rest are stubs.
+            of a large model, e.g. ``"features.2.1"``); connections to the rest are stubs. For a
+            model drawn layer by layer: the layer of this name (``"model.layers.3"``), a part
+            of one (``"model.layers.3.mlp"``) or a parent of layers (its first layer); the first
+            layer when left out.
         title: figure title (default: the model name, rate and site policy).
         max_nodes: refuse to draw more ops than this (the error lists prefixes for ``only``):
             a figure of hundreds of boxes is unreadable.
         **options: the other options of ``convert`` (``normalisation``, ``placement``,
-            ``scheme``, ``width_multiple``...).
+            ``scheme``, ``width_multiple``, ``capture``...).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -134,16 +164,15 @@ def draw(
     """
     path = Path(path)
     fmt = output_format(path)
-    analysis = _analysis(
-        model_or_analysis,
-        p=p,
-        sites=sites,
-        example_inputs=example_inputs,
-        leaf_modules=leaf_modules,
-        **options,
-    )
+    kwargs = {"p": p, "sites": sites, "example_inputs": example_inputs,
+              "leaf_modules": leaf_modules, **options}  # fmt: skip
+    if _by_layers(model_or_analysis, options.get("capture", "auto")):
+        analysis, only, default = _layer_analysis(model_or_analysis, only, **kwargs)
+    else:
+        analysis = _analysis(model_or_analysis, **kwargs)
+        default = _default_title(analysis, only)
     scene = _Scene.build(analysis, only, max_nodes)
-    figure = _render(scene, title or _default_title(analysis, only))
+    figure = _render(scene, title or default)
     path.parent.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
@@ -186,15 +215,123 @@ def _analysis(model: nn.Module | Analysis, **kwargs: Any) -> Analysis:
     return analyse(model, _config(**options), example_inputs)
 
 
-def _default_title(analysis: Analysis, only: str | None) -> str:
+def _default_title(analysis: Analysis, only: str | None, model: str | None = None) -> str:
     config = analysis.report.config
     rate = "dropout rates" if config.p is None else f"p={config.p}"
     if not isinstance(config.p, (int, float, type(None))):
         rate = "p per site"
     where = f", {only}" if only else ""
+    name = analysis.report.model_name
+    if model is not None:  # one layer of a model: "GPT2LMHeadModel, transformer.h.0 (GPT2Block)"
+        name, where = model, f"{where} ({name})"
     policy = config.sites if isinstance(config.sites, str) else "named sites"
     scheme = ", patch" if config.scheme == "patch" else ""
-    return f"{analysis.report.model_name}{where}: SliceOut sites ({policy}, {rate}{scheme})"
+    return f"{name}{where}: SliceOut sites ({policy}, {rate}{scheme})"
+
+
+# ------------------------------------------------------------------- one layer of a transformer
+
+
+def _by_layers(model: Any, capture: Any) -> bool:
+    """Drawn one exported layer at a time, as ``convert`` would convert it?"""
+    if not isinstance(model, nn.Module) or isinstance(model, SliceOutModule):
+        return False
+    if block_states(model):
+        return True
+    return capture == "blocks" or (capture == "auto" and is_huggingface_model(model))
+
+
+def _layer_analysis(
+    model: nn.Module, only: str | None, **kwargs: Any
+) -> tuple[Analysis, str, str]:
+    """The analysis of the layer to draw, the prefix to draw under, and the default title."""
+    options = {k: v for k, v in kwargs.items() if v is not _SAME}
+    example_inputs = options.pop("example_inputs", None)
+    options.pop("capture", None)
+    options.pop("inplace", None)
+    states = block_states(model)
+    if states:
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise TypeError(
+                f"draw() got a converted model and {given}: these are fixed by its conversion; "
+                "draw the original model instead to analyse it with other options"
+            )
+        config = states[0].config
+        options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        model = _original_copy(model)
+    options.pop("mode", None)  # the picture does not depend on it
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    analyses = analyse_blocks(model, options.pop("p", 0.5), example_inputs=inputs, **options)
+    if not analyses:
+        raise UntraceableModelError(
+            f"{type(model).__name__}: found no ModuleList of repeated layers to draw layer by "
+            "layer; draw it with capture='fx'"
+        )
+    name = _pick_layer(type(model).__name__, list(analyses), only)
+    analysis = analyses[name]
+    _name_inputs(model, name, analysis, inputs)
+    within = only if only is not None and _under(only, name) else name
+    return analysis, within, _default_title(analysis, within, type(model).__name__)
+
+
+def _original_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of a block-converted model; the model itself stays converted.
+
+    The blocks' states and the report hold the exported graphs, whose fake tensors cannot be
+    deep-copied: the copy shares them, and ``to_original`` drops them from the copy.
+    """
+    shared: dict[int, Any] = {id(state): state for state in block_states(model)}
+    for module in model.modules():
+        shared.update({id(v): v for v in module.__dict__.values() if isinstance(v, Report)})
+    return to_original(copy.deepcopy(model, shared))
+
+
+def _pick_layer(model: str, names: list[str], only: str | None) -> str:
+    """The layer ``only`` names or lies in; else the first layer under ``only``; else the first."""
+    if only is None:
+        return names[0]
+    inside = [n for n in names if _under(only, n)] or [n for n in names if _under(n, only)]
+    if inside:
+        return inside[0]
+    shown = ", ".join(names[:3]) + (f" ... {names[-1]}" if len(names) > 3 else "")
+    raise ValueError(
+        f"no layer of {model} is, contains or lies under {only!r}; its layers are: {shown}"
+    )
+
+
+_INPUT_NAME = "sliceout_draw_name"
+
+
+def _name_inputs(model: nn.Module, name: str, analysis: Analysis, inputs: Any) -> None:
+    """Name the layer graph's placeholders after the arguments of the layer's call.
+
+    The exported graph's inputs are the call's flattened tensors (``tensors_0``...); the call
+    itself tells which argument each one is: ``hidden_states``, ``position_embeddings[0]``...
+    """
+    block = model.get_submodule(name)
+    args, kwargs = record_calls(model, [(name, block)], inputs)[name]
+    positional = [
+        p.name
+        for p in inspect.signature(block.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    call = (_exportable(tuple(args)), {k: _exportable(kwargs[k]) for k in sorted(kwargs)})
+    labels = []
+    for key_path, leaf in pytree.tree_flatten_with_path(call)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        where, first, *rest = key_path
+        if getattr(where, "idx", None) == 0:  # a positional argument
+            index = first.idx
+            base = positional[index] if index < len(positional) else f"args[{index}]"
+        else:
+            base = str(first.key)
+        labels.append(base + pytree.keystr(tuple(rest)))
+    placeholders = [n for n in analysis.train_gm.graph.nodes if n.op == "placeholder"]
+    if len(labels) == len(placeholders):
+        for node, label in zip(placeholders, labels, strict=True):
+            node.meta[_INPUT_NAME] = label
 
 
 def _module_path(node: fx.Node) -> str:
@@ -247,19 +384,21 @@ class _Scene:
     @classmethod
     def build(cls, analysis: Analysis, only: str | None, max_nodes: int) -> _Scene:
         graph = analysis.train_gm.graph
-        nodes = [n for n in graph.nodes if only is None or _under(_module_path(n), only)]
+        hidden = _hidden(graph)
+        visible = [n for n in graph.nodes if n not in hidden]
+        nodes = [n for n in visible if only is None or _under(_module_path(n), only)]
         if only is not None:
             nodes = [n for n in nodes if n.op not in ("placeholder", "output")]
         if not nodes:
             raise ValueError(
                 f"no op of {analysis.report.model_name} lies under {only!r}; prefixes there are: "
-                f"{_prefix_hint(graph, only)}"
+                f"{_prefix_hint(visible, only)}"
             )
         if len(nodes) > max_nodes:
             where = f" under {only!r}" if only else ""
             raise ValueError(
                 f"{len(nodes)} ops to draw{where} (max_nodes={max_nodes}): draw one block with "
-                f"only=PREFIX (--only), e.g. {_prefix_hint(graph, only, max_nodes)}; "
+                f"only=PREFIX (--only), e.g. {_prefix_hint(visible, only, max_nodes)}; "
                 "or raise max_nodes"
             )
         drawn = set(nodes)
@@ -299,12 +438,14 @@ class _Scene:
         edges: list[tuple[Any, Any, str | None]] = []
         for node in nodes:
             for arg in node.all_input_nodes:
+                if arg in hidden:
+                    continue
                 src = arg if arg in drawn else ("in", arg)
                 if arg not in drawn and src not in boxes:
                     boxes[src] = _Box(src, [f"from {_stub_name(arg)}"], stub=True)
                     boxes[src].line = _STUB_LINE
                 edges.append((src, node, sliced_out.get(arg)))
-            outside = [u for u in node.users if u not in drawn]
+            outside = [u for u in node.users if u not in drawn and u not in hidden]
             if outside:
                 names = [_stub_name(u) for u in outside]
                 text = ", ".join(names[:2]) + (f" +{len(names) - 2}" if len(names) > 2 else "")
@@ -313,7 +454,7 @@ class _Scene:
                 edges.append((node, key, sliced_out.get(node)))
 
         # Skipped sites: a hollow star where they are, the reason in the legend.
-        skipped_names = {k.name: k.reason for k in analysis.skipped}
+        skipped_names = {k.name: _reason(k.reason, graph) for k in analysis.skipped}
         skipped: list[tuple[str, str]] = []
         for node in nodes:
             name = _site_name(node)
@@ -347,6 +488,23 @@ class _Scene:
         )
 
 
+def _reason(reason: str, graph: fx.Graph) -> str:
+    """A skipped site's reason, short enough for the legend of a layer's ATen graph.
+
+    There the reason lists every blocked axis of the group (of the residual stream: the layer's
+    input, each layer norm, the output), which the picture hatches anyway: the legend keeps the
+    first, with the input's argument name. Reasons in an fx graph's picture are kept whole.
+    """
+    if not any(_is_aten(n) for n in graph.nodes):
+        return reason
+    first, *others = reason.split("; ")
+    for node in graph.nodes:
+        if node.op == "placeholder" and _INPUT_NAME in node.meta:
+            first = re.sub(rf"\b{re.escape(node.name)}\b", node.meta[_INPUT_NAME], first)
+    more = f" (+{len(others)} more, see explain())" if others else ""
+    return first + more
+
+
 def _order_key(key: Any, order: dict[fx.Node, int]) -> float:
     if isinstance(key, tuple):
         kind, node = key
@@ -358,13 +516,38 @@ def _touches(group: AlignmentGroup, boxes: dict[Any, _Box]) -> bool:
     return any(n in boxes for n in group.nodes)
 
 
-def _prefix_hint(graph: fx.Graph, prefix: str | None, max_nodes: int | None = None) -> str:
+def _hidden(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes of an ATen (``torch.export``) graph that a picture leaves out.
+
+    Parameters (``get_attr``: a module call of an fx graph does not show them either), shape
+    arithmetic (``sym_size`` and other nodes whose value is a number) and unused inputs. An fx
+    graph is drawn whole.
+    """
+    if not any(_is_aten(n) for n in graph.nodes):
+        return set()
+    numbers = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    return {
+        n
+        for n in graph.nodes
+        if n.op == "get_attr"
+        or (n.op == "placeholder" and not n.users)
+        or isinstance(n.meta.get("val"), numbers)
+    }
+
+
+def _is_aten(node: fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+
+
+def _prefix_hint(
+    nodes: Iterable[fx.Node], prefix: str | None, max_nodes: int | None = None
+) -> str:
     """Module paths below ``prefix`` (or its nearest existing parent) with their op counts.
 
     With ``max_nodes``, descends into a child too large to draw, so that the hint names prefixes
     that can actually be drawn.
     """
-    paths = [p for p in map(_module_path, graph.nodes) if p]
+    paths = [p for p in map(_module_path, nodes) if p]
     while prefix is not None and not any(_under(p, prefix) for p in paths):
         prefix = prefix.rpartition(".")[0] or None
     while True:
@@ -421,7 +604,12 @@ def _stub_name(node: fx.Node) -> str:
 
 
 def _short(node: fx.Node, only: str | None) -> str:
-    """A short name: the module path (relative to ``only``) for a module call, else the node."""
+    """A short name: the module path (relative to ``only``) for a module call, else the node.
+
+    In an ATen graph, an op that reads a module's parameters stands for that module (the linear
+    of ``q_proj``, the ``layer_norm`` of ``ln_1``), so it is named like a module call; a layer's
+    input is named after its argument.
+    """
     if node.op == "call_module":
         path = str(node.target)
         if only and path.startswith(only + "."):
@@ -429,6 +617,14 @@ def _short(node: fx.Node, only: str | None) -> str:
         return path
     if node.op == "output":
         return "output"
+    if node.op == "placeholder":
+        return str(node.meta.get(_INPUT_NAME, node.name))
+    if _is_aten(node) and any(a.op == "get_attr" for a in node.all_input_nodes):
+        path = _module_path(node)
+        if only and path.startswith(only + "."):
+            return path[len(only) + 1 :]
+        if path and not only:
+            return path
     return node.name
 
 
@@ -443,6 +639,8 @@ def _labels(
             kind += " " + "x".join(map(str, module.kernel_size))
             if module.groups > 1:
                 kind += " dw" if module.groups == module.in_channels else f" g{module.groups}"
+    elif _is_aten(node):
+        kind = node.target._overloadpacket.__name__  # "linear", not "linear.default"
     elif node.op == "call_function":
         kind = getattr(node.target, "__name__", str(node.target))
     elif node.op == "call_method":

@@ -179,24 +179,80 @@ def sliced_fused_linear(
     is viewed as ``(parts, part, in)`` and narrowed on the middle axis, so one matmul computes all
     parts and backward fills one zero gradient of the parameter's shape.
     """
-    out_dim = 0 if layout == "out_in" else 1
-    part = weight.shape[out_dim] // parts
     if out_cut.mode == "mask":
         return sliced_linear(x, weight, bias, None, in_cut, layout=layout)
+    if out_cut.mode == "slice" and in_cut is None and weight.requires_grad:
+        return _SlicedFusedLinear.apply(x, weight, bias, parts, out_cut.index, out_cut.width, layout)
+    out_dim = 0 if layout == "out_in" else 1
     if in_cut is not None:
         weight = take(weight, 1 - out_dim, in_cut)
-    split = (*weight.shape[:out_dim], parts, part, *weight.shape[out_dim + 1 :])
-    w = weight.reshape(split)
-    b = None if bias is None else bias.reshape(parts, part)
+    w = weight.unflatten(out_dim, (parts, -1))
+    b = None if bias is None else bias.unflatten(0, (parts, -1))
     if out_cut.mode == "gather":
         w = w.index_select(out_dim + 1, out_cut.index.to(w.device))
         b = None if b is None else b.index_select(1, out_cut.index.to(b.device))
     else:
         w = w.narrow(out_dim + 1, out_cut.index, out_cut.width)
         b = None if b is None else b.narrow(1, out_cut.index, out_cut.width)
-    live = parts * out_cut.width
-    w = w.reshape(live, -1) if layout == "out_in" else w.reshape(-1, live).t()
-    return F.linear(x, w, None if b is None else b.reshape(live))
+    w = w.flatten(out_dim, out_dim + 1)
+    return F.linear(x, w if layout == "out_in" else w.t(), None if b is None else b.flatten())
+
+
+class _SlicedFusedLinear(torch.autograd.Function):
+    """:func:`sliced_fused_linear` in slice mode, saving the parameter, not the gathered rows.
+
+    The live rows of the parts are not contiguous, so the forward copies them into one matrix; the
+    copy is rebuilt in backward instead of being kept (it would count as activation memory), and
+    the weight gradient is written into one zero tensor of the parameter's shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, parts, start, width, layout):
+        dtype = _compute_dtype(x)  # honour autocast explicitly, as _SlicedLinear does
+        out_dim = 0 if layout == "out_in" else 1
+        w = _fused_rows(weight, parts, start, width, out_dim).to(dtype)
+        xc = x.to(dtype)
+        x2 = xc.reshape(-1, x.shape[-1])
+        wt = w.t() if layout == "out_in" else w
+        with torch.autocast(x.device.type, enabled=False):
+            if bias is None:
+                y = torch.mm(x2, wt)
+            else:
+                b = bias.unflatten(0, (parts, -1))[:, start : start + width].flatten()
+                y = torch.addmm(b.to(dtype), x2, wt)
+        ctx.save_for_backward(xc, weight)
+        ctx.meta = (parts, start, width, layout, bias is not None, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        parts, start, width, layout, has_bias, x_dtype = ctx.meta
+        out_dim = 0 if layout == "out_in" else 1
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = _fused_rows(weight, parts, start, width, out_dim).to(x.dtype)
+            grad_x = torch.mm(g2, w if layout == "out_in" else w.t()).view(*x.shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(weight)
+            block = grad_w.unflatten(out_dim, (parts, -1)).narrow(out_dim + 1, start, width)
+            if layout == "out_in":
+                block.copy_(torch.mm(g2.t(), x2).view(parts, width, -1))
+            else:
+                block.copy_(torch.mm(x2.t(), g2).view(-1, parts, width))
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(weight.shape[out_dim], dtype=weight.dtype, device=g2.device)
+            grad_b.view(parts, -1)[:, start : start + width].copy_(g2.sum(0).view(parts, width))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _fused_rows(weight: Tensor, parts: int, start: int, width: int, out_dim: int) -> Tensor:
+    """The live outputs of every part of a fused weight, as one contiguous matrix."""
+    w = weight.unflatten(out_dim, (parts, -1)).narrow(out_dim + 1, start, width)
+    return w.flatten(out_dim, out_dim + 1)
 
 
 def live_size(cut: Cut) -> int:

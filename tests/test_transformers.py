@@ -1,0 +1,339 @@
+"""Transformers: HuggingFace models (block-wise conversion) and PyTorch-native encoders.
+
+Every model is built from a small config (random init, float64 where outputs are compared) and
+checked against a reference: eval equals the untouched original; a sliced training step equals the
+masked full-width reference drawing the same slices; the converted object stays usable with the
+HuggingFace tools (class, ``generate``, ``save_pretrained``, ``Trainer``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import sliceout_fx
+from sliceout_fx import UntraceableModelError
+
+transformers = pytest.importorskip("transformers")
+
+SEED = 1234
+LAYERS = 2
+
+
+def _bert(**kw) -> nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
+        vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def _distilbert(**kw) -> nn.Module:
+    config = transformers.DistilBertConfig(
+        dim=64, n_layers=LAYERS, n_heads=4, hidden_dim=128, vocab_size=100, dropout=0.0,
+        attention_dropout=0.0, seq_classif_dropout=0.0, **kw,
+    )
+    return transformers.DistilBertForSequenceClassification(config)
+
+
+def _gpt2(**kw) -> nn.Module:
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _llama(**kw) -> nn.Module:
+    config = transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=100, max_position_embeddings=64, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, **kw,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _vit(**kw) -> nn.Module:
+    config = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
+        image_size=32, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        num_labels=3, **kw,
+    )
+    return transformers.ViTForImageClassification(config)
+
+
+HF_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "bert": _bert,
+    "distilbert": _distilbert,
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "vit": _vit,
+}
+
+
+def _inputs(name: str, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen, dtype=dtype)}
+    ids = torch.randint(1, 100, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # a padded sequence: masks must keep working
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _build(name: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return HF_MODELS[name](**kw).double()
+
+
+def _train_step(model: nn.Module, inputs: dict, seed: int) -> tuple[torch.Tensor, dict]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(**inputs).logits
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def _samplers(model: nn.Module) -> list:
+    return [m.sliceout_sampler for m in model.modules() if hasattr(m, "sliceout_sampler")]
+
+
+@pytest.fixture(scope="module", params=sorted(HF_MODELS))
+def hf_case(request):
+    name = request.param
+    model = _build(name)
+    sliced = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, mode="slice")
+    masked = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, mode="mask")
+    return name, model, sliced, masked
+
+
+def test_class_and_sites(hf_case):
+    name, model, sliced, _ = hf_case
+    assert type(sliced) is type(model)  # the HF class itself, not a wrapper
+    report = sliceout_fx.explain(sliced)
+    # Every layer slices its attention heads and its FFN inner units.
+    assert len(report.sites) == 2 * LAYERS, str(report)
+    assert sliced.state_dict().keys() == model.state_dict().keys()
+    for site in report.sites:
+        live, total = site.channels()
+        assert 0 < live < total
+    heads = model.config.num_attention_heads
+    kv_heads = getattr(model.config, "num_key_value_heads", heads)
+    attention = [s for s in report.sites if s.units <= heads]
+    assert len(attention) == LAYERS
+    assert all(s.units == kv_heads for s in attention)  # GQA: whole KV groups
+
+
+def test_eval_equals_original(hf_case):
+    name, model, sliced, _ = hf_case
+    inputs = _inputs(name)
+    model.eval()
+    sliced.eval()
+    with torch.no_grad():
+        assert torch.equal(sliced(**inputs).logits, model(**inputs).logits)
+
+
+def test_sliced_training_equals_masked_reference(hf_case):
+    name, model, sliced, masked = hf_case
+    inputs = _inputs(name)
+    for step in range(2):
+        out_s, grads_s = _train_step(sliced, inputs, step)
+        out_m, grads_m = _train_step(masked, inputs, step)
+        draws_s = [s.last_draws for s in _samplers(sliced)]
+        assert draws_s == [s.last_draws for s in _samplers(masked)]
+        torch.testing.assert_close(out_s, out_m, atol=1e-10, rtol=1e-9)
+        assert grads_s.keys() == grads_m.keys()
+        for key in grads_m:
+            torch.testing.assert_close(grads_s[key], grads_m[key], atol=1e-10, rtol=1e-9)
+    # Slicing is really on: the training output differs from the full-width model's.
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(sliced(**inputs).logits, model(**inputs).logits)
+
+
+def test_weights_outside_the_slice_get_no_gradient(hf_case):
+    name, _, sliced, _ = hf_case
+    _train_step(sliced, _inputs(name), seed=5)
+    site = sliceout_fx.explain(sliced).sites[-1]  # the last layer's FFN: named by its source
+    source = sliced.get_submodule(site.name)
+    live, total = site.channels()
+    out_dim = 0 if isinstance(source, nn.Linear) else 1  # HF Conv1D stores (in, out)
+    grad = source.weight.grad
+    reduce = 1 - out_dim
+    assert grad.shape[out_dim] == total
+    assert int((grad.abs().sum(reduce) != 0).sum()) == live
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_matches_original(name):
+    model = _build(name).float()
+    sliced = sliceout_fx.convert(model, p=0.3, seed=SEED)
+    ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    sliced.eval()
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(sliced.generate(ids, **kwargs), model.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_save_pretrained_loads_into_the_original_class(name, tmp_path):
+    model = _build(name).float()
+    sliced = sliceout_fx.convert(model, p=0.3, seed=SEED)
+    opt = torch.optim.SGD(sliced.parameters(), lr=0.1)
+    inputs = {k: v.float() if v.is_floating_point() else v for k, v in _inputs(name).items()}
+    sliced.train()
+    sliced(**inputs).logits.sum().backward()  # one sliced step, so weights differ from `model`
+    opt.step()
+    sliced.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert type(reloaded) is type(model)
+    sliced.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, sliced(**inputs).logits)
+
+
+def test_trainer_runs_a_few_steps(tmp_path):
+    model = _build("gpt2").float()
+    sliced = sliceout_fx.convert(model, p=0.3, seed=SEED)
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 100, (8, 12), generator=gen)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+        use_cpu=True, save_strategy="no", logging_steps=1, learning_rate=1e-3,
+    )
+    before = {n: p.detach().clone() for n, p in sliced.named_parameters()}
+    result = transformers.Trainer(model=sliced, args=args, train_dataset=rows).train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in sliced.named_parameters())
+
+
+def test_a_new_call_structure_is_converted_on_first_use():
+    """Converted with a padded mask; trained without one (another export, same sites)."""
+    model = _build("bert")
+    sliced = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED)
+    masked = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, mode="mask")
+    inputs = {"input_ids": _inputs("bert")["input_ids"]}
+    out_s, grads_s = _train_step(sliced, inputs, 0)
+    out_m, grads_m = _train_step(masked, inputs, 0)
+    torch.testing.assert_close(out_s, out_m, atol=1e-10, rtol=1e-9)
+    block = sliced.bert.encoder.layer[0]
+    assert len(block.__dict__["_sliceout_block"].graphs) == 2
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_eager_attention_is_sliced_like_sdpa(name):
+    """The matmul-softmax-matmul form: heads still sliced, training equals the reference."""
+    model = _build(name, attn_implementation="eager")
+    sliced = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED)
+    masked = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, mode="mask")
+    assert len(sliceout_fx.explain(sliced).sites) == 2 * LAYERS
+    inputs = _inputs(name)
+    out_s, _ = _train_step(sliced, inputs, 0)
+    out_m, _ = _train_step(masked, inputs, 0)
+    torch.testing.assert_close(out_s, out_m, atol=1e-10, rtol=1e-9)
+
+
+def test_full_width_and_to_original():
+    model = _build("llama")
+    sliced = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED)
+    inputs = _inputs("llama")
+    sliced.train()
+    model.train()
+    with sliceout_fx.full_width(sliced), torch.no_grad():
+        assert torch.equal(sliced(**inputs).logits, model(**inputs).logits)
+    restored = sliceout_fx.to_original(sliced)
+    assert all(type(m).__name__.startswith("SliceOut") is False for m in restored.modules())
+    with torch.no_grad():
+        assert torch.equal(restored(**inputs).logits, model(**inputs).logits)
+
+
+def test_converting_twice_and_fx_capture_are_refused():
+    model = _build("gpt2")
+    sliced = sliceout_fx.convert(model, p=0.3)
+    with pytest.raises(TypeError, match="already converted"):
+        sliceout_fx.convert(sliced, p=0.3)
+    with pytest.raises(UntraceableModelError):
+        sliceout_fx.convert(model, p=0.3, capture="fx", example_inputs=(_inputs("gpt2")["input_ids"],))
+    assert not any(type(m).__name__.startswith("SliceOut") for m in model.modules())
+
+
+# --- PyTorch-native transformers ------------------------------------------------------------
+
+
+class _Encoder(nn.Module):
+    """A token classifier over ``nn.TransformerEncoder`` (batch-first, with its own dropouts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.2, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)))
+
+
+def _native_cases():
+    torchvision = pytest.importorskip("torchvision")
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=LAYERS, num_heads=4, hidden_dim=64, mlp_dim=128,
+        dropout=0.2,
+    )
+    return {"encoder": (_Encoder, (2, 7, 16)), "vit_b_16-style": (lambda: vit, (2, 3, 32, 32))}
+
+
+@pytest.mark.parametrize("name", ["encoder", "vit_b_16-style"])
+def test_pytorch_native_transformers_slice_their_ffn(name):
+    make, shape = _native_cases()[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sliced = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, capture="blocks",
+                                 example_inputs=(x,))
+    masked = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, capture="blocks",
+                                 example_inputs=(x,), mode="mask")
+    report = sliceout_fx.explain(sliced)
+    # The FFN dropout of every layer becomes a site; nn.MultiheadAttention's packed projection
+    # is reported, not sliced.
+    assert [s.kind for s in report.sites] == ["dropout"] * LAYERS, str(report)
+    model.eval()
+    sliced.eval()
+    with torch.no_grad():
+        assert torch.equal(sliced(x), model(x))
+    for module in (sliced, masked):
+        module.train()
+    for step in range(2):
+        outs = []
+        for module in (sliced, masked):
+            module.zero_grad()
+            torch.manual_seed(step)  # the residual dropouts left in place draw alike
+            out = module(x)
+            out.sum().backward()
+            outs.append((out.detach(), [p.grad.clone() for p in module.parameters()]))
+        torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-10, rtol=1e-9)
+        for a, b in zip(outs[0][1], outs[1][1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_gpt2_bench_workload_builds_and_steps():
+    from sliceout_fx.bench.workloads import BenchOptions, get_workload
+
+    options = BenchOptions(
+        batch_size=2, hidden=64, depth=1, num_batches=1,
+        extra={"heads": 4, "vocab": 100, "seq": 16},
+    )
+    workload = get_workload("gpt2").build(0.3, options)
+    variants = workload.build()
+    assert list(variants) == ["dropout", "sliceout-flow", "sliceout-prob"]
+    for variant in variants.values():
+        variant.step()
+    assert len(sliceout_fx.explain(variants["sliceout-flow"].model).sites) == 2
