@@ -17,9 +17,9 @@ from .blocks import (
     convert_blocks,
     example_inputs_for,
     find_blocks,
+    is_huggingface_model,
     record_calls,
     rename_module_paths,
-    is_huggingface_model,
     restore_blocks,
 )
 from .capture import trace
@@ -34,8 +34,8 @@ from .config import (
     SitePolicy,
     SliceOutConfig,
 )
-from .errors import SliceOutConfigError
 from .depgraph import DependencyGraph, build_dependency_graph
+from .errors import SliceOutConfigError
 from .groups import AlignmentGroup, find_groups
 from .module import SAMPLER_NAME, SliceOutModule
 from .patch import assign_patches

@@ -29,7 +29,7 @@ from torch import fx, nn
 from .capture_export import INNER, CallSpec, ExportedCall, export_call, normalise_call
 from .config import SliceOutConfig
 from .errors import SliceOutConfigError, UntraceableModelError
-from .sampling import SAMPLER_NAME, SliceSampler
+from .sampling import SAMPLER_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         children = list(module.named_children())
         kinds = {type(child) for _, child in children}
-        if len(kinds) != 1 or not any(isinstance(m, nn.Linear) or _is_hf_conv1d(m)
-                                      for m in children[0][1].modules()):
+        if len(kinds) != 1 or not any(
+            isinstance(m, nn.Linear) or _is_hf_conv1d(m) for m in children[0][1].modules()
+        ):
             continue
         for child_name, child in children:
             path = f"{name}.{child_name}" if name else child_name
@@ -226,9 +227,7 @@ def convert_blocks(
         args, kwargs = calls[name]
         exported = export_call(block, args, kwargs, training=True)
         rename_module_paths(exported.gm, name)
-        analysis = analyse_graph(
-            exported.gm, config, exported.example_inputs, type(block).__name__
-        )
+        analysis = analyse_graph(exported.gm, config, exported.example_inputs, type(block).__name__)
         state = BlockState(name, config, type(block), analysis)
         block.add_module(SAMPLER_NAME, build_sampler(analysis.sites, config))
         block.__dict__[_STATE] = state
@@ -309,4 +308,3 @@ def _forward_names(model: nn.Module) -> Sequence[str]:
     import inspect
 
     return list(inspect.signature(model.forward).parameters)
-

@@ -153,15 +153,15 @@ def _fill(spec: CallSpec, tensors: list[torch.Tensor]) -> list[Any]:
     """All leaves of a call from its tensor leaves and the spec's constants."""
     constants = dict(spec.constants)
     it = iter(tensors)
-    return [
-        constants[i] if i in constants else next(it) for i in range(spec.treespec.num_leaves)
-    ]
+    return [constants[i] if i in constants else next(it) for i in range(spec.treespec.num_leaves)]
 
 
 INNER = "inner"
 
 
-def _plain_graph_module(module: nn.Module, exported: torch.export.ExportedProgram) -> fx.GraphModule:
+def _plain_graph_module(
+    module: nn.Module, exported: torch.export.ExportedProgram
+) -> fx.GraphModule:
     """``exported.module()`` without pytree codegen, guards or asserts, rooted on ``module``."""
     graph = exported.module().graph
     for node in list(graph.nodes):

@@ -182,7 +182,8 @@ def sliced_fused_linear(
     if out_cut.mode == "mask":
         return sliced_linear(x, weight, bias, None, in_cut, layout=layout)
     if out_cut.mode == "slice" and in_cut is None and weight.requires_grad:
-        return _SlicedFusedLinear.apply(x, weight, bias, parts, out_cut.index, out_cut.width, layout)
+        cut = (out_cut.index, out_cut.width)
+        return _SlicedFusedLinear.apply(x, weight, bias, parts, *cut, layout)
     out_dim = 0 if layout == "out_in" else 1
     if in_cut is not None:
         weight = take(weight, 1 - out_dim, in_cut)

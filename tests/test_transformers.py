@@ -26,42 +26,79 @@ LAYERS = 2
 
 def _bert(**kw) -> nn.Module:
     config = transformers.BertConfig(
-        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
-        vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw,
+        hidden_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kw,
     )
     return transformers.BertForSequenceClassification(config)
 
 
 def _distilbert(**kw) -> nn.Module:
     config = transformers.DistilBertConfig(
-        dim=64, n_layers=LAYERS, n_heads=4, hidden_dim=128, vocab_size=100, dropout=0.0,
-        attention_dropout=0.0, seq_classif_dropout=0.0, **kw,
+        dim=64,
+        n_layers=LAYERS,
+        n_heads=4,
+        hidden_dim=128,
+        vocab_size=100,
+        dropout=0.0,
+        attention_dropout=0.0,
+        seq_classif_dropout=0.0,
+        **kw,
     )
     return transformers.DistilBertForSequenceClassification(config)
 
 
 def _gpt2(**kw) -> nn.Module:
     config = transformers.GPT2Config(
-        n_embd=64, n_layer=LAYERS, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
-        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw,
+        n_embd=64,
+        n_layer=LAYERS,
+        n_head=4,
+        vocab_size=100,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **kw,
     )
     return transformers.GPT2LMHeadModel(config)
 
 
 def _llama(**kw) -> nn.Module:
     config = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=100, max_position_embeddings=64, bos_token_id=0,
-        eos_token_id=0, pad_token_id=0, **kw,
+        hidden_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **kw,
     )
     return transformers.LlamaForCausalLM(config)
 
 
 def _vit(**kw) -> nn.Module:
     config = transformers.ViTConfig(
-        hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
-        image_size=32, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        num_labels=3, **kw,
+        hidden_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+        **kw,
     )
     return transformers.ViTForImageClassification(config)
 
@@ -204,10 +241,18 @@ def test_trainer_runs_a_few_steps(tmp_path):
     model = _build("gpt2").float()
     sliced = sliceout_fx.convert(model, p=0.3, seed=SEED)
     gen = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 100, (8, 12), generator=gen)]
+    rows = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(1, 100, (8, 12), generator=gen)
+    ]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
-        use_cpu=True, save_strategy="no", logging_steps=1, learning_rate=1e-3,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-3,
     )
     before = {n: p.detach().clone() for n, p in sliced.named_parameters()}
     result = transformers.Trainer(model=sliced, args=args, train_dataset=rows).train()
@@ -261,7 +306,9 @@ def test_converting_twice_and_fx_capture_are_refused():
     with pytest.raises(TypeError, match="already converted"):
         sliceout_fx.convert(sliced, p=0.3)
     with pytest.raises(UntraceableModelError):
-        sliceout_fx.convert(model, p=0.3, capture="fx", example_inputs=(_inputs("gpt2")["input_ids"],))
+        sliceout_fx.convert(
+            model, p=0.3, capture="fx", example_inputs=(_inputs("gpt2")["input_ids"],)
+        )
     assert not any(type(m).__name__.startswith("SliceOut") for m in model.modules())
 
 
@@ -285,7 +332,12 @@ class _Encoder(nn.Module):
 def _native_cases():
     torchvision = pytest.importorskip("torchvision")
     vit = torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=LAYERS, num_heads=4, hidden_dim=64, mlp_dim=128,
+        image_size=32,
+        patch_size=8,
+        num_layers=LAYERS,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
         dropout=0.2,
     )
     return {"encoder": (_Encoder, (2, 7, 16)), "vit_b_16-style": (lambda: vit, (2, 3, 32, 32))}
@@ -297,10 +349,12 @@ def test_pytorch_native_transformers_slice_their_ffn(name):
     torch.manual_seed(0)
     model = make().double()
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    sliced = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, capture="blocks",
-                                 example_inputs=(x,))
-    masked = sliceout_fx.convert(copy.deepcopy(model), p=0.5, seed=SEED, capture="blocks",
-                                 example_inputs=(x,), mode="mask")
+    sliced = sliceout_fx.convert(
+        copy.deepcopy(model), p=0.5, seed=SEED, capture="blocks", example_inputs=(x,)
+    )
+    masked = sliceout_fx.convert(
+        copy.deepcopy(model), p=0.5, seed=SEED, capture="blocks", example_inputs=(x,), mode="mask"
+    )
     report = sliceout_fx.explain(sliced)
     # The FFN dropout of every layer becomes a site; nn.MultiheadAttention's packed projection
     # is reported, not sliced.
@@ -328,7 +382,10 @@ def test_gpt2_bench_workload_builds_and_steps():
     from sliceout_fx.bench.workloads import BenchOptions, get_workload
 
     options = BenchOptions(
-        batch_size=2, hidden=64, depth=1, num_batches=1,
+        batch_size=2,
+        hidden=64,
+        depth=1,
+        num_batches=1,
         extra={"heads": 4, "vocab": 100, "seq": 16},
     )
     workload = get_workload("gpt2").build(0.3, options)

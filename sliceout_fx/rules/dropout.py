@@ -52,7 +52,8 @@ class DropoutRule(OpRule):
         rate, training = _rate_and_training(node, gm)
         key = type(gm.get_submodule(str(node.target))) if node.op == "call_module" else node.target
         dims = (1,) if key in _CHANNEL_DROPOUTS else None
-        site = SiteHint("dropout", rate, dims) if training and not _drops_attention_weights(x) else None
+        is_site = training and not _drops_attention_weights(x)
+        site = SiteHint("dropout", rate, dims) if is_site else None
         return AxisRelations(couplings=couplings, site=site)
 
 

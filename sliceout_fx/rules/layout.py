@@ -63,8 +63,9 @@ class ReshapeRule(OpRule):
             return AxisRelations(blocks="reshape with unknown shapes")
         couplings = []
         for ins, outs in _dim_groups(tuple(src), tuple(dst)):
-            if ins and outs:
-                # The outer dim of a split/merge carries a cut in units of the inner block.
+            if ins and outs and (len(ins) == 1 or len(outs) == 1):
+                # The outer dim of a pure split or merge carries a cut in units of the inner
+                # block; a run regrouped on both sides (B, E) -> (B*H, d) couples nothing.
                 couplings.append((Axis(x, ins[0]), Axis(node, outs[0])))
         return AxisRelations(
             couplings=couplings,
@@ -101,7 +102,9 @@ class ExpandRule(OpRule):
             return AxisRelations(blocks="expand with unknown shapes")
         offset = len(dst) - len(src)
         couplings = [
-            (Axis(x, d), Axis(node, d + offset)) for d in range(len(src)) if src[d] == dst[d + offset]
+            (Axis(x, d), Axis(node, d + offset))
+            for d in range(len(src))
+            if src[d] == dst[d + offset]
         ]
         return AxisRelations(couplings=couplings)
 
@@ -127,7 +130,9 @@ class PermuteRule(OpRule):
         else:
             a, b = (d % rank for d in node.args[1:3])
             order[a], order[b] = order[b], order[a]
-        return AxisRelations(couplings=[(Axis(x, src), Axis(node, d)) for d, src in enumerate(order)])
+        return AxisRelations(
+            couplings=[(Axis(x, src), Axis(node, d)) for d, src in enumerate(order)]
+        )
 
 
 class UnsqueezeRule(OpRule):
@@ -147,13 +152,17 @@ class UnsqueezeRule(OpRule):
         else:
             dims = node.args[1] if len(node.args) > 1 else None
             dims = [dims] if isinstance(dims, int) else dims
-            gone = {d % src for d in dims} if dims else {
-                d for d, size in enumerate(shape_of(x)) if size == 1
-            }
+            gone = (
+                {d % src for d in dims}
+                if dims
+                else {d for d, size in enumerate(shape_of(x)) if size == 1}
+            )
             gone = {d for d in gone if shape_of(x)[d] == 1}
             kept = [d for d in range(src) if d not in gone]
             outs = list(range(dst))
-        return AxisRelations(couplings=[(Axis(x, a), Axis(node, b)) for a, b in zip(kept, outs, strict=True)])
+        return AxisRelations(
+            couplings=[(Axis(x, a), Axis(node, b)) for a, b in zip(kept, outs, strict=True)]
+        )
 
 
 class NarrowRule(OpRule):
