@@ -88,6 +88,7 @@ def record_calls(
 
         hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     states = {m: m.training for m in model.modules()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # batch-norm statistics...
     try:
         model.train()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -100,6 +101,9 @@ def record_calls(
             h.remove()
         for m, state in states.items():
             m.training = state
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
     missing = [name for name, _ in blocks if name not in calls]
     if missing:
         raise UntraceableModelError(

@@ -157,6 +157,7 @@ def _fill(spec: CallSpec, tensors: list[torch.Tensor]) -> list[Any]:
 
 
 INNER = "inner"
+_FAKE_META = ("val", "example_value", "unbacked_bindings")
 
 
 def _plain_graph_module(
@@ -167,10 +168,16 @@ def _plain_graph_module(
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             graph.erase_node(node)
-        elif node.op == "get_attr":
-            node.target = str(node.target).removeprefix(INNER + ".")
-        elif node.op == "call_function" and node.target in _DROPPED_TARGETS:
+            continue
+        if node.op == "call_function" and node.target in _DROPPED_TARGETS:
             graph.erase_node(node)
+            continue
+        if node.op == "get_attr":
+            node.target = str(node.target).removeprefix(INNER + ".")
+        # Fake tensors from the export would make the graph impossible to deepcopy or pickle;
+        # shapes are propagated again on real inputs by the next stage.
+        for key in _FAKE_META:
+            node.meta.pop(key, None)
     graph._codegen = fx.graph.CodeGen()
     # Rooting on the module makes every get_attr resolve to the module's own parameter objects.
     gm = fx.GraphModule(module, graph, type(module).__name__ + "Export")

@@ -47,6 +47,7 @@ from .api import Analysis, _config, analyse, analyse_blocks, to_original
 from .blocks import (
     block_states,
     example_inputs_for,
+    find_blocks,
     is_huggingface_model,
     record_calls,
 )
@@ -241,9 +242,7 @@ def _by_layers(model: Any, capture: Any) -> bool:
     return capture == "blocks" or (capture == "auto" and is_huggingface_model(model))
 
 
-def _layer_analysis(
-    model: nn.Module, only: str | None, **kwargs: Any
-) -> tuple[Analysis, str, str]:
+def _layer_analysis(model: nn.Module, only: str | None, **kwargs: Any) -> tuple[Analysis, str, str]:
     """The analysis of the layer to draw, the prefix to draw under, and the default title."""
     options = {k: v for k, v in kwargs.items() if v is not _SAME}
     example_inputs = options.pop("example_inputs", None)
@@ -260,16 +259,15 @@ def _layer_analysis(
         config = states[0].config
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         model = _original_copy(model)
-    options.pop("mode", None)  # the picture does not depend on it
-    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
-    analyses = analyse_blocks(model, options.pop("p", 0.5), example_inputs=inputs, **options)
-    if not analyses:
+    layers = [name for name, _ in find_blocks(model)]
+    if not layers:
         raise UntraceableModelError(
             f"{type(model).__name__}: found no ModuleList of repeated layers to draw layer by "
             "layer; draw it with capture='fx'"
         )
-    name = _pick_layer(type(model).__name__, list(analyses), only)
-    analysis = analyses[name]
+    name = _pick_layer(type(model).__name__, layers, only)  # before the (slower) analysis
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    analysis = analyse_blocks(model, options.pop("p", 0.5), example_inputs=inputs, **options)[name]
     _name_inputs(model, name, analysis, inputs)
     within = only if only is not None and _under(only, name) else name
     return analysis, within, _default_title(analysis, within, type(model).__name__)
@@ -539,9 +537,7 @@ def _is_aten(node: fx.Node) -> bool:
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
 
 
-def _prefix_hint(
-    nodes: Iterable[fx.Node], prefix: str | None, max_nodes: int | None = None
-) -> str:
+def _prefix_hint(nodes: Iterable[fx.Node], prefix: str | None, max_nodes: int | None = None) -> str:
     """Module paths below ``prefix`` (or its nearest existing parent) with their op counts.
 
     With ``max_nodes``, descends into a child too large to draw, so that the hint names prefixes

@@ -394,3 +394,20 @@ def test_gpt2_bench_workload_builds_and_steps():
     for variant in variants.values():
         variant.step()
     assert len(sliceout_fx.explain(variants["sliceout-flow"].model).sites) == 2
+
+
+def test_deepcopy_of_a_converted_model_trains_on_its_own_weights():
+    model = _build("gpt2")
+    sliced = sliceout_fx.convert(model, p=0.5, seed=SEED)
+    twin = copy.deepcopy(sliced)  # e.g. an EMA copy
+    inputs = _inputs("gpt2")
+    out_a, _ = _train_step(sliced, inputs, 0)
+    out_b, _ = _train_step(twin, inputs, 0)
+    torch.testing.assert_close(out_a, out_b)  # same weights, same sampler state
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    out_c, _ = _train_step(twin, inputs, 0)
+    assert not torch.allclose(out_a, out_c)  # the copy's graphs read the copy's parameters
+    weight = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(sliced.get_parameter(weight), model.get_parameter(weight))  # untouched
