@@ -194,10 +194,16 @@ def convert(
     _warn_if_nothing_sliced(model, analysis.sites, analysis.skipped)
     eval_gm = trace(source, leaf_modules=config.leaf_modules, training=False)
     full_train_gm = fx.GraphModule(analysis.train_gm, copy.deepcopy(analysis.train_gm.graph))
-    sampler = build_sampler(analysis.sites, config)
+    sampler = build_sampler(analysis.sites, config).to(_device_of(source))
     analysis.train_gm.add_submodule(SAMPLER_NAME, sampler)
     sliced = rewrite_training_graph(analysis.train_gm, analysis.dep, analysis.sites, config)
     return SliceOutModule(source, eval_gm, full_train_gm, sliced.graph, sampler, analysis.report)
+
+
+def _device_of(model: nn.Module) -> Any:
+    """Where the model's parameters live: the sampler's scale buffers must live there too."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else "cpu"
 
 
 def _warn_if_nothing_sliced(model: nn.Module, sites: list, skipped: list) -> None:

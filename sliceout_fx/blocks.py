@@ -233,7 +233,8 @@ def convert_blocks(
         rename_module_paths(exported.gm, name)
         analysis = analyse_graph(exported.gm, config, exported.example_inputs, type(block).__name__)
         state = BlockState(name, config, type(block), analysis)
-        block.add_module(SAMPLER_NAME, build_sampler(analysis.sites, config))
+        device = next(block.parameters()).device
+        block.add_module(SAMPLER_NAME, build_sampler(analysis.sites, config).to(device))
         block.__dict__[_STATE] = state
         state.graphs[exported.spec] = _sliced_graph(block, state, exported, analysis)
         block.__class__ = _sliced_class(type(block))

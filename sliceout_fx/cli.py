@@ -95,6 +95,7 @@ examples:
   {PROG} bench wrn --p 0.3 0.5 --repeats 10     # WRN-16-8, SGD; p = 0.1 ... 0.5 by default
   {PROG} bench wrn --p 0.5 --depth 10 --widen 1 --image-size 8 --repeats 3   # tiny WRN
   {PROG} bench efficientnet_b0 --p 0.3          # needs torchvision
+  {PROG} bench wrn --p 0.3 0.5 --device cuda    # on the GPU: adds a CUDA step-peak memory column
 """
 
 EXPLAIN_EPILOG = f"""\
@@ -112,13 +113,17 @@ DRAW_EPILOG = f"""\
 Draws the model's traced graph with what convert() would slice: each site's alignment group in its
 own colour (the ops that share one slice), the site starred, ops that stop a group hatched, and a
 legend with each site's kept/total channels and each blocker's reason. The format follows the
-suffix of --out (.svg, .png, .pdf). Large models: draw one block with --only.
+suffix of --out (.svg, .png, .pdf). Large models: draw one block with --only. Transformers (gpt2,
+bert) are drawn one layer at a time, as convert() exports it: the first layer, or the one --only
+names.
 
 examples:
   {PROG} draw mlp -o mlp.svg
   {PROG} draw wrn -o wrn-block.svg --p 0.3 --only stage2.0
   {PROG} draw efficientnet_b0 -o mbconv.png --p 0.3 --only features.2.1
   {PROG} draw efficientnet_b0 -o se.svg --sites all --only features.1
+  {PROG} draw gpt2 -o gpt2-layer.svg --p 0.3 --hidden 96 --depth 2   # one layer, 12 heads
+  {PROG} draw bert -o bert-attn.png --only bert.encoder.layer.3.attention
 """
 
 DEMO_EPILOG = f"""\
@@ -213,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default: torch's)",
     )
     bench.add_argument(
-        "--out", default=None, help="output folder (default: bench-results/<workload>/)"
+        "--out",
+        default=None,
+        help="output folder (default: bench-results/<workload>/, or <workload>-cuda/ on CUDA)",
     )
     adam = bench.add_mutually_exclusive_group()
     adam.add_argument(
@@ -242,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--rss",
         action="store_true",
         help="also measure each variant's peak-RSS growth in a fresh subprocess (informational)",
+    )
+    bench.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="where models, batches and steps run (auto: cuda if available); the device's name "
+        "goes into the table and results.json",
     )
     bench.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -293,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         default=None,
         metavar="PREFIX",
-        help="draw only the ops under this module path (one block, e.g. features.2.1)",
+        help="draw only the ops under this module path (one block, e.g. features.2.1; for "
+        "gpt2 and bert a layer or a part of one, e.g. transformer.h.3)",
     )
     draw.add_argument(
         "--max-nodes",
@@ -323,6 +338,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         fused_adam=args.fused_adam,
         foreach=args.foreach,
         seed=args.seed,
+        device=args.device,
     )
     run_benchmark(
         args.workload,

@@ -468,3 +468,137 @@ def test_efficientnet_without_torchvision_is_one_clear_error(
     with pytest.raises(ImportError, match="needs a working torchvision") as exc:
         get_workload("efficientnet_b0").build(0.3, BenchOptions())
     assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------- devices
+
+# The smallest shapes each registered workload accepts (every one must be listed here).
+TINY_HF = {"heads": 2, "vocab": 64, "seq": 8}
+TINY_BY_WORKLOAD: dict[str, dict[str, Any]] = {
+    "mlp": {"hidden": 16, "depth": 1, "batch_size": 4},
+    "wrn": {"depth": 10, "batch_size": 2, "extra": {"widen": 1, "image_size": 8}},
+    "efficientnet_b0": {"batch_size": 2, "extra": {"image_size": 32}},
+    "gpt2": {"hidden": 32, "depth": 1, "batch_size": 2, "extra": TINY_HF},
+    "bert": {"hidden": 32, "depth": 1, "batch_size": 2, "extra": TINY_HF},
+}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _needs(workload: str) -> None:
+    if workload == "efficientnet_b0":
+        pytest.importorskip("torchvision")
+    if workload in ("gpt2", "bert"):
+        pytest.importorskip("transformers")
+
+
+def test_every_registered_workload_has_tiny_options() -> None:
+    from sliceout_fx.bench.workloads import workload_names
+
+    assert set(workload_names()) - {"toy-test"} == set(TINY_BY_WORKLOAD)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("workload", sorted(TINY_BY_WORKLOAD))
+def test_workload_builds_and_steps_on_the_device(workload: str, device: str) -> None:
+    _needs(workload)
+    options = BenchOptions(num_batches=1, device=device, **TINY_BY_WORKLOAD[workload])
+    assert options.device == device
+    spec = get_workload(workload)
+    wl = spec.build(0.3, options)
+    # prob: its 1/P(keep) buffers are made by convert, not moved with the base model.
+    built = wl.build(["sliceout-flow", "sliceout-prob"])
+    assert list(built) == [wl.baseline, "sliceout-flow", "sliceout-prob"]
+    for variant in built.values():
+        tensors = [*variant.model.parameters(), *variant.model.buffers()]
+        assert {t.device.type for t in tensors} == {device}
+        variant.step()  # batches on another device than the model would fail here
+        for state in variant.optimizer.state.values():
+            assert all(v.device.type == device for v in state.values() if v.dim() > 0)
+    assert spec.example_model is not None
+    model, example = spec.example_model(0.3, options)
+    inputs = example.values() if isinstance(example, dict) else example
+    assert {t.device.type for t in model.parameters()} == {device}
+    assert all(t.device.type == device for t in inputs)
+
+
+def test_device_option_resolves_and_checks_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BenchOptions().device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert BenchOptions(device="auto").device == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
+        BenchOptions(device="cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        BenchOptions(device="gpu0")
+
+
+def test_cli_device_cuda_without_cuda_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["bench", "mlp", "--p", "0.5", "--device", "cuda", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("sliceout-fx: error: device 'cuda' requested but CUDA is not available")
+    assert "--device cpu" in err  # the fix
+    assert not (tmp_path / JSON_NAME).exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "mlp", "--device", "tpu"])
+    assert exc.value.code == 2
+
+
+def test_results_and_table_name_the_device(tmp_path: Path) -> None:
+    import io
+
+    from sliceout_fx.bench.runner import format_table
+
+    text = io.StringIO()
+    result = run_benchmark(
+        "toy-test", [0.25], repeats=2, warmup=0, out=tmp_path, plot=False, progress=False,
+        stream=text,
+    )  # fmt: skip
+    data = json.loads((tmp_path / JSON_NAME).read_text())
+    env = data["environment"]
+    assert env["device"] == "cpu" and env["device_name"]
+    assert data["settings"]["options"]["device"] == "cpu"
+    table = text.getvalue()
+    assert f"device: cpu ({env['device_name']})" in table
+    assert "CUDA" not in table  # CPU output has no CUDA columns
+    assert all("cuda_step_peak_bytes" not in v for v in data["results"][0]["variants"].values())
+
+    # The same result as a CUDA run would record it: a step-peak column and the GPU's name.
+    gpu = {"device": "cuda", "device_name": "NVIDIA H200", "cuda_version": "13.0"}
+    result["environment"] |= gpu
+    for name, peak in (("wide", 4096), ("narrow", 3072)):
+        result["results"][0]["variants"][name] |= {
+            "cuda_step_peak_bytes": peak,
+            "cuda_step_peak_ratio": peak / 4096,
+        }
+    cuda_table = format_table(result)
+    assert "device: cuda (NVIDIA H200, CUDA 13.0)" in cuda_table
+    header = next(line for line in cuda_table.splitlines() if line.startswith("   p"))
+    assert "CUDA step-peak ratio" in header and header.rstrip().endswith("informational)")
+    narrow = next(line for line in cuda_table.splitlines() if line.lstrip().startswith("narrow"))
+    assert "0.750" in narrow and "3.0 KiB" in narrow
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_bench_tiny_mlp_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "bench", "mlp", "--p", "0.5", "--hidden", "64", "--batch-size", "16",
+            "--repeats", "3", "--warmup", "1", "--device", "cuda",
+            "--no-progress", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / JSON_NAME).read_text())
+    assert data["environment"]["device"] == "cuda"
+    assert data["environment"]["device_name"] == torch.cuda.get_device_name()
+    for v in data["results"][0]["variants"].values():
+        assert v["cuda_step_peak_bytes"] > 0
+        assert v["cuda_step_peak_ratio"] > 0
+        assert len(v["samples_s"]) == 3
+    assert data["results"][0]["variants"]["dropout"]["cuda_step_peak_ratio"] == 1.0
+    out = capsys.readouterr().out
+    assert f"device: cuda ({torch.cuda.get_device_name()}" in out and "CUDA step-peak ratio" in out

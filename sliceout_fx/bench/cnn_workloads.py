@@ -85,13 +85,15 @@ def _cnn_workload(
 
     ``convert_kwargs`` (e.g. ``sites="expand"``) are passed to every converted variant. Every
     variant is a deep copy of ``base`` (same initial weights) and cycles through the same batches.
+    ``base`` (built on the CPU) is moved to ``options.device``, where the batches are made too.
     """
     lr = options.lr if options.lr is not None else 0.1
-    gen = torch.Generator().manual_seed(options.seed + 1)
+    base = base.to(options.device)
+    gen = torch.Generator().manual_seed(options.seed + 1)  # CPU generator: same data everywhere
     batches = [
         (
-            torch.randn(batch, 3, image_size, image_size, generator=gen),
-            torch.randint(0, _CLASSES, (batch,), generator=gen),
+            torch.randn(batch, 3, image_size, image_size, generator=gen).to(options.device),
+            torch.randint(0, _CLASSES, (batch,), generator=gen).to(options.device),
         )
         for _ in range(options.num_batches)
     ]
@@ -126,7 +128,9 @@ def _cnn_workload(
             sliceout(scheme="patch", normalisation="flow"),
         )
 
-    factory = variant_factory(base, lambda params: make_sgd(params, lr, options), batches)
+    factory = variant_factory(
+        base, lambda params: make_sgd(params, lr, options), batches, options.device
+    )
 
     return Workload(
         name=name,
@@ -178,9 +182,9 @@ def _wrn_model(p: float, options: BenchOptions) -> nn.Module:
 
 
 def _wrn_example(p: float, options: BenchOptions) -> tuple[nn.Module, tuple[Any, ...]]:
-    model = _wrn_model(p, options)
+    model = _wrn_model(p, options).to(options.device)
     size = _image_size(options, 32)
-    return model, (torch.randn(options.batch_size or 64, 3, size, size),)
+    return model, (torch.randn(options.batch_size or 64, 3, size, size).to(options.device),)
 
 
 @register_workload(
@@ -237,9 +241,9 @@ def _efficientnet_model(options: BenchOptions) -> nn.Module:
 
 
 def _efficientnet_example(p: float, options: BenchOptions) -> tuple[nn.Module, tuple[Any, ...]]:
-    model = _efficientnet_model(options)
+    model = _efficientnet_model(options).to(options.device)
     size = _image_size(options, 96)
-    return model, (torch.randn(options.batch_size or 32, 3, size, size),)
+    return model, (torch.randn(options.batch_size or 32, 3, size, size).to(options.device),)
 
 
 @register_workload(

@@ -2,6 +2,9 @@
 
 Only ratios to the baseline measured in the same interleaved run are results. Absolute times are
 kept (raw samples in the JSON, medians in a secondary column) for diagnosis, not for quoting.
+The device (``BenchOptions.device``: CPU or CUDA) and its name are recorded with every result and
+printed in the table header; on CUDA each variant's peak allocated memory in one training step is
+reported too.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,10 +24,11 @@ import torch
 
 from .memory import measure_saved_tensors, peak_rss_bytes
 from .timing import interleaved_step_times, paired_ratios, quantile, ratio_of_medians
-from .workloads import BenchOptions, get_workload
+from .workloads import BenchOptions, Variant, get_workload
 
 __all__ = [
     "SCHEMA_VERSION",
+    "cuda_step_peak_bytes",
     "environment_info",
     "format_table",
     "plot_result",
@@ -63,8 +67,24 @@ def _cpu_model_name() -> str | None:
     return None
 
 
-def environment_info() -> dict[str, Any]:
-    """What a reader needs to interpret the numbers: software versions, threads, machine."""
+def _device_info(device: str) -> dict[str, Any]:
+    """The device the steps ran on, by name: so GPU and CPU figures cannot be confused."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {"device": str(dev), "device_name": _cpu_model_name() or platform.processor()}
+    props = torch.cuda.get_device_properties(dev)
+    return {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev),
+        "device_capability": f"{props.major}.{props.minor}",
+        "device_total_memory_bytes": props.total_memory,
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": torch.backends.cudnn.version(),
+    }
+
+
+def environment_info(device: str = "cpu") -> dict[str, Any]:
+    """What a reader needs to interpret the numbers: software versions, threads, machine, device."""
     try:
         from importlib.metadata import version
 
@@ -88,6 +108,7 @@ def environment_info() -> dict[str, Any]:
         "cpu_capability": cpu_capability,
         "mkldnn_available": torch.backends.mkldnn.is_available(),
         "cuda_available": torch.cuda.is_available(),
+        **_device_info(device),
     }
 
 
@@ -100,10 +121,49 @@ def _spread(samples: list[float]) -> float:
     return quantile(samples, 0.9) / quantile(samples, 0.1)
 
 
+def _cuda_sync(device: str) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` on ``device`` for the timing hook; ``None`` off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    return lambda: torch.cuda.synchronize(dev)
+
+
+def cuda_step_peak_bytes(variant: Variant, device: str) -> int:
+    """Peak CUDA memory allocated during one training step, above what was allocated before it.
+
+    The variant's gradients are freed first (its step starts with ``zero_grad(set_to_none=True)``
+    anyway), so the figure is the step's working memory: activations kept for backward, gradients
+    and temporaries. Parameters, optimizer state and the other variants' models are resident
+    before and after, and cancel out. Runs one (untimed) step.
+    """
+    dev = torch.device(device)
+    variant.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    variant.step()
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) - before
+
+
 def _variant_stats(
-    samples: list[float], baseline_samples: list[float], saved: Any, baseline_bytes: int
+    samples: list[float],
+    baseline_samples: list[float],
+    saved: Any,
+    baseline_bytes: int,
+    cuda_peak: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
+    """Per-variant figures; ``cuda_peak`` = (this variant's, the baseline's) step peak bytes."""
     ratios = paired_ratios(samples, baseline_samples)
+    cuda: dict[str, Any] = {}
+    if cuda_peak is not None:
+        peak, base_peak = cuda_peak
+        cuda = {
+            "cuda_step_peak_bytes": peak,
+            "cuda_step_peak_ratio": peak / base_peak if base_peak else None,
+        }
     return {
         "time_ratio": statistics.median(ratios),
         "time_ratio_q25": quantile(ratios, 0.25),
@@ -116,6 +176,7 @@ def _variant_stats(
         "saved_tensors": saved.tensors,
         "saved_storages": saved.storages,
         "saved_parameter_views": saved.parameter_tensors,
+        **cuda,
         "samples_s": samples,
     }
 
@@ -139,8 +200,14 @@ def run_benchmark(
 
     Per ``p``: build all variants from the same initial weights, count the bytes autograd saves in
     one step of each (deterministic), then time ``repeats`` interleaved rounds after ``warmup``
-    untimed ones. ``out=None`` means ``bench-results/<workload>/``. ``rss=True`` additionally
-    measures each variant's peak-RSS growth in a fresh subprocess (slow-ish, informational).
+    untimed ones. ``out=None`` means ``bench-results/<workload>/`` (``<workload>-cuda/`` on CUDA).
+    ``rss=True`` additionally measures each variant's peak-RSS growth in a fresh subprocess
+    (slow-ish, informational).
+
+    Everything runs on ``options.device``. On CUDA every timed step is bracketed by
+    ``torch.cuda.synchronize``, and each variant's peak allocated memory in one step is measured
+    (outside the timed rounds, see :func:`cuda_step_peak_bytes`) and reported relative to the
+    baseline's.
     """
     from tqdm.auto import tqdm
 
@@ -155,8 +222,13 @@ def run_benchmark(
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    out_dir = Path(out) if out is not None else Path("bench-results") / workload
     stream = sys.stdout if stream is None else stream
+    device = options.device
+    sync = _cuda_sync(device)
+    on_cuda = sync is not None
+    # GPU results go to their own default folder, so they never overwrite (or pass for) CPU ones.
+    default_dir = workload if torch.device(device).type == "cpu" else f"{workload}-cuda"
+    out_dir = Path(out) if out is not None else Path("bench-results") / default_dir
 
     per_p: list[dict[str, Any]] = []
     baseline_name = ""
@@ -168,12 +240,20 @@ def run_benchmark(
         built = wl.build(variants)
         bar.set_postfix_str(f"p={p:g} saved-tensor count")
         saved = {name: measure_saved_tensors(v.step, v.params) for name, v in built.items()}
+        peaks: dict[str, int] = {}
+        if on_cuda:
+            bar.set_postfix_str(f"p={p:g} CUDA step peak")
+            peaks = {name: cuda_step_peak_bytes(v, device) for name, v in built.items()}
 
         def on_round(r: int, p: float = p) -> None:
             bar.set_postfix_str(f"p={p:g} round {r + 1}/{repeats}")
 
         times = interleaved_step_times(
-            {name: v.step for name, v in built.items()}, repeats, warmup, on_round=on_round
+            {name: v.step for name, v in built.items()},
+            repeats,
+            warmup,
+            sync=sync,
+            on_round=on_round,
         )
         base_bytes = saved[wl.baseline].bytes
         entry: dict[str, Any] = {
@@ -182,7 +262,13 @@ def run_benchmark(
             "variants": {
                 name: {
                     "description": wl.descriptions.get(name, built[name].description),
-                    **_variant_stats(times[name], times[wl.baseline], saved[name], base_bytes),
+                    **_variant_stats(
+                        times[name],
+                        times[wl.baseline],
+                        saved[name],
+                        base_bytes,
+                        (peaks[name], peaks[wl.baseline]) if on_cuda else None,
+                    ),
                 }
                 for name in built
             },
@@ -198,6 +284,8 @@ def run_benchmark(
         per_p.append(entry)
         del built, wl
         gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
     bar.close()
 
     result: dict[str, Any] = {
@@ -218,8 +306,18 @@ def run_benchmark(
             "variant/baseline ratios",
             "memory": "bytes of distinct storages saved for backward in one step "
             "(saved_tensors_hooks), parameter storages excluded",
-        },
-        "environment": environment_info(),
+        }
+        | (
+            {
+                "cuda_memory": "peak torch.cuda.max_memory_allocated during one untimed training "
+                "step minus memory allocated before it (the variant's gradients freed first); "
+                "ratio to the baseline's",
+                "cuda_sync": "torch.cuda.synchronize before and after every timed step",
+            }
+            if on_cuda
+            else {}
+        ),
+        "environment": environment_info(device),
         "process_peak_rss_bytes": peak_rss_bytes(),
         "results": per_p,
     }
@@ -262,6 +360,11 @@ def format_table(result: dict[str, Any]) -> str:
         "saved activations",
         "median ms (this machine, informational)",
     ]
+    has_cuda = any(
+        "cuda_step_peak_bytes" in v for e in result["results"] for v in e["variants"].values()
+    )
+    if has_cuda:
+        header[-1:-1] = ["CUDA step-peak ratio", "CUDA step peak"]
     has_rss = any("rss_subprocess" in v for e in result["results"] for v in e["variants"].values())
     if has_rss:
         header.append("peak-RSS growth (own process, informational)")
@@ -271,6 +374,13 @@ def format_table(result: dict[str, Any]) -> str:
         for name, v in entry["variants"].items():
             is_base = name == result["baseline"]
             mem_ratio = v["memory_ratio"]
+            cuda_cells: list[str] = []
+            if has_cuda:
+                peak, peak_ratio = v.get("cuda_step_peak_bytes"), v.get("cuda_step_peak_ratio")
+                cuda_cells = [
+                    "n/a" if peak_ratio is None else f"{peak_ratio:.3f}",
+                    "n/a" if peak is None else _fmt_bytes(peak),
+                ]
             rows.append(
                 [
                     f"{entry['p']:.2f}" if first else "",
@@ -279,6 +389,7 @@ def format_table(result: dict[str, Any]) -> str:
                     "" if is_base else f"{v['time_ratio_q25']:.3f}-{v['time_ratio_q75']:.3f}",
                     "n/a" if mem_ratio is None else f"{mem_ratio:.3f}",
                     _fmt_bytes(v["saved_activation_bytes"]),
+                    *cuda_cells,
                     f"{v['median_ms']:.1f}",
                 ]
             )
@@ -288,7 +399,7 @@ def format_table(result: dict[str, Any]) -> str:
                 rows[-1].append("error" if growth is None else _fmt_bytes(growth))
             first = False
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    right = {0, 2, 3, 4, 5, 6, 7}
+    right = set(range(len(header))) - {1}  # all but the variant name
 
     def fmt(cells: list[str]) -> str:
         return "  ".join(
@@ -300,9 +411,18 @@ def format_table(result: dict[str, Any]) -> str:
         f"SliceOut benchmark: {result['workload']} (baseline: {result['baseline']})",
         f"{settings['repeats']} interleaved rounds after {settings['warmup']} warm-up rounds; "
         f"torch {env['torch_version']}, {settings['threads']} thread(s), {env['processor']}",
+        f"device: {_device_label(env)}",
         "time ratio = median of per-round variant/baseline step-time ratios (< 1: faster);",
         "saved-activation ratio = bytes autograd saves for backward in one step vs baseline "
         "(parameters excluded).",
+        *(
+            [
+                "CUDA step-peak ratio = peak memory allocated during one training step (above what "
+                "was allocated before it) vs baseline.",
+            ]
+            if has_cuda
+            else []
+        ),
         "",
         fmt(header),
         fmt(["-" * w for w in widths]),
@@ -328,6 +448,15 @@ def format_table(result: dict[str, Any]) -> str:
             "machine or with more --repeats before quoting them.",
         ]
     return "\n".join(lines)
+
+
+def _device_label(env: dict[str, Any]) -> str:
+    """``cpu (<processor>)`` or ``cuda (<GPU name>, CUDA <version>)``; old results count as CPU."""
+    device = env.get("device", "cpu")
+    name = env.get("device_name") or env.get("processor") or "unknown"
+    if torch.device(device).type == "cuda" and env.get("cuda_version"):
+        name += f", CUDA {env['cuda_version']}"
+    return f"{device} ({name})"
 
 
 def _row_ps(result: dict[str, Any]) -> list[float]:
@@ -375,7 +504,8 @@ def plot_result(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     env = result["environment"]
     fig.suptitle(
         f"{result['workload']}: {result['settings']['repeats']} interleaved rounds, "
-        f"torch {env['torch_version']}, {result['settings']['threads']} thread(s)",
+        f"torch {env['torch_version']}, {result['settings']['threads']} thread(s)\n"
+        f"device: {_device_label(env)}",
         fontsize=11,
     )
     fig.savefig(path, dpi=110)

@@ -49,9 +49,11 @@ def interleaved_step_times(
     Returns seconds per call, keyed like ``steps``; entry ``i`` of every list comes from round
     ``i``, so lists can be paired round by round (see :func:`paired_ratios`).
 
-    ``sync`` is called after each step before the clock stops (e.g. ``torch.cuda.synchronize`` on
-    an accelerator, where kernels run asynchronously). The garbage collector is paused during the
-    timed rounds so that a collection triggered by one variant is not billed to it.
+    ``sync`` (e.g. ``torch.cuda.synchronize`` on an accelerator, where kernels run asynchronously)
+    is called around each timed step: before the clock starts, so no earlier work is billed to it,
+    and after the step before the clock stops; also after each warm-up step. The garbage collector
+    is paused during the timed rounds so that a collection triggered by one variant is not billed
+    to it.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -70,6 +72,8 @@ def interleaved_step_times(
     try:
         for r in range(repeats):
             for name in round_order(names, r):
+                if sync is not None:
+                    sync()
                 start = time.perf_counter()
                 steps[name]()
                 if sync is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .workloads import BenchOptions, Variant, Workload, register_workload
+from .workloads import BenchOptions, Variant, Workload, on_device, register_workload
 
 __all__ = ["bert_workload", "gpt2_workload"]
 
@@ -63,13 +63,14 @@ def _bert(p: float, options: BenchOptions) -> nn.Module:
 
 
 def _batches(model: nn.Module, options: BenchOptions, labels: str) -> list[dict[str, Any]]:
-    gen = torch.Generator().manual_seed(options.seed + 1)
+    gen = torch.Generator().manual_seed(options.seed + 1)  # CPU generator: same data everywhere
     batch, seq = options.batch_size or _BATCH, options.extra.get("seq", _SEQ)
     vocab = model.config.vocab_size
     out = []
     for _ in range(options.num_batches):
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)
         target = ids if labels == "lm" else torch.randint(0, 2, (batch,), generator=gen)
+        ids, target = ids.to(options.device), target.to(options.device)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": target})
     return out
 
@@ -79,14 +80,15 @@ def _workload(
     options: BenchOptions,
 ) -> Workload:
     torch.manual_seed(options.seed)
-    base = make(p, options)
+    # Built on the CPU (same initial weights whatever the device), then moved.
+    base = make(p, options).to(options.device)
     batches = _batches(base, options, labels)
     lr = options.lr if options.lr is not None else 1e-4
     example = {k: v for k, v in batches[0].items() if k != "labels"}
 
     def build(transform: Callable[[nn.Module], nn.Module], variant: str, desc: str):
         def factory() -> Variant:
-            model = transform(copy.deepcopy(base))
+            model = on_device(transform(copy.deepcopy(base)), options.device)
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
             cycle = itertools.cycle(batches)
@@ -136,7 +138,7 @@ def _workload(
 def _example(make: Callable[[float, BenchOptions], nn.Module]):
     def example(p: float, options: BenchOptions) -> tuple[nn.Module, Any]:
         torch.manual_seed(options.seed)
-        model = make(p, options)
+        model = make(p, options).to(options.device)
         batch = _batches(model, options, "lm")[0]
         return model, {k: v for k, v in batch.items() if k != "labels"}
 

@@ -26,11 +26,44 @@ __all__ = [
     "classification_step",
     "get_workload",
     "make_adam",
+    "on_device",
     "register_workload",
+    "resolve_device",
     "workload_names",
 ]
 
 DEFAULT_PS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """``"auto"`` -> ``"cuda"`` if available else ``"cpu"``; check that a CUDA device exists.
+
+    Returns the device as a string (it goes into the results JSON). A CUDA device that this
+    process cannot use is a one-line ``ValueError`` saying what to do instead.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: choose auto, cpu or cuda") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch ({torch.__version__}) is built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+            )
+            raise ValueError(
+                f"device {str(dev)!r} requested but CUDA is not available: {why}; "
+                "run with --device cpu (or --device auto), or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(dev)!r} requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible; use --device cuda"
+            )
+    return str(dev)
 
 
 @dataclass
@@ -48,8 +81,12 @@ class BenchOptions:
     num_batches: int = 4
     """Synthetic batches generated up front and cycled: no data loading inside the timed step."""
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    """Where models, batches and steps live: ``"cpu"``, ``"cuda"`` (``"cuda:N"``) or ``"auto"``
+    (CUDA when available); resolved and checked on construction (see :func:`resolve_device`)."""
 
     def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
         if self.fused_adam and self.foreach:
             raise ValueError("choose at most one of fused Adam and foreach Adam")
         for name in ("batch_size", "hidden", "depth"):
@@ -199,18 +236,22 @@ def variant_factory(
     base: nn.Module,
     make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device | None = None,
 ) -> Callable[[str, Callable[[nn.Module], nn.Module], str], Callable[[], Variant]]:
     """``factory(name, transform, description)`` -> a builder of that variant.
 
     Each variant is ``transform`` applied to its own deep copy of ``base`` (so all start from the
-    same weights), with its own optimizer, stepping over the same batches.
+    same weights), with its own optimizer, stepping over the same batches. The transformed model is
+    moved to ``device`` (default: where ``base``'s parameters are), see :func:`on_device`.
     """
+    if device is None:
+        device = next((t.device for t in base.parameters()), torch.device("cpu"))
 
     def factory(
         name: str, transform: Callable[[nn.Module], nn.Module], description: str
     ) -> Callable[[], Variant]:
         def build() -> Variant:
-            model = transform(copy.deepcopy(base))
+            model = on_device(transform(copy.deepcopy(base)), device)
             model.train()
             optimizer = make_optimizer(model.parameters())
             return Variant(
@@ -225,6 +266,16 @@ def variant_factory(
         return build
 
     return factory
+
+
+def on_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """``model.to(device)``: a no-op for what is there already.
+
+    ``convert`` of a model that is already on the GPU can leave tensors it creates itself (the
+    probabilistic normalisation's ``1 / P(keep)`` buffers) on the CPU; moving the converted model
+    puts them next to the weights.
+    """
+    return model.to(device)
 
 
 def _convert(model: nn.Module, p: float, **kwargs: Any) -> nn.Module:
@@ -253,7 +304,8 @@ def _mlp_model(p: float, options: BenchOptions) -> nn.Module:
 
 def _mlp_example(p: float, options: BenchOptions) -> tuple[nn.Module, tuple[Any, ...]]:
     torch.manual_seed(options.seed)
-    return _mlp_model(p, options), (torch.randn(options.batch_size or 256, _MLP_IN),)
+    model = _mlp_model(p, options).to(options.device)
+    return model, (torch.randn(options.batch_size or 256, _MLP_IN).to(options.device),)
 
 
 @register_workload(
@@ -269,18 +321,21 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
     batch = options.batch_size or 256
     lr = options.lr if options.lr is not None else 1e-4
     torch.manual_seed(options.seed)
-    base = _mlp_model(p, options)
-    gen = torch.Generator().manual_seed(options.seed + 1)
+    # Built on the CPU (same initial weights whatever the device), then moved.
+    base = _mlp_model(p, options).to(options.device)
+    gen = torch.Generator().manual_seed(options.seed + 1)  # CPU generator: same data everywhere
     batches = [
         (
-            torch.randn(batch, _MLP_IN, generator=gen),
-            torch.randint(0, _MLP_CLASSES, (batch,), generator=gen),
+            torch.randn(batch, _MLP_IN, generator=gen).to(options.device),
+            torch.randint(0, _MLP_CLASSES, (batch,), generator=gen).to(options.device),
         )
         for _ in range(options.num_batches)
     ]
     example_inputs = (batches[0][0],)
 
-    factory = variant_factory(base, lambda params: make_adam(params, lr, options), batches)
+    factory = variant_factory(
+        base, lambda params: make_adam(params, lr, options), batches, options.device
+    )
 
     def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
         return lambda m: _convert(m, p, seed=options.seed, example_inputs=example_inputs, **kwargs)
@@ -323,5 +378,4 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
 
 # The CNN workloads (wrn, efficientnet_b0) register themselves on import; torchvision is imported
 # only when an EfficientNet workload is built.
-from . import cnn_workloads  # noqa: E402, F401
-from . import transformer_workloads  # noqa: E402, F401
+from . import cnn_workloads, transformer_workloads  # noqa: E402, F401
