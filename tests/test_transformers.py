@@ -417,7 +417,7 @@ def test_each_layer_draws_its_own_slices_under_a_seed():
     sliced = sliceout_fx.convert(_build("bert"), p=0.5, seed=SEED)
     sliced.train()
     starts = set()
-    for step in range(4):
+    for _ in range(4):
         sliced(**_inputs("bert"))
         draws = [s.last_draws for s in _samplers(sliced)]
         assert len(draws) == LAYERS
