@@ -96,6 +96,12 @@ def record_calls(
                 model(**example_inputs)
             else:
                 model(*example_inputs)
+    except Exception as error:
+        raise UntraceableModelError(
+            f"the example forward of {type(model).__name__} failed ({type(error).__name__}: "
+            f"{error}); pass example_inputs= the arguments of one training batch "
+            "(a dict of keyword arguments for a HuggingFace model)"
+        ) from error
     finally:
         for h in hooks:
             h.remove()

@@ -426,3 +426,10 @@ def test_each_layer_draws_its_own_slices_under_a_seed():
             break
     else:
         pytest.fail(f"every layer drew the same slices in 4 steps: {starts}")
+
+
+def test_an_example_forward_that_fails_says_what_to_pass():
+    model = _build("bert")
+    with pytest.raises(UntraceableModelError, match="pass example_inputs"):
+        sliceout_fx.convert(model, p=0.3, example_inputs={"no_such_argument": 1})
+    assert not any(type(m).__name__.startswith("SliceOut") for m in model.modules())
