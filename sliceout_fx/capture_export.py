@@ -51,14 +51,25 @@ class CallSpec:
 
 
 def _exportable(value: Any) -> Any:
-    """Objects export cannot take as inputs (a KV cache...) become ``None``."""
+    """The call argument as export takes it: a KV cache becomes ``None``, see below.
+
+    In sliced training a layer does not fill a KV cache: the keys and values it would store are
+    sliced, useless to a full-width decoding step, and they do not change the layer's output.
+    Any other object the graph could not see would change what the layer computes, so it is
+    refused rather than dropped.
+    """
     if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
         return value
     if isinstance(value, (tuple, list)):
         return type(value)(_exportable(v) for v in value)
     if isinstance(value, dict):
         return {k: _exportable(v) for k, v in value.items()}
-    return None
+    if "Cache" in type(value).__name__:
+        return None
+    raise UntraceableModelError(
+        f"cannot capture a call with an argument of type {type(value).__name__}: pass tensors, "
+        "numbers, flags or None, or convert a submodule whose arguments are tensors"
+    )
 
 
 def normalise_call(args: tuple, kwargs: dict[str, Any]) -> tuple[CallSpec, list[torch.Tensor]]:

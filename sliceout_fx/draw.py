@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import operator
 import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
@@ -523,14 +524,21 @@ def _hidden(graph: fx.Graph) -> set[fx.Node]:
     """
     if not any(_is_aten(n) for n in graph.nodes):
         return set()
-    numbers = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
     return {
         n
         for n in graph.nodes
-        if n.op == "get_attr"
-        or (n.op == "placeholder" and not n.users)
-        or isinstance(n.meta.get("val"), numbers)
+        if n.op == "get_attr" or (n.op == "placeholder" and not n.users) or _is_shape_arithmetic(n)
     }
+
+
+_SIZE_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg)
+
+
+def _is_shape_arithmetic(node: fx.Node) -> bool:
+    """``sym_size`` and the integer arithmetic on it that dynamic-shape exports record."""
+    if node.op != "call_function" or "tensor_meta" in node.meta:
+        return False
+    return node.target is torch.ops.aten.sym_size.int or node.target in _SIZE_OPS
 
 
 def _is_aten(node: fx.Node) -> bool:

@@ -433,3 +433,34 @@ def test_an_example_forward_that_fails_says_what_to_pass():
     with pytest.raises(UntraceableModelError, match="pass example_inputs"):
         sliceout_fx.convert(model, p=0.3, example_inputs={"no_such_argument": 1})
     assert not any(type(m).__name__.startswith("SliceOut") for m in model.modules())
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, options: object) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x))) * options.scale  # type: ignore[attr-defined]
+
+
+class _Options:
+    scale = 2.0
+
+
+class _ScaledStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Scaled(), _Scaled()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, _Options())
+        return x
+
+
+def test_a_layer_argument_export_cannot_see_is_refused_not_dropped():
+    model = _ScaledStack()
+    with pytest.raises(UntraceableModelError, match="_Options"):
+        sliceout_fx.convert(model, p=0.5, capture="blocks", example_inputs=(torch.randn(2, 8),))
+    assert not any(type(m).__name__.startswith("SliceOut") for m in model.modules())
