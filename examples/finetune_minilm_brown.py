@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import platform
 import re
 import statistics
 import sys
@@ -51,6 +49,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
+from sliceout_fx.bench.finetune_report import comparison_table, run_record, write_results
 from sliceout_fx.bench.memory import saved_activation_bytes
 from sliceout_fx.corpora import BROWN_GENRES, load_brown, load_minilm, split_documents
 
@@ -373,30 +372,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.batch_size} x {args.seq_len} tokens, AdamW lr={args.lr:g} (head {args.head_lr:g}), "
         f"SliceOut p={args.p}; majority-class accuracy {majority_acc:.4f}"
     )
-    header = (
-        f"{'variant':<10} {'accuracy':>9} {'median step':>12} {'step-time':>10} "
-        f"{'saved act.':>11} {'saved-act.':>11} {'train loss':>11}"
-    )
-    print(header)
     print(
-        f"{'':<10} {'':>9} {'(ms)':>12} {'ratio':>10} {'(MiB)':>11} {'ratio':>11} {'(last 10)':>11}"
-    )
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['variant']:<10} {r['heldout_chunk_accuracy']:>9.4f} {r['median_step_ms']:>12.1f} "
-            f"{r['step_time_ratio']:>10.3f} {r['saved_activation_bytes'] / 2**20:>11.2f} "
-            f"{r['saved_activation_ratio']:>11.3f} {r['final_train_loss_last10']:>11.3f}"
+        comparison_table(
+            rows,
+            ratios,
+            metric=("heldout_chunk_accuracy", "accuracy"),
+            loss=("final_train_loss_last10", "(last 10)"),
+            elapsed=elapsed,
         )
-    q = (
-        statistics.quantiles(ratios, n=4, method="inclusive")
-        if len(ratios) > 1
-        else [median_ratio] * 3
-    )
-    print(
-        f"step-time ratio: median over {len(ratios)} steps of sliceout/baseline time of the same "
-        f"step (quartiles {q[0]:.3f}-{q[2]:.3f}); saved act.: bytes autograd saved for backward "
-        f"in one step. Total {elapsed:.0f} s."
     )
 
     result = {
@@ -414,33 +397,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "majority_class_accuracy": majority_acc,
         },
         "eval_embeddings_equal_original": equal,
-        "sites": [
-            {
-                "name": s.name,
-                "p": s.p,
-                "effective_p": s.effective_p,
-                "width": s.width,
-                "units": s.units,
-            }
-            for s in report.sites
-        ],
         "kept_dropouts": [{"name": k.name, "reason": k.reason} for k in report.skipped],
         "results": rows,
-        "step_time_ratio_quartiles": q,
-        "timed_steps": len(ratios),
-        "step_times_ms": {n: [round(1000 * t, 2) for t in ts] for n, ts in times.items()},
-        "train_losses": {n: [round(v, 4) for v in ls] for n, ls in losses.items()},
-        "elapsed_s": elapsed,
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
+        **run_record(report, ratios, times, losses, elapsed),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     if not math.isfinite(rows[1]["final_train_loss_last10"]):
         print("WARNING: the SliceOut variant's training loss is not finite")
     return result

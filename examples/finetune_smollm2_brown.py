@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import platform
 import re
 import statistics
 import sys
@@ -52,6 +50,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
+from sliceout_fx.bench.finetune_report import comparison_table, run_record, write_results
 from sliceout_fx.bench.memory import saved_activation_bytes
 from sliceout_fx.corpora import load_brown, load_smollm2, split_documents
 
@@ -329,30 +328,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"full width), batch {args.batch_size} x {args.seq_len} tokens, AdamW lr={args.lr:g}, "
         f"p={args.p}; pretrained validation perplexity {ppl_pretrained:.3f}"
     )
-    header = (
-        f"{'variant':<10} {'val ppl':>9} {'median step':>12} {'step-time':>10} "
-        f"{'saved act.':>11} {'saved-act.':>11} {'train loss':>11}"
-    )
-    print(header)
     print(
-        f"{'':<10} {'':>9} {'(ms)':>12} {'ratio':>10} {'(MiB)':>11} {'ratio':>11} {'(last 5)':>11}"
-    )
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['variant']:<10} {r['val_perplexity']:>9.3f} {r['median_step_ms']:>12.1f} "
-            f"{r['step_time_ratio']:>10.3f} {r['saved_activation_bytes'] / 2**20:>11.2f} "
-            f"{r['saved_activation_ratio']:>11.3f} {r['final_train_loss_last5']:>11.3f}"
+        comparison_table(
+            rows,
+            ratios,
+            metric=("val_perplexity", "val ppl"),
+            loss=("final_train_loss_last5", "(last 5)"),
+            elapsed=elapsed,
         )
-    q = (
-        statistics.quantiles(ratios, n=4, method="inclusive")
-        if len(ratios) > 1
-        else [median_ratio] * 3
-    )
-    print(
-        f"step-time ratio: median over {len(ratios)} sliced steps of sliceout/dropout time of the "
-        f"same step (quartiles {q[0]:.3f}-{q[2]:.3f}); saved act.: bytes autograd saved for "
-        f"backward in one step. Total {elapsed:.0f} s."
     )
 
     result = {
@@ -370,33 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_logits_equal_original": equal,
         "pretrained_val_perplexity": ppl_pretrained,
         "full_width_steps": full_width_steps,
-        "sites": [
-            {
-                "name": s.name,
-                "p": s.p,
-                "effective_p": s.effective_p,
-                "width": s.width,
-                "units": s.units,
-            }
-            for s in report.sites
-        ],
         "results": rows,
-        "step_time_ratio_quartiles": q,
-        "timed_steps": len(ratios),
-        "step_times_ms": {n: [round(1000 * t, 2) for t in ts] for n, ts in times.items()},
-        "train_losses": {n: [round(v, 4) for v in ls] for n, ls in losses.items()},
-        "elapsed_s": elapsed,
-        "environment": {
-            "torch": torch.__version__,
-            "device": device if device == "cpu" else torch.cuda.get_device_name(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
+        **run_record(report, ratios, times, losses, elapsed, device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return result
 
 
