@@ -215,15 +215,16 @@ class _SlicedFusedLinear(torch.autograd.Function):
         xc = x.to(dtype)
         x2 = xc.reshape(-1, x.shape[-1])
         wt = w.t() if layout == "out_in" else w
+        y = x2.new_empty(*x.shape[:-1], wt.shape[1])  # not a view: see _SlicedLinear
         with torch.autocast(x.device.type, enabled=False):
             if bias is None:
-                y = torch.mm(x2, wt)
+                torch.mm(x2, wt, out=y.view(-1, wt.shape[1]))
             else:
                 b = bias.unflatten(0, (parts, -1))[:, start : start + width].flatten()
-                y = torch.addmm(b.to(dtype), x2, wt)
+                torch.addmm(b.to(dtype), x2, wt, out=y.view(-1, wt.shape[1]))
         ctx.save_for_backward(xc, weight)
         ctx.meta = (parts, start, width, layout, bias is not None, x.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -292,11 +293,14 @@ class _SlicedLinear(torch.autograd.Function):
         b = None if bias is None else _narrow(bias, bias_region).to(dtype)
         xc = x.to(dtype)
         x2 = xc.reshape(-1, xc.shape[-1])
+        # The result is allocated in the output's own shape and written through a 2-D view of
+        # it: returning a view would forbid in-place ops (``hardswish(inplace=True)``) after it.
+        y = x2.new_empty(*xc.shape[:-1], wt.shape[1])
         with torch.autocast(x.device.type, enabled=False):
             if b is not None:
-                y = torch.addmm(b, x2, wt, alpha=in_scale)
+                torch.addmm(b, x2, wt, alpha=in_scale, out=y.view(-1, wt.shape[1]))
             else:
-                y = torch.mm(x2, wt)
+                torch.mm(x2, wt, out=y.view(-1, wt.shape[1]))
                 if in_scale != 1.0:
                     y.mul_(in_scale)
         ctx.save_for_backward(xc, w)
@@ -310,7 +314,7 @@ class _SlicedLinear(torch.autograd.Function):
             None if bias is None else (bias.shape, bias.dtype),
             layout,
         )
-        return y.view(*xc.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -464,3 +464,26 @@ def test_a_layer_argument_export_cannot_see_is_refused_not_dropped():
     with pytest.raises(UntraceableModelError, match="_Options"):
         sliceout_fx.convert(model, p=0.5, capture="blocks", example_inputs=(torch.randn(2, 8),))
     assert not any(type(m).__name__.startswith("SliceOut") for m in model.modules())
+
+
+class _InplaceStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 32), nn.Hardswish(inplace=True), nn.Linear(32, 8))
+            for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_an_inplace_activation_after_a_sliced_projection_works():
+    """The sliced layers return fresh tensors, not views: in-place ops after them are legal."""
+    x = torch.randn(2, 5, 8)  # 3-D, so the matmul runs on a flattened view of the input
+    sliced = sliceout_fx.convert(_InplaceStack(), p=0.5, capture="blocks", example_inputs=(x,))
+    assert len(sliceout_fx.explain(sliced).sites) == 2
+    sliced.train()
+    sliced(x).sum().backward()
