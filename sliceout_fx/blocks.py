@@ -183,6 +183,15 @@ def _run_sliced(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         state.enabled = False  # export must see the block's own forward
         try:
             exported = export_call(block, args, kwargs, training=True)
+        except UntraceableModelError as error:
+            if getattr(block, "gradient_checkpointing", False):
+                raise UntraceableModelError(
+                    f"{state.name}: a call structure first seen under gradient checkpointing "
+                    "cannot be exported there; run one training step before enabling "
+                    "gradient checkpointing, or convert with example_inputs shaped like the "
+                    "training batches"
+                ) from error
+            raise
         finally:
             state.enabled = True
         entry = state.graphs[spec] = _sliced_graph(block, state, exported)

@@ -72,6 +72,11 @@ class DrawSpec:
     starts: tuple[int, ...] = ()  # "patch": number of eligible starts on each spatial axis
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass (an activation-checkpoint recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class SliceSampler(nn.Module):
     """Draws one cut per group per training step, from its own seeded generator.
 
@@ -105,7 +110,14 @@ class SliceSampler(nn.Module):
 
     @torch.compiler.disable
     def forward(self) -> tuple[int | Tensor, ...]:
-        draws = self._forced or tuple(self._draw(spec) for spec in self.specs)
+        if self._forced is not None:
+            draws = self._forced
+        elif self.last_draws is not None and _recomputing():
+            # Activation checkpointing runs the forward again inside backward: it must see the
+            # slices the first forward used (a seeded generator is not rewound by checkpoint).
+            draws = self.last_draws
+        else:
+            draws = tuple(self._draw(spec) for spec in self.specs)
         self.last_draws = draws
         return draws
 
