@@ -145,21 +145,15 @@ class UnsqueezeRule(OpRule):
         src, dst = rank_of(x), rank_of(node)
         if src is None or dst is None:
             return AxisRelations(blocks="unsqueeze with unknown shapes")
-        kept = [d for d, size in enumerate(shape_of(x))]
-        if dst > src:  # unsqueeze(dim)
+        shape = shape_of(x)
+        if dst > src:  # unsqueeze(dim): every input axis survives, shifted past the new one
             new = node.args[1] % dst
-            outs = [d for d in range(dst) if d != new]
-        else:
+            kept, outs = list(range(src)), [d for d in range(dst) if d != new]
+        else:  # squeeze(dims) removes the named size-1 axes (all of them without dims)
             dims = node.args[1] if len(node.args) > 1 else None
-            dims = [dims] if isinstance(dims, int) else dims
-            gone = (
-                {d % src for d in dims}
-                if dims
-                else {d for d, size in enumerate(shape_of(x)) if size == 1}
-            )
-            gone = {d for d in gone if shape_of(x)[d] == 1}
-            kept = [d for d in range(src) if d not in gone]
-            outs = list(range(dst))
+            named = [dims] if isinstance(dims, int) else (dims or range(src))
+            gone = {d % src for d in named if shape[d % src] == 1}
+            kept, outs = [d for d in range(src) if d not in gone], list(range(dst))
         return AxisRelations(
             couplings=[(Axis(x, a), Axis(node, b)) for a, b in zip(kept, outs, strict=True)]
         )
