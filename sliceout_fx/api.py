@@ -11,19 +11,16 @@ from typing import Any
 
 from torch import fx, nn
 
+from . import blocks
 from .blocks import (
     block_states,
     blocks_full_width,
     convert_blocks,
     example_inputs_for,
-    find_blocks,
     is_huggingface_model,
-    record_calls,
-    rename_module_paths,
     restore_blocks,
 )
 from .capture import trace
-from .capture_export import export_call
 from .config import (
     Capture,
     Mode,
@@ -63,9 +60,7 @@ def analyse(
 ) -> Analysis:
     """Capture -> shapes -> dependency graph -> groups -> sites, on ``model`` (not modified)."""
     train_gm = trace(model, leaf_modules=config.leaf_modules, training=True)
-    analysis = analyse_graph(train_gm, config, example_inputs, type(model).__name__)
-    analysis.model = model
-    return analysis
+    return analyse_graph(train_gm, config, example_inputs, type(model).__name__, model)
 
 
 def analyse_graph(
@@ -73,8 +68,12 @@ def analyse_graph(
     config: SliceOutConfig,
     example_inputs: Sequence[Any] | None,
     model_name: str,
+    model: nn.Module | None = None,
 ) -> Analysis:
-    """Shapes -> dependency graph -> groups -> sites on an already captured training graph."""
+    """Shapes -> dependency graph -> groups -> sites on an already captured training graph.
+
+    ``model`` is what the graph was captured from (default: the graph module itself).
+    """
     propagate_shapes(train_gm, example_inputs)
     dep = build_dependency_graph(train_gm)
     groups = find_groups(dep)
@@ -84,7 +83,7 @@ def analyse_graph(
         skipped += not_patchable
     flops_ratio, act_ratio = expected_ratios(dep, sites)
     report = Report(model_name, config, groups, sites, skipped, flops_ratio, act_ratio)
-    return Analysis(train_gm, train_gm, dep, groups, sites, skipped, report)
+    return Analysis(model or train_gm, train_gm, dep, groups, sites, skipped, report)
 
 
 def analyse_blocks(
@@ -99,21 +98,19 @@ def analyse_blocks(
     Nothing is converted: each block's training call is exported and analysed (for ``explain``
     and ``draw`` of one transformer layer).
     """
-    options.setdefault("placement", "delayed")
+    config = _config(p=p, **_block_defaults(options))
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    return {b.name: b.analysis for b in blocks.analyse_blocks(model, config, inputs)}
+
+
+def _block_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """Block conversion slices every sliceable group (heads, FFN), normalised where it ends."""
+    options = dict(options)
+    if options.get("placement") is None:
+        options["placement"] = "delayed"
     if options.get("sites", "auto") == "auto":
         options["sites"] = "all"
-    config = _config(p=p, **options)
-    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
-    blocks = find_blocks(model)
-    calls = record_calls(model, blocks, inputs)
-    result = {}
-    for name, block in blocks:
-        exported = export_call(block, *calls[name], training=True)
-        rename_module_paths(exported.gm, name)
-        result[name] = analyse_graph(
-            exported.gm, config, exported.example_inputs, type(block).__name__
-        )
-    return result
+    return options
 
 
 def _config(**kwargs: Any) -> SliceOutConfig:
@@ -171,24 +168,30 @@ def convert(
     """
     if isinstance(model, SliceOutModule) or block_states(model):
         raise TypeError("this model is already converted; convert to_original(model) instead")
+    options = {
+        "p": p,
+        "normalisation": normalisation,
+        "placement": placement,
+        "sites": sites,
+        "mode": mode,
+        "scheme": scheme,
+        "seed": seed,
+        "width_multiple": width_multiple,
+        "leaf_modules": leaf_modules,
+    }
     by_blocks = _by_blocks(model, capture)
-    config = _config(
-        p=p,
-        normalisation=normalisation,
-        placement=placement or ("delayed" if by_blocks else "immediate"),
-        sites="all" if by_blocks and sites == "auto" else sites,
-        mode=mode,
-        scheme=scheme,
-        seed=seed,
-        width_multiple=width_multiple,
-        leaf_modules=leaf_modules,
-    )
+    if by_blocks:
+        options = _block_defaults(options)
+    elif placement is None:
+        options["placement"] = "immediate"
+    config = _config(**options)
     source = model if inplace else copy.deepcopy(model)
     if by_blocks:
         inputs = example_inputs if example_inputs is not None else example_inputs_for(source)
         states = convert_blocks(source, config, inputs)
-        source.__dict__[_REPORT] = combine_reports(type(model).__name__, config, states)
-        _warn_if_nothing_sliced(model, [s for st in states for s in st.sites], [])
+        report = combine_reports(type(model).__name__, config, [s.analysis.report for s in states])
+        source.__dict__[_REPORT] = report
+        _warn_if_nothing_sliced(model, report.sites, report.skipped)
         return source
     analysis = analyse(source, config, example_inputs)
     _warn_if_nothing_sliced(model, analysis.sites, analysis.skipped)
@@ -243,8 +246,10 @@ def explain(
         return model.__dict__[_REPORT]
     options.pop("inplace", None)
     if _by_blocks(model, options.pop("capture", "auto")):
-        converted = convert(model, p, example_inputs=example_inputs, capture="blocks", **options)
-        return converted.__dict__[_REPORT]
+        analyses = analyse_blocks(model, p, example_inputs=example_inputs, **options)
+        config = next(iter(analyses.values())).report.config
+        reports = [a.report for a in analyses.values()]
+        return combine_reports(type(model).__name__, config, reports)
     return analyse(model, _config(p=p, **options), example_inputs).report
 
 

@@ -33,7 +33,15 @@ from .sampling import SAMPLER_NAME
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockState", "convert_blocks", "find_blocks", "is_huggingface_model", "restore_blocks"]
+__all__ = [
+    "BlockAnalysis",
+    "BlockState",
+    "analyse_blocks",
+    "convert_blocks",
+    "find_blocks",
+    "is_huggingface_model",
+    "restore_blocks",
+]
 
 _STATE = "_sliceout_block"
 
@@ -145,14 +153,10 @@ def _sliced_graph(
     block: nn.Module, state: BlockState, exported: ExportedCall, analysis: Any = None
 ) -> _BlockGraph:
     """Analyse and rewrite one exported call of ``block`` with the block's sites and sampler."""
-    from .api import analyse_graph
     from .rewrite import rewrite_training_graph
 
     if analysis is None:
-        rename_module_paths(exported.gm, state.name)
-        analysis = analyse_graph(
-            exported.gm, state.config, exported.example_inputs, type(block).__name__
-        )
+        analysis = _analyse(exported, state.name, block, state.config)
     ours = [(s.name, s.units, s.width) for s in analysis.sites]
     first = [(s.name, s.units, s.width) for s in state.sites]
     if ours != first:
@@ -225,13 +229,20 @@ def _sliced_class(cls: type) -> type:
     return subclass
 
 
-def convert_blocks(
-    model: nn.Module, config: SliceOutConfig, example_inputs: Any
-) -> list[BlockState]:
-    """Convert every repeated block of ``model`` in place; returns their states."""
-    from .api import analyse_graph
-    from .rewrite import build_sampler
+@dataclass
+class BlockAnalysis:
+    """One repeated block, its first training call as exported, and the analysis of that call."""
 
+    name: str
+    block: nn.Module
+    exported: ExportedCall
+    analysis: Any  # sliceout_fx.api.Analysis
+
+
+def analyse_blocks(
+    model: nn.Module, config: SliceOutConfig, example_inputs: Any
+) -> list[BlockAnalysis]:
+    """Find the repeated blocks, record one training call of each, export and analyse it."""
     blocks = find_blocks(model)
     if not blocks:
         raise UntraceableModelError(
@@ -239,21 +250,39 @@ def convert_blocks(
             "block; convert a submodule that torch.fx can trace instead"
         )
     calls = record_calls(model, blocks, example_inputs)
+    found = []
+    for name, block in blocks:
+        exported = export_call(block, *calls[name], training=True)
+        found.append(BlockAnalysis(name, block, exported, _analyse(exported, name, block, config)))
+    return found
+
+
+def _analyse(exported: ExportedCall, name: str, block: nn.Module, config: SliceOutConfig) -> Any:
+    from .api import analyse_graph
+
+    rename_module_paths(exported.gm, name)
+    return analyse_graph(exported.gm, config, exported.example_inputs, type(block).__name__)
+
+
+def convert_blocks(
+    model: nn.Module, config: SliceOutConfig, example_inputs: Any
+) -> list[BlockState]:
+    """Convert every repeated block of ``model`` in place; returns their states."""
+    from .rewrite import build_sampler
+
+    found = analyse_blocks(model, config, example_inputs)
     states = []
-    for index, (name, block) in enumerate(blocks):
+    for index, item in enumerate(found):
+        block = item.block
         if _STATE in block.__dict__:
-            raise SliceOutConfigError(f"block {name} is already converted")
-        args, kwargs = calls[name]
-        exported = export_call(block, args, kwargs, training=True)
-        rename_module_paths(exported.gm, name)
-        analysis = analyse_graph(exported.gm, config, exported.example_inputs, type(block).__name__)
-        state = BlockState(name, config, type(block), analysis)
+            raise SliceOutConfigError(f"block {item.name} is already converted")
+        state = BlockState(item.name, config, type(block), item.analysis)
         device = next(block.parameters()).device
         # Each block draws its own slices: one seed for all would cut every layer alike.
         own = config if config.seed is None else replace(config, seed=config.seed + index)
-        block.add_module(SAMPLER_NAME, build_sampler(analysis.sites, own).to(device))
+        block.add_module(SAMPLER_NAME, build_sampler(item.analysis.sites, own).to(device))
         block.__dict__[_STATE] = state
-        state.graphs[exported.spec] = _sliced_graph(block, state, exported, analysis)
+        state.graphs[item.exported.spec] = _sliced_graph(block, state, item.exported, item.analysis)
         block.__class__ = _sliced_class(type(block))
         states.append(state)
     return states

@@ -123,13 +123,12 @@ def expected_ratios(dep: DependencyGraph, sites: list[Site]) -> tuple[float, flo
     )
 
 
-def combine_reports(model_name: str, config: SliceOutConfig, states: list) -> Report:
+def combine_reports(model_name: str, config: SliceOutConfig, reports: list[Report]) -> Report:
     """One report for a block-converted model: every block's sites, groups and skips.
 
     The expected ratios are the blocks' averages (the layers of one model are alike); they cover
     the converted blocks only, not embeddings or heads outside them.
     """
-    reports = [state.analysis.report for state in states]
     n = max(len(reports), 1)
     return Report(
         f"{model_name} ({len(reports)} blocks converted)",
