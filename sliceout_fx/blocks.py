@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ._probe import untouched
 from .capture_export import INNER, CallSpec, ExportedCall, export_call, normalise_call
 from .config import SliceOutConfig
 from .errors import SliceOutConfigError, UntraceableModelError
@@ -95,11 +96,8 @@ def record_calls(
             calls.setdefault(name, (args, kwargs))
 
         hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-    states = {m: m.training for m in model.modules()}
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # batch-norm statistics...
     try:
-        model.train()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with untouched(model, training=True):
             if isinstance(example_inputs, dict):
                 model(**example_inputs)
             else:
@@ -113,11 +111,6 @@ def record_calls(
     finally:
         for h in hooks:
             h.remove()
-        for m, state in states.items():
-            m.training = state
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
     missing = [name for name, _ in blocks if name not in calls]
     if missing:
         raise UntraceableModelError(

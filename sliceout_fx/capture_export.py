@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from ._probe import training_mode
 from .errors import UntraceableModelError
 
 __all__ = ["CallSpec", "ExportedCall", "export_call", "normalise_call"]
@@ -100,17 +101,6 @@ class ExportedCall:
         return pytree.tree_unflatten(flat, self.out_spec)
 
 
-@contextlib.contextmanager
-def _mode(module: nn.Module, training: bool) -> Iterator[None]:
-    states = {m: m.training for m in module.modules()}
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, state in states.items():
-            m.training = state
-
-
 def export_call(
     module: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool = True
 ) -> ExportedCall:
@@ -119,7 +109,7 @@ def export_call(
     flat_call = _FlatCall(module, spec)
     dynamic = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in tensors)
     try:
-        with _mode(module, training), warnings.catch_warnings(), _quiet_export_logs():
+        with training_mode(module, training), warnings.catch_warnings(), _quiet_export_logs():
             warnings.simplefilter("ignore")
             exported = torch.export.export(
                 flat_call, tuple(tensors), dynamic_shapes=(dynamic,), strict=False

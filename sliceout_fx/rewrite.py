@@ -124,7 +124,7 @@ class _Rewriter:
         self.graph, self.dep, self.sites, self.config = gm.graph, dep, sites, config
         axis_site = {axis: site for site in sites for axis in site.group.axes}
         self.ctx = RewriteContext(gm, axis_site)
-        self.replaced_dropouts = {d: site for site in sites for d in site.dropouts}
+        self.replaced_dropouts = {d for site in sites for d in site.dropouts}
         # Attention groups always scale where the heads leave (the values), never the queries.
         delayed = [s for s in sites if config.placement == "delayed" or _has_attention(dep, s)]
         immediate = [s for s in sites if s not in delayed]

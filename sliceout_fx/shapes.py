@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ._probe import untouched
 from .errors import ShapeInferenceError
 
 #: Spatial size used when synthesising an image-like input for a convolutional model.
@@ -77,24 +78,14 @@ def propagate_shapes(
 ) -> tuple[Any, ...]:
     """Record ``node.meta['tensor_meta']`` on every node of ``gm``; returns the inputs used."""
     inputs = tuple(example_inputs) if example_inputs is not None else synthesize_example_inputs(gm)
-    modes = {m: m.training for m in gm.modules()}
-    # The train-mode graph may hold functional batch norms with training=True baked in (timm's
-    # BatchNormAct2d) or in-place counter updates: running it must leave the buffers as they were.
-    buffers = [(b, b.clone()) for b in gm.buffers()]
-    gm.eval()
     try:
-        # fork_rng: a functional dropout baked into the graph must not consume the user's RNG.
-        with torch.no_grad(), torch.random.fork_rng():
+        # The train-mode graph may hold functional batch norms with training=True baked in (timm's
+        # BatchNormAct2d) or a functional dropout: running it must leave buffers and RNG alone.
+        with untouched(gm, training=False):
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:  # noqa: BLE001
         raise ShapeInferenceError(
             f"running the traced model on example inputs failed ({type(exc).__name__}: {exc}); "
             "pass example_inputs=(...) that the model accepts"
         ) from exc
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
     return inputs

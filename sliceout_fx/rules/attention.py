@@ -89,6 +89,9 @@ class SoftmaxRule(OpRule):
         )
 
 
+#: Targets of softmax in torch-level and ATen graphs (the dropout rule looks for them too).
+SOFTMAX_TARGETS = (aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax, "softmax")
+
 _SDPA = AttentionRule()
 _MATMUL = MatmulRule()
 _SOFTMAX = SoftmaxRule()
@@ -100,9 +103,5 @@ RULES = {
     torch.matmul: _MATMUL,
     operator.matmul: _MATMUL,
     "method:matmul": _MATMUL,
-    aten.softmax.int: _SOFTMAX,
-    aten._softmax.default: _SOFTMAX,
-    F.softmax: _SOFTMAX,
-    torch.softmax: _SOFTMAX,
-    "method:softmax": _SOFTMAX,
+    **{t if t != "softmax" else "method:softmax": _SOFTMAX for t in SOFTMAX_TARGETS},
 }

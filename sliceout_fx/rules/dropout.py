@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .attention import SOFTMAX_TARGETS
 from .base import AxisRelations, OpRule, SiteHint, bind_args, couple_all_dims
 
 aten = torch.ops.aten
@@ -32,7 +33,7 @@ def _drops_attention_weights(x: fx.Node) -> bool:
     """
     while isinstance(x, fx.Node) and x.target in _CASTS:
         x = x.args[0]
-    return isinstance(x, fx.Node) and x.target in _SOFTMAXES
+    return isinstance(x, fx.Node) and x.target in SOFTMAX_TARGETS
 
 
 def _rate_and_training(node: fx.Node, gm: fx.GraphModule) -> tuple[float, bool]:
@@ -58,7 +59,6 @@ class DropoutRule(OpRule):
 
 
 _CASTS = (aten.to.dtype, aten._to_copy.default, "to", "float", "type_as")
-_SOFTMAXES = (aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax, "softmax")
 
 _RULE = DropoutRule()
 RULES = {
