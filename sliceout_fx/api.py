@@ -133,6 +133,7 @@ def convert(
     leaf_modules: Sequence[type[nn.Module] | str] | None = None,
     capture: Capture = "auto",
     inplace: bool = False,
+    capturable: bool = False,
 ) -> nn.Module:
     """Convert ``model`` into a module that trains with SliceOut and evaluates at full width.
 
@@ -154,6 +155,9 @@ def convert(
             exports each repeated layer with ``torch.export`` and converts it in place, keeping
             the model object and class; ``"auto"`` picks ``"blocks"`` for HuggingFace models.
         inplace: share the given model's parameters instead of deep-copying the model first.
+        capturable: draw slices on the device and slice by device-side offsets, for
+            ``torch.compile(fullgraph=True)`` and CUDA-graph capture of a whole training step
+            (see :class:`SliceOutConfig` and the "Compiling and CUDA graphs" page).
 
     Returns:
         With ``capture="fx"``, a :class:`SliceOutModule` with the original ``state_dict`` keys.
@@ -178,6 +182,7 @@ def convert(
         "seed": seed,
         "width_multiple": width_multiple,
         "leaf_modules": leaf_modules,
+        "capturable": capturable,
     }
     by_blocks = _by_blocks(model, capture)
     if by_blocks:

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from ._probe import untouched
-from .capture_export import INNER, CallSpec, ExportedCall, export_call, normalise_call
+from .capture_export import INNER, CallSpec, ExportedCall, call_key, export_call, normalise_call
 from .config import SliceOutConfig
 from .errors import SliceOutConfigError, UntraceableModelError
 from .sampling import SAMPLER_NAME
@@ -136,6 +136,7 @@ class BlockState:
     analysis: Any  # sliceout_fx.api.Analysis of the first call
     graphs: dict[CallSpec, _BlockGraph] = field(default_factory=dict)
     enabled: bool = True
+    by_key: dict[tuple, _BlockGraph] = field(default_factory=dict)  # call_key -> graph, hot path
 
     @property
     def sites(self) -> list:
@@ -173,26 +174,40 @@ def _share_children(gm: fx.GraphModule, block: nn.Module) -> None:
 
 def _run_sliced(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
     state: BlockState = block.__dict__[_STATE]
-    spec, tensors = normalise_call(args, kwargs)
-    entry = state.graphs.get(spec)
+    key, tensors = call_key(args, kwargs)
+    entry = state.by_key.get(key)
     if entry is None:
-        logger.info("sliceout_fx: exporting %s for a new call structure", state.name)
-        state.enabled = False  # export must see the block's own forward
-        try:
-            exported = export_call(block, args, kwargs, training=True)
-        except UntraceableModelError as error:
-            if getattr(block, "gradient_checkpointing", False):
-                raise UntraceableModelError(
-                    f"{state.name}: a call structure first seen under gradient checkpointing "
-                    "cannot be exported there; run one training step before enabling "
-                    "gradient checkpointing, or convert with example_inputs shaped like the "
-                    "training batches"
-                ) from error
-            raise
-        finally:
-            state.enabled = True
-        entry = state.graphs[spec] = _sliced_graph(block, state, exported)
-    return entry.call.unflatten_output(entry.gm(*tensors))
+        entry = state.by_key[key] = _graph_for_new_structure(block, state, args, kwargs)
+    # `.forward`: the graph module has no hooks, and its generated code is what dynamo inlines.
+    return entry.call.unflatten_output(entry.gm.forward(*tensors))
+
+
+@torch.compiler.disable
+def _graph_for_new_structure(
+    block: nn.Module, state: BlockState, args: tuple, kwargs: dict[str, Any]
+) -> _BlockGraph:
+    """The graph of a call structure not seen yet: exported and rewritten on first use."""
+    spec, _ = normalise_call(args, kwargs)
+    entry = state.graphs.get(spec)
+    if entry is not None:
+        return entry
+    logger.info("sliceout_fx: exporting %s for a new call structure", state.name)
+    state.enabled = False  # export must see the block's own forward
+    try:
+        exported = export_call(block, args, kwargs, training=True)
+    except UntraceableModelError as error:
+        if getattr(block, "gradient_checkpointing", False):
+            raise UntraceableModelError(
+                f"{state.name}: a call structure first seen under gradient checkpointing "
+                "cannot be exported there; run one training step before enabling "
+                "gradient checkpointing, or convert with example_inputs shaped like the "
+                "training batches"
+            ) from error
+        raise
+    finally:
+        state.enabled = True
+    entry = state.graphs[spec] = _sliced_graph(block, state, exported)
+    return entry
 
 
 _SUBCLASSES: dict[type, type] = {}

@@ -29,7 +29,7 @@ from torch import fx, nn
 from ._probe import training_mode
 from .errors import UntraceableModelError
 
-__all__ = ["CallSpec", "ExportedCall", "export_call", "normalise_call"]
+__all__ = ["CallSpec", "ExportedCall", "call_key", "export_call", "normalise_call"]
 
 # Nodes torch.export adds for its own checks; they would pin shapes and dtypes of the call.
 _DROPPED_TARGETS = {
@@ -87,6 +87,35 @@ def normalise_call(args: tuple, kwargs: dict[str, Any]) -> tuple[CallSpec, list[
     return spec, spec.tensor_leaves(leaves)
 
 
+def call_key(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[torch.Tensor]]:
+    """A hashable key of the call's structure, and its tensor leaves in placeholder order.
+
+    The same information as :func:`normalise_call`, from plain tuples instead of a pytree spec:
+    it is what every training step of a converted block looks up, so it must be cheap on the
+    host and traceable by dynamo (``torch.compile`` then guards on the structure once instead of
+    breaking the graph). The leaves come out in ``normalise_call``'s order.
+    """
+    tensors: list[torch.Tensor] = []
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return _TENSOR
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return (type(value).__name__, value)  # 1, 1.0 and True are distinct structures
+        if isinstance(value, (tuple, list)):
+            return (type(value).__name__, tuple(walk(v) for v in value))
+        if isinstance(value, dict):
+            return ("dict", tuple((k, walk(v)) for k, v in value.items()))
+        return ("none", _exportable(value))  # a KV cache (None) or a clear error
+
+    key = (walk(tuple(args)), tuple((k, walk(kwargs[k])) for k in sorted(kwargs)))
+    return key, tensors
+
+
+_TENSOR = "tensor"
+
+
 @dataclass
 class ExportedCall:
     """One exported call of a module, ready for the analysis pipeline."""
@@ -98,7 +127,12 @@ class ExportedCall:
 
     def unflatten_output(self, flat: Any) -> Any:
         flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
-        return pytree.tree_unflatten(flat, self.out_spec)
+        spec = self.out_spec
+        if spec.is_leaf():
+            return flat[0]
+        if spec.type is tuple and all(child.is_leaf() for child in spec.children_specs):
+            return tuple(flat)  # the usual block output, without a pytree walk per step
+        return pytree.tree_unflatten(flat, spec)
 
 
 def export_call(

@@ -47,6 +47,12 @@ class SliceOutConfig:
         seed: seeds the slice sampler's own generator (``None``: the global torch RNG).
         width_multiple: round slice widths (and starts) to this many channels, e.g. 8.
         leaf_modules: module types or qualified names to keep whole when tracing.
+        capturable: draw slice starts on the model's device inside the step and slice by
+            device-side offsets (no host sync, no Python RNG, static shapes), so that a whole
+            training step compiles with ``fullgraph=True`` and can be captured in a CUDA graph
+            that draws new slices at every replay (the name and meaning of ``torch.optim``'s
+            flag). Costs gathered weight blocks instead of views; ``torch.compile`` takes this
+            path by itself, even without the flag.
     """
 
     p: Rate = 0.5
@@ -58,6 +64,7 @@ class SliceOutConfig:
     seed: int | None = None
     width_multiple: int | None = None
     leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)
+    capturable: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -68,6 +75,14 @@ class SliceOutConfig:
             raise SliceOutConfigError(
                 "scheme='patch' is flow-normalised and has no controlled-dropout form: use "
                 "normalisation='flow' and mode='slice' or 'mask'"
+            )
+        if not isinstance(self.capturable, bool):
+            raise SliceOutConfigError(f"capturable must be True or False, got {self.capturable!r}")
+        if self.capturable and (self.scheme == "patch" or self.mode == "gather"):
+            raise SliceOutConfigError(
+                "capturable=True draws contiguous slices on the device; Patch SliceOut windows and "
+                "controlled dropout's index sets are drawn on the host: use scheme='channel' and "
+                "mode='slice' or 'mask', or capturable=False"
             )
         if isinstance(self.p, Mapping):
             for site, rate in self.p.items():

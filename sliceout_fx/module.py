@@ -69,7 +69,9 @@ class SliceOutModule(nn.Module):
     # -- running ------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_graph(*args, **kwargs)
+        # `.forward`, not `__call__`: the graph modules have no hooks of their own, and a small
+        # training step is bound by host work per call.
+        return self.active_graph.forward(*args, **kwargs)
 
     @property
     def active_graph(self) -> fx.GraphModule:

@@ -49,13 +49,21 @@ class Cut(NamedTuple):
 
 
 def make_cut(unit_index: int | Tensor, width: int, size: int, scale: int, mode: str) -> Cut:
-    """Turn a group-level draw (in units) into a cut on an axis with ``scale`` channels per unit."""
+    """Turn a group-level draw (in units) into a cut on an axis with ``scale`` channels per unit.
+
+    A start held in a device tensor (the capturable and compiled path) cannot narrow a view
+    without a host sync, so its live channels become a contiguous index vector, gathered like
+    controlled dropout's index set: static shapes, no ``.item()``.
+    """
     if mode == "gather":
         assert isinstance(unit_index, Tensor)
         if scale == 1:
             return Cut(unit_index, width, size, mode)
         offsets = torch.arange(scale, device=unit_index.device)
         return Cut((unit_index[:, None] * scale + offsets).flatten(), width, size, mode)
+    if mode == "slice" and isinstance(unit_index, Tensor):
+        index = unit_index * scale + torch.arange(width, device=unit_index.device)
+        return Cut(index, width, size, "gather")
     return Cut(unit_index * scale, width, size, mode)
 
 
@@ -141,23 +149,59 @@ def sliced_linear(
 ) -> Tensor:
     """``F.linear(x * in_scale, W)`` on the live rows (outputs) and columns (inputs) of ``W``.
 
-    ``in_scale`` is a flow normalisation folded into the matmul, so the scaled input is never
-    materialised nor saved for backward. In slice mode a custom autograd function computes the
-    weight gradient straight into its block of a zero gradient of the parameter's shape.
-    ``layout="in_out"`` reads a weight stored ``(in, out)`` (HuggingFace's ``Conv1D``) as it is,
-    instead of through a transposed view whose gradient would need a transposed copy.
+    ``in_scale`` is a flow normalisation folded into the matmul (``addmm(alpha=...)``), so the
+    scaled input is never materialised nor saved for backward. In slice mode the weight block is
+    one strided view (see :data:`NATIVE_BLOCK_LIMIT` for which backward it gets).
+    ``layout="in_out"`` reads a weight stored ``(in, out)`` (HuggingFace's ``Conv1D``) as it is.
     """
-    out_dim, in_dim = (0, 1) if layout == "out_in" else (1, 0)
-    region = tuple(
-        (dim, cut.index, cut.width)
-        for dim, cut in ((out_dim, out_cut), (in_dim, in_cut))
-        if cut is not None and cut.mode == "slice"
-    )
-    if region and weight.requires_grad:
-        bias_region = tuple((0, start, width) for dim, start, width in region if dim == out_dim)
-        return _SlicedLinear.apply(x, weight, bias, region, bias_region, in_scale, layout)
+    cut = out_cut if out_cut is not None else in_cut
+    if cut is None or cut.mode != "slice":
+        return _reference_linear(x, weight, bias, out_cut, in_cut, in_scale, layout)
+    out_dim = 0 if layout == "out_in" else 1
+    o0, ow = (0, weight.shape[out_dim]) if out_cut is None else (out_cut.index, out_cut.width)
+    i0, iw = (0, weight.shape[1 - out_dim]) if in_cut is None else (in_cut.index, in_cut.width)
+    if ow * iw >= NATIVE_BLOCK_LIMIT:
+        return _SlicedLinear.apply(x, weight, bias, o0, ow, i0, iw, in_scale, layout)
+    # Native autograd: one view node for the weight block, one for the bias, backward in C++. A
+    # block cut on one axis is a narrow (whose backward is one op), on two one as_strided.
+    if in_cut is None or out_cut is None:
+        dim, start, width = (out_dim, o0, ow) if in_cut is None else (1 - out_dim, i0, iw)
+        w = weight.narrow(dim, start, width)
+        wt = w.t() if layout == "out_in" else w
+    else:
+        wt = _live_block(weight, o0, ow, i0, iw, layout, as_in_out=True)
+    b = bias if bias is None or out_cut is None else bias.narrow(0, o0, ow)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if b is not None:
+        y = torch.addmm(b, x2, wt, alpha=in_scale)
+    elif in_scale != 1.0:
+        y = torch.mm(x2, wt).mul_(in_scale)
+    else:
+        y = torch.mm(x2, wt)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], ow)
+
+
+#: Weight blocks smaller than this many elements are sliced with native autograd views: at such
+#: sizes a training step is bound by host work per op, and the C++ backward of a view costs less
+#: than the Python backward of :class:`_SlicedLinear`. Larger blocks take :class:`_SlicedLinear`,
+#: which spares a block-sized gradient copy and the ``alpha`` multiplies, memory traffic that
+#: dominates there.
+NATIVE_BLOCK_LIMIT = 1 << 16
+
+
+def _reference_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out_cut: Cut | None,
+    in_cut: Cut | None,
+    in_scale: float,
+    layout: str,
+) -> Tensor:
+    """Gather (controlled dropout, device-side starts) and mask modes of :func:`sliced_linear`."""
     if in_scale != 1.0:
         x = x * in_scale
+    out_dim, in_dim = (0, 1) if layout == "out_in" else (1, 0)
     weight = take_block(weight, ((out_dim, out_cut), (in_dim, in_cut)))
     if layout == "in_out":
         weight = weight.t()
@@ -275,74 +319,102 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _SlicedLinear(torch.autograd.Function):
-    """Linear layer on a block of the weight whose backward writes gradients in place.
+def _live_block(
+    weight: Tensor, o0: int, ow: int, i0: int, iw: int, layout: str, *, as_in_out: bool
+) -> Tensor:
+    """The live block of a linear weight as one ``as_strided`` view.
 
-    Autograd's own path would give the weight block a gradient laid out for the strided view
-    (column-major when columns are sliced), copy it transposed into a full-size zero tensor, and
-    do so once per narrowed dimension. Here ``torch.addmm(out=block)`` writes the block directly.
-    Bias and input scale ride on the forward ``addmm`` too. Autocast is honoured by casting
-    explicitly, as the autocast-wrapped ``F.linear`` would.
+    One op instead of a narrow per dimension plus a transpose: at small sizes a training step is
+    bound by the number of ops dispatched, not by their arithmetic. ``as_in_out`` gives the block
+    as an ``(in, out)`` view whatever the storage layout (what ``addmm(x, .)`` multiplies by);
+    otherwise it keeps the weight's own layout (what a gradient block is written into).
+    """
+    s0, s1 = weight.stride()
+    if layout == "out_in":
+        offset, size, stride = o0 * s0 + i0 * s1, (ow, iw), (s0, s1)
+    else:
+        offset, size, stride = i0 * s0 + o0 * s1, (iw, ow), (s0, s1)
+    if as_in_out == (layout == "out_in"):
+        size, stride = size[::-1], stride[::-1]
+    return weight.as_strided(size, stride, weight.storage_offset() + offset)
+
+
+class _SlicedLinear(torch.autograd.Function):
+    """A linear layer on a block of its weight, with the fewest ops forward and backward.
+
+    Forward is one ``addmm`` (bias and input scale ride on it) over a strided view of the block.
+    Backward writes the weight gradient with ``addmm(out=block)`` straight into its block of a
+    zero tensor of the parameter's shape (autograd's own path would make a block-sized gradient,
+    then copy it into a full-size zero tensor once per narrowed dimension), and the bias gradient
+    with ``sum(out=block)``. Autocast is honoured by casting explicitly, as the autocast-wrapped
+    ``F.linear`` would. The output is never a view (in-place activations may follow).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, region, bias_region, in_scale, layout):
-        dtype = _compute_dtype(x)
-        w = _narrow(weight, region).to(dtype)
-        wt = w.t() if layout == "out_in" else w  # (in, out)
-        b = None if bias is None else _narrow(bias, bias_region).to(dtype)
-        xc = x.to(dtype)
-        x2 = xc.reshape(-1, xc.shape[-1])
-        # The result is allocated in the output's own shape and written through a 2-D view of
-        # it: returning a view would forbid in-place ops (``hardswish(inplace=True)``) after it.
-        y = x2.new_empty(*xc.shape[:-1], wt.shape[1])
-        with torch.autocast(x.device.type, enabled=False):
-            if b is not None:
-                torch.addmm(b, x2, wt, alpha=in_scale, out=y.view(-1, wt.shape[1]))
-            else:
-                torch.mm(x2, wt, out=y.view(-1, wt.shape[1]))
-                if in_scale != 1.0:
-                    y.mul_(in_scale)
-        ctx.save_for_backward(xc, w)
-        ctx.meta = (
-            weight.shape,
-            weight.dtype,
-            region,
-            bias_region,
-            in_scale,
-            x.dtype,
-            None if bias is None else (bias.shape, bias.dtype),
-            layout,
-        )
+    def forward(ctx, x, weight, bias, o0, ow, i0, iw, in_scale, layout):
+        wt = _live_block(weight, o0, ow, i0, iw, layout, as_in_out=True)
+        b = None if bias is None else bias.narrow(0, o0, ow)
+        xc = x
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast as the autocast-wrapped F.linear would; the ops below then run as cast.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            wt, xc = wt.to(dtype), x.to(dtype)
+            b = None if b is None else b.to(dtype)
+        elif x.dtype != weight.dtype:
+            raise RuntimeError(
+                f"sliced linear: input is {x.dtype} but the weight is {weight.dtype} "
+                "(cast one of them, as F.linear requires)"
+            )
+        x2 = xc if xc.dim() == 2 else xc.reshape(-1, xc.shape[-1])
+        if b is not None:
+            y = torch.addmm(b, x2, wt, alpha=in_scale)
+        elif in_scale != 1.0:
+            y = torch.mm(x2, wt).mul_(in_scale)
+        else:
+            y = torch.mm(x2, wt)
+        ctx.save_for_backward(x2, wt)
+        bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.meta = (weight.shape, weight.dtype, bias_meta, o0, ow, i0, iw, in_scale, layout)
+        ctx.meta += (x.shape, x.dtype)
+        if x.dim() != 2:
+            # Not a view of `y`: autograd would then forbid in-place ops on the output.
+            y = torch.ops.aten._unsafe_view(y, (*x.shape[:-1], ow))
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        xc, w = ctx.saved_tensors
-        w_shape, w_dtype, region, bias_region, in_scale, x_dtype, bias_meta, layout = ctx.meta
-        grad_y = grad_y.to(w.dtype)
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        x2, wt = ctx.saved_tensors
+        w_shape, w_dtype, bias_meta, o0, ow, i0, iw, in_scale, layout, x_shape, x_dtype = ctx.meta
+        g2 = grad_y if grad_y.dtype == wt.dtype else grad_y.to(wt.dtype)
+        if g2.dim() != 2:
+            g2 = g2.reshape(-1, ow)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_out_in = w if layout == "out_in" else w.t()
-            grad_x = torch.mm(g2, w_out_in)
-            if in_scale != 1.0:
-                grad_x.mul_(in_scale)
-            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+            if in_scale != 1.0:  # beta=0: the first argument only gives the shape
+                grad_x = torch.addmm(x2, g2, wt.t(), beta=0, alpha=in_scale)
+            else:
+                grad_x = torch.mm(g2, wt.t())
+            if len(x_shape) != 2:
+                grad_x = grad_x.view(x_shape)
+            if grad_x.dtype != x_dtype:
+                grad_x = grad_x.to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros(w_shape, dtype=w_dtype, device=w.device)
-            block = _narrow(grad_w, region)
-            x2 = xc.reshape(-1, xc.shape[-1])
+            grad_w = torch.zeros(w_shape, dtype=w_dtype, device=g2.device)
+            block = _live_block(grad_w, o0, ow, i0, iw, layout, as_in_out=False)
             a, b = (g2.t(), x2) if layout == "out_in" else (x2.t(), g2)
-            if w.dtype == w_dtype and not torch.compiler.is_compiling():
+            if g2.dtype == w_dtype and not torch.compiler.is_compiling():
                 torch.addmm(block, a, b, beta=0, alpha=in_scale, out=block)
             else:
                 block.copy_(torch.mm(a, b).mul_(in_scale))
         if bias_meta is not None and ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(bias_meta[0], dtype=bias_meta[1], device=w.device)
-            _narrow(grad_b, bias_region).copy_(g2.sum(0))
-        return grad_x, grad_w, grad_b, None, None, None, None
+            grad_b = torch.zeros(bias_meta[0], dtype=bias_meta[1], device=g2.device)
+            live = grad_b.narrow(0, o0, ow)
+            if g2.dtype == bias_meta[1]:
+                torch.sum(g2, 0, out=live)
+            else:
+                live.copy_(g2.sum(0))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def sliced_conv(

@@ -82,6 +82,7 @@ def build_sampler(sites: list[Site], config: SliceOutConfig) -> SliceSampler:
             for s in sites
         ],
         seed=config.seed,
+        capturable=config.capturable,
     )
     if config.normalisation == "probabilistic" and config.mode != "gather":
         for site in sites:

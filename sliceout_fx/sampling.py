@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,25 +78,68 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class SliceSampler(nn.Module):
-    """Draws one cut per group per training step, from its own seeded generator.
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
 
-    It lives in the training graph as its first call. It is excluded from ``torch.compile`` so the
-    draws are plain Python ints handed to the compiled region (which then specialises once and
-    treats them as dynamic), never module attributes that would force a recompile every step. It has
-    no persistent state, so ``state_dict`` keys stay those of the original model.
+
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of a Python int or an int64 tensor.
+
+    Every intermediate stays below 2**63, so the int64 tensor form computes bit for bit what the
+    Python form does, on any device: a seeded draw is the same number in eager, compiled and
+    CUDA-graph runs, and needs no generator object (which neither dynamo nor graph capture
+    handles well).
+    """
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def _seed_key(seed: int) -> int:
+    return mix32(seed & _M32) ^ mix32(((seed >> 32) ^ _GOLDEN) & _M32)
+
+
+class SliceSampler(nn.Module):
+    """Draws one slice start per group per training step.
+
+    A start is ``(r * high) >> 32`` for a 32-bit random ``r`` and ``high`` eligible positions.
+    ``r`` comes from one of two sources:
+
+    * ``seed=None``: one ``torch.randint`` on the global (or, on the device path, the device's
+      default) generator, so ``torch.manual_seed`` makes runs repeatable;
+    * ``seed=s``: a counter-based hash of ``(s, step, group)`` (:func:`mix32`), so the draws are a
+      pure function of the step count - identical on the host and the device paths, cheap, and
+      restorable from a single integer.
+
+    Starts are Python ints in eager training (narrowed views, no ATen op spent on drawing with a
+    seed). Under ``torch.compile``, or always with ``capturable=True``, they are int64 tensors on
+    the model's device instead (no host sync, no graph break, static shapes), which the runtime
+    ops turn into contiguous index vectors. The sampler has no persistent state, so
+    ``state_dict`` keys stay the original model's.
     """
 
-    def __init__(self, specs: Sequence[DrawSpec], seed: int | None = None) -> None:
+    def __init__(
+        self, specs: Sequence[DrawSpec], seed: int | None = None, capturable: bool = False
+    ) -> None:
         super().__init__()
         self.specs = list(specs)
+        self.seed = seed
+        self.capturable = capturable
+        # Controlled dropout and Patch SliceOut draw index sets / window corners from a generator.
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
+        self._key = None if seed is None else _seed_key(seed)
+        self._starts_only = all(s.mode == "slice" for s in self.specs)
+        self._highs = [s.units - s.width + 1 for s in self.specs]
+        self._salts = [mix32((i * _GOLDEN + 0x7F4A7C15) & _M32) for i in range(len(self.specs))]
+        self.host_steps = 0  # seeded draws made on the host path so far
+        self.register_buffer("highs", torch.tensor(self._highs, dtype=torch.long), persistent=False)
+        self.register_buffer("salts", torch.tensor(self._salts, dtype=torch.long), persistent=False)
+        #: seeded draws made on the device path so far (a tensor, so CUDA-graph replays advance it)
+        self.register_buffer("device_steps", torch.zeros((), dtype=torch.long), persistent=False)
         self._forced: tuple | None = None
-        self.last_draws: tuple | None = (
-            None  # the draws of the latest training step, for inspection
-        )
+        self.last_draws: tuple | None = None  # the draws of the latest training step
 
     def add_scale_buffer(self, name: str, values: Tensor) -> None:
         """Register a non-persistent per-channel tensor (moves with ``.to()``, not saved)."""
@@ -108,27 +152,61 @@ class SliceSampler(nn.Module):
         """
         self._forced = None if draws is None else tuple(draws)
 
-    @torch.compiler.disable
     def forward(self) -> tuple[int | Tensor, ...]:
-        if self._forced is not None:
+        if torch.compiler.is_compiling():
+            draws = self._forced or self._draw_on_device_or_sets()
+        elif self._forced is not None:
             draws = self._forced
         elif self.last_draws is not None and _recomputing():
             # Activation checkpointing runs the forward again inside backward: it must see the
-            # slices the first forward used (a seeded generator is not rewound by checkpoint).
+            # slices the first forward used (and the step counters must not move).
             draws = self.last_draws
+        elif not self._starts_only:
+            draws = self._draw_sets()
+        elif self.capturable:
+            draws = self._draw_on_device()
         else:
-            draws = tuple(self._draw(spec) for spec in self.specs)
-        self.last_draws = draws
+            draws = self._draw_on_host()
+        self.__dict__["last_draws"] = draws  # not through nn.Module.__setattr__: a hot path
         return draws
 
-    def _draw(self, spec: DrawSpec) -> int | Tensor:
+    def last_starts(self) -> tuple | None:
+        """The latest step's draws as Python ints (device-side starts are read back: a sync)."""
+        if self.last_draws is None:
+            return None
+        return tuple(d.tolist() if isinstance(d, Tensor) else d for d in self.last_draws)
+
+    def _draw_on_host(self) -> tuple[int, ...]:
+        if self._key is None:
+            randoms = torch.randint(0, 1 << 32, (len(self._highs),)).tolist()
+        else:
+            step = self._key ^ mix32(self.host_steps & _M32)
+            randoms = [mix32(step ^ salt) for salt in self._salts]
+            self.__dict__["host_steps"] += 1
+        return tuple([(r * high) >> 32 for r, high in zip(randoms, self._highs)])  # noqa: B905
+
+    def _draw_on_device_or_sets(self) -> tuple:
+        return self._draw_on_device() if self._starts_only else self._draw_sets()
+
+    def _draw_on_device(self) -> tuple[Tensor, ...]:
+        if self._key is None:
+            randoms = torch.randint(0, 1 << 32, self.highs.shape, device=self.highs.device)
+        else:
+            randoms = mix32((self._key ^ mix32(self.device_steps & _M32)) ^ self.salts)
+            self.device_steps.add_(1)
+        return ((randoms * self.highs) >> 32).unbind(0)
+
+    @torch.compiler.disable
+    def _draw_sets(self) -> tuple:
+        """Controlled-dropout index sets and Patch SliceOut corners (host only)."""
+        return tuple(self._draw(spec) for spec in self.specs)
+
+    def _draw(self, spec: DrawSpec) -> Tensor | tuple[int, ...]:
         if spec.mode == "patch":
             return tuple(int(torch.randint(n, (), generator=self.generator)) for n in spec.starts)
-        if spec.mode == "gather":
-            perm = torch.randperm(spec.units, generator=self.generator)
-            return perm[: spec.width].sort().values
-        high = spec.units - spec.width + 1
-        return int(torch.randint(high, (), generator=self.generator))
+        perm = torch.randperm(spec.units, generator=self.generator)
+        return perm[: spec.width].sort().values
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{s.width}/{s.units} ({s.mode})" for s in self.specs)
+        cuts = ", ".join(f"{s.width}/{s.units} ({s.mode})" for s in self.specs)
+        return f"{cuts}, capturable={self.capturable}"

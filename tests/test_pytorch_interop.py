@@ -236,14 +236,13 @@ def test_compiled_training_does_not_recompile_per_draw_and_matches_eager():
         out = compiled(torch.randn(8, 12))
         out.square().mean().backward()
         opt.step()
-        draws.append(converted.sliceout_sampler.last_draws)
+        draws.append(converted.sliceout_sampler.last_starts())
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] > 0, "dynamo compiled nothing: the count below would prove nothing"
     assert len(set(draws[2:])) > 3, f"the draws did not change: {draws}"
     assert graphs[2:] == [graphs[2]] * 6, f"recompiled after warm-up: {graphs} for draws {draws}"
-    # the only graph break is the sampler's deliberate one (draws enter the graph as ints)
-    assert counters["graph_break"], "expected the sampler's graph break"
-    assert all("compiler.disable" in reason for reason in counters["graph_break"])
+    # under torch.compile the sampler draws on the device: no graph break at all
+    assert not counters["graph_break"], dict(counters["graph_break"])
     # parameters were updated through the compiled module, with zero gradient outside the slice
     assert not torch.equal(converted.fc1.weight, original.fc1.weight)
     start, width = draws[-1][0], converted.report.sites[0].width
@@ -261,8 +260,8 @@ def test_compiled_training_does_not_recompile_per_draw_and_matches_eager():
 
 def test_compiled_graph_count_does_not_grow_with_depth():
     # Eleven linear layers of eleven different shapes: the sliced graph must compile as one graph
-    # after the sampler's deliberate break, not one graph per layer shape (which would exceed
-    # dynamo's recompile limit and silently fall back to eager for the remaining layers).
+    # (the sampler draws on the device under compile), not one graph per layer shape (which
+    # would exceed dynamo's recompile limit and silently fall back to eager for the rest).
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -277,8 +276,8 @@ def test_compiled_graph_count_does_not_grow_with_depth():
     counters.clear()
     for _ in range(4):
         train_step_outputs(compiled, (torch.randn(4, 12),))
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
-    assert all("compiler.disable" in reason for reason in counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 @pytest.mark.slow
@@ -296,7 +295,7 @@ def test_compiled_with_inductor_matches_eager_and_original():
     for _ in range(3):
         eager.load_state_dict(converted.state_dict())
         out_c, grads_c = train_step_outputs(compiled, (x,))
-        draws = converted.sliceout_sampler.last_draws
+        draws = converted.sliceout_sampler.last_starts()
         seen.add(draws)
         eager.sliceout_sampler.force(draws)
         out_e, grads_e = train_step_outputs(eager, (x,))
@@ -337,7 +336,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-            draws.append(converted.sliceout_sampler.last_draws)
+            draws.append(converted.sliceout_sampler.last_starts())
         final = torch.cat([p.detach().flatten() for p in converted.parameters()])
         gathered = [torch.empty_like(final) for _ in range(world)]
         dist.all_gather(gathered, final)
@@ -428,18 +427,22 @@ def test_bf16_autocast_eval_training_and_masked_reference():
 def test_to_float64_moves_sampler_buffers_and_trains_in_double():
     original = _mlp()
     sliced, masked = convert_pair(original, p=0.5, normalisation="probabilistic")
-    scales = dict(sliced.sliceout_sampler.named_buffers())
+    scales = {k: v for k, v in sliced.sliceout_sampler.named_buffers() if v.is_floating_point()}
     assert scales, "no normalisation buffer: the dtype check would prove nothing"
     assert not any(k.startswith("sliceout_sampler") for k in sliced.state_dict())
     sliced.to(torch.float64)
     masked.to(torch.float64)
     for model in (sliced, masked):
         assert all(t.dtype == torch.float64 for t in model.parameters())
-        assert all(t.dtype == torch.float64 for t in model.sliceout_sampler.buffers())
+        floating = [t for t in model.sliceout_sampler.buffers() if t.is_floating_point()]
+        assert floating and all(t.dtype == torch.float64 for t in floating)
+        # the draw counters and bounds stay integers
+        assert model.sliceout_sampler.device_steps.dtype == torch.long
         for graph in GRAPHS:
             assert all(t.dtype == torch.float64 for t in getattr(model, graph).parameters())
     for name, buf in sliced.sliceout_sampler.named_buffers():
-        torch.testing.assert_close(buf, scales[name].double())  # values survive the move
+        if name in scales:
+            torch.testing.assert_close(buf, scales[name].double())  # values survive the move
     x = torch.randn(8, 12, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(sliced.eval()(x), original.double().eval()(x))
