@@ -26,6 +26,11 @@ class Report:
     flops_ratio: float  # expected multiply-accumulates of a sliced step / full width
     activation_ratio: float  # expected activation elements of a sliced step / full width
 
+    def __deepcopy__(self, memo: dict) -> Report:
+        # A report describes the analysis; its groups hold fx nodes, and copying a node copies
+        # the whole linked list behind it (a RecursionError on deep models). Copies share it.
+        return self
+
     def site(self, name: str) -> Site:
         for s in self.sites:
             if s.name == name:
