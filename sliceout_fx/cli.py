@@ -96,6 +96,11 @@ examples:
   {PROG} bench wrn --p 0.5 --depth 10 --widen 1 --image-size 8 --repeats 3   # tiny WRN
   {PROG} bench efficientnet_b0 --p 0.3          # needs torchvision
   {PROG} bench wrn --p 0.3 0.5 --device cuda    # on the GPU: adds a CUDA step-peak memory column
+  {PROG} bench mlp --p 0.5 --compile            # both variants torch.compile'd (inductor)
+  {PROG} bench mlp --p 0.5 --capturable         # SliceOut with device-side slice offsets
+  {PROG} bench overhead                         # ATen ops and host time per tiny step (mlp, gpt2)
+  {PROG} bench gpu --device cuda                # the prepared GPU suite (<= --budget seconds)
+  {PROG} bench gpu --device cpu --entries mlp-b256 --modes eager compiled   # small, on the CPU
 """
 
 EXPLAIN_EPILOG = f"""\
@@ -195,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=BENCH_EPILOG,
         formatter_class=_Formatter,
     )
-    bench.add_argument("workload", choices=names, help="workload to run")
+    bench.add_argument(
+        "workload",
+        choices=[*names, *SUITES],
+        help="workload to run; 'overhead' and 'gpu' are suites of their own (see below)",
+    )
     bench.add_argument(
         "--p",
         type=_rate,
@@ -253,9 +262,45 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
-        default="cpu",
-        help="where models, batches and steps run (auto: cuda if available); the device's name "
-        "goes into the table and results.json",
+        default=None,
+        help="where models, batches and steps run (auto: cuda if available; default: cpu, and "
+        "cuda for the gpu suite); the device's name goes into the table and results.json",
+    )
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every variant, the baseline too (inductor)",
+    )
+    bench.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile mode (implies --compile); reduce-overhead uses CUDA graphs",
+    )
+    bench.add_argument(
+        "--capturable",
+        action="store_true",
+        help="convert the SliceOut variants with capturable=True (device-side slice offsets)",
+    )
+    suite = bench.add_argument_group("compiling and suites (bench overhead / bench gpu)")
+    suite.add_argument(
+        "--budget",
+        type=float,
+        default=360.0,
+        help="gpu: seconds for the whole suite; entries that would start later are skipped",
+    )
+    suite.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=("eager", "compiled", "cudagraph"),
+        help="gpu: modes to run (default: all three; cudagraph needs CUDA)",
+    )
+    suite.add_argument(
+        "--entries", nargs="+", default=None, metavar="NAME", help="gpu/overhead: run only these"
+    )
+    suite.add_argument(
+        "--backend", default="inductor", help="torch.compile backend (aot_eager: a smoke run)"
     )
     bench.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -328,17 +373,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SUITES = ("overhead", "gpu")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import run_benchmark
-    from .bench.workloads import BenchOptions
+    from .bench.workloads import BenchOptions, resolve_device
 
+    if args.workload == "overhead":
+        from .bench.overhead import run_overhead
+
+        run_overhead(
+            args.entries,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            threads=args.threads or 1,
+            out=args.out,
+        )
+        return 0
+    if args.workload == "gpu":
+        from .bench.gpu_suite import MODES, run_gpu_suite
+
+        run_gpu_suite(
+            device=resolve_device(args.device or "cuda"),
+            modes=tuple(args.modes or MODES),
+            entries=args.entries,
+            budget_s=args.budget,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            backend=args.backend,
+            out=args.out,
+        )
+        return 0
     options = BenchOptions(
         batch_size=args.batch_size,
         **_shape_options(args),
         fused_adam=args.fused_adam,
         foreach=args.foreach,
         seed=args.seed,
-        device=args.device,
+        device=args.device or "cpu",
+        compile=args.compile or args.compile_mode is not None,
+        compile_mode=None if args.compile_mode in (None, "default") else args.compile_mode,
+        compile_backend=args.backend,
+        capturable=args.capturable,
     )
     run_benchmark(
         args.workload,

@@ -7,6 +7,10 @@ sliced axis. A cut says which units of an axis are alive this step, and how:
   kernels run on smaller tensors and autograd saves smaller activations.
 * ``"gather"`` - controlled dropout: ``index`` is a sorted index tensor and parameters are gathered
   (copies), the paper's baseline with the same FLOPs as slicing.
+* ``"offset"`` - SliceOut from a start held in a device tensor (``capturable=True`` and
+  ``torch.compile``): ``index`` is the contiguous index vector ``start + arange(width)``, gathered
+  like controlled dropout's, because a view cannot be narrowed at a device-side offset without a
+  host sync. Linear layers regather their block in backward instead of saving the copy.
 * ``"mask"`` - the reference: everything runs at full width and the complement of the slice is
   zeroed, so tests can compare the sliced graph against a plain dense computation with the same
   draws.
@@ -30,7 +34,7 @@ __all__ = [
     "restrict",
     "normalise",
     "live_size",
-    "live_part",
+    "live_parts",
     "sliced_linear",
     "sliced_fused_linear",
     "sliced_conv",
@@ -39,13 +43,17 @@ __all__ = [
 ]
 
 
+#: Cut modes whose ``index`` is a tensor of channel indices (gathered, not viewed).
+INDEXED = ("gather", "offset")
+
+
 class Cut(NamedTuple):
     """The live part of one axis for one training step."""
 
     index: int | Tensor  # start (slice/mask) or sorted channel indices (gather)
     width: int  # number of live channels on this axis
     size: int  # full number of channels on this axis
-    mode: str  # "slice" | "gather" | "mask"
+    mode: str  # "slice" | "gather" | "offset" | "mask"
 
 
 def make_cut(unit_index: int | Tensor, width: int, size: int, scale: int, mode: str) -> Cut:
@@ -63,7 +71,7 @@ def make_cut(unit_index: int | Tensor, width: int, size: int, scale: int, mode: 
         return Cut((unit_index[:, None] * scale + offsets).flatten(), width, size, mode)
     if mode == "slice" and isinstance(unit_index, Tensor):
         index = unit_index * scale + torch.arange(width, device=unit_index.device)
-        return Cut(index, width, size, "gather")
+        return Cut(index, width, size, "offset")
     return Cut(unit_index * scale, width, size, mode)
 
 
@@ -82,7 +90,7 @@ def take_block(t: Tensor | None, cuts: tuple[tuple[int, Cut | None], ...]) -> Te
     cuts = tuple((d, c) for d, c in cuts if c is not None and c.mode != "mask")
     if t is None or not cuts:
         return t
-    if cuts[0][1].mode == "gather":
+    if cuts[0][1].mode in INDEXED:
         for dim, cut in cuts:
             t = t.index_select(dim, cut.index.to(t.device))
         return t
@@ -155,6 +163,13 @@ def sliced_linear(
     ``layout="in_out"`` reads a weight stored ``(in, out)`` (HuggingFace's ``Conv1D``) as it is.
     """
     cut = out_cut if out_cut is not None else in_cut
+    if cut is not None and cut.mode == "offset":
+        out_dim = 0 if layout == "out_in" else 1
+        index = (
+            None if out_cut is None else out_cut.index,
+            None if in_cut is None else in_cut.index,
+        )
+        return _OffsetLinear.apply(x, weight, bias, *index, in_scale, out_dim)
     if cut is None or cut.mode != "slice":
         return _reference_linear(x, weight, bias, out_cut, in_cut, in_scale, layout)
     out_dim = 0 if layout == "out_in" else 1
@@ -187,6 +202,71 @@ def sliced_linear(
 #: which spares a block-sized gradient copy and the ``alpha`` multiplies, memory traffic that
 #: dominates there.
 NATIVE_BLOCK_LIMIT = 1 << 16
+
+
+def _gather_block(
+    weight: Tensor, out_index: Tensor | None, in_index: Tensor | None, out_dim: int
+) -> Tensor:
+    """The live block of a linear weight, as an ``(in, out)`` matrix, gathered by index."""
+    w = weight if out_index is None else weight.index_select(out_dim, out_index)
+    w = w if in_index is None else w.index_select(1 - out_dim, in_index)
+    return w.t() if out_dim == 0 else w
+
+
+class _OffsetLinear(torch.autograd.Function):
+    """A linear layer on a block of its weight chosen by index vectors (device-side offsets).
+
+    Autograd's own path would save the gathered block for backward, a copy of the live weights
+    counted as activation memory (a Wide layer's block can outweigh its activations). This
+    function saves the parameter and the indices and gathers the block again in backward; the
+    gradients are scattered into zero tensors of the parameters' shapes. Compiles (fullgraph) and
+    replays in CUDA graphs: no host sync, static shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_index, in_index, in_scale, out_dim):
+        x_dtype = x.dtype
+        wt = _gather_block(weight, out_index, in_index, out_dim)
+        b = bias if bias is None or out_index is None else bias.index_select(0, out_index)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            wt, x = wt.to(dtype), x.to(dtype)
+            b = None if b is None else b.to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.mm(x2, wt).mul_(in_scale) if b is None else torch.addmm(b, x2, wt, alpha=in_scale)
+        ctx.save_for_backward(x2, weight, out_index, in_index)
+        ctx.meta = (in_scale, out_dim, x.shape, x_dtype, bias is not None, wt.dtype)
+        return y.view(*x.shape[:-1], wt.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x2, weight, out_index, in_index = ctx.saved_tensors
+        in_scale, out_dim, x_shape, x_dtype, has_bias, dtype = ctx.meta
+        wt = _gather_block(weight, out_index, in_index, out_dim).to(dtype)
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (torch.mm(g2, wt.t()) * in_scale).view(x_shape).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            block = torch.mm(x2.t(), g2) * in_scale  # (in, out)
+            if out_dim == 0:
+                block = block.t()  # (out, in)
+            rows, cols = (out_index, in_index) if out_dim == 0 else (in_index, out_index)
+            grad_w = torch.zeros_like(weight)
+            if rows is not None and cols is not None:
+                grad_w[rows[:, None], cols] = block.to(weight.dtype)
+            elif rows is not None:
+                grad_w.index_copy_(0, rows, block.to(weight.dtype))
+            else:
+                grad_w.index_copy_(1, cols, block.to(weight.dtype))
+        if has_bias and ctx.needs_input_grad[2]:
+            summed = g2.sum(0).to(weight.dtype)
+            if out_index is None:
+                grad_b = summed
+            else:
+                grad_b = summed.new_zeros(weight.shape[out_dim]).index_copy_(0, out_index, summed)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _reference_linear(
@@ -233,7 +313,7 @@ def sliced_fused_linear(
         weight = take(weight, 1 - out_dim, in_cut)
     w = weight.unflatten(out_dim, (parts, -1))
     b = None if bias is None else bias.unflatten(0, (parts, -1))
-    if out_cut.mode == "gather":
+    if out_cut.mode in INDEXED:
         w = w.index_select(out_dim + 1, out_cut.index.to(w.device))
         b = None if b is None else b.index_select(1, out_cut.index.to(b.device))
     else:
@@ -306,10 +386,9 @@ def live_size(cut: Cut) -> int:
     return cut.size if cut.mode == "mask" else cut.width
 
 
-def live_part(fused: Tensor, index: int, cut: Cut) -> Tensor:
-    """Item ``index`` of the concatenated live parts of :func:`sliced_fused_linear`."""
-    width = live_size(cut)
-    return fused.narrow(-1, index * width, width)
+def live_parts(fused: Tensor, parts: int, cut: Cut) -> tuple[Tensor, ...]:
+    """All live parts of :func:`sliced_fused_linear`'s output, in one ``split``."""
+    return fused.split(live_size(cut), dim=-1)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -536,7 +615,7 @@ def sliced_batch_norm_fn(
     rm, rv = take(running_mean, 0, cut).clone(), take(running_var, 0, cut).clone()
     y = F.batch_norm(x, rm, rv, weight, bias, True, momentum, eps)
     with torch.no_grad():
-        if cut.mode == "gather":
+        if cut.mode in INDEXED:
             index = cut.index.to(rm.device)
             running_mean.index_copy_(0, index, rm)
             running_var.index_copy_(0, index, rv)

@@ -231,7 +231,9 @@ TINY = BenchOptions(hidden=64, batch_size=32, num_batches=2)
 def test_mlp_variants_start_from_same_weights() -> None:
     wl = get_workload("mlp").build(0.5, TINY)
     built = wl.build()
-    assert list(built) == ["dropout", "sliceout-flow", "sliceout-prob", "controlled"]
+    assert list(built) == [
+        "dropout", "sliceout-flow", "sliceout-prob", "controlled", "sliceout-capturable"
+    ]  # fmt: skip
     ref = built["dropout"].model.state_dict()
     for variant in built.values():
         state = variant.model.state_dict()
@@ -252,7 +254,9 @@ def test_mlp_runner_end_to_end(tmp_path: Path) -> None:
     )
     data = _check_result_files(result, tmp_path)
     entry = data["results"][0]
-    assert set(entry["variants"]) == {"dropout", "sliceout-flow", "sliceout-prob", "controlled"}
+    assert set(entry["variants"]) == {
+        "dropout", "sliceout-flow", "sliceout-prob", "controlled", "sliceout-capturable"
+    }  # fmt: skip
     assert entry["workload_info"]["hidden"] == 64
     for name in ("sliceout-flow", "sliceout-prob"):
         v = entry["variants"][name]
@@ -368,6 +372,7 @@ def test_cnn_workloads_registered_with_paper_defaults() -> None:
 def test_wrn_variants_start_from_same_weights_with_paper_sgd() -> None:
     wl = get_workload("wrn").build(0.5, TINY_WRN)
     expected = ["dropout", *CNN_VARIANTS] + (["sliceout-patch"] if _patch_available() else [])
+    expected.append("sliceout-capturable")
     assert wl.variant_names == expected
     assert wl.info["model"] == "WRN-10-1" and wl.info["image_size"] == 16
     built = wl.build()

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .workloads import BenchOptions, Workload, register_workload, variant_factory
+from .workloads import (
+    BenchOptions,
+    Workload,
+    register_workload,
+    sliceout_options,
+    variant_factory,
+)
 
 __all__ = ["efficientnet_b0_workload", "make_sgd", "wrn_workload"]
 
@@ -102,7 +108,7 @@ def _cnn_workload(
     def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
         import sliceout_fx
 
-        merged = {**convert_kwargs, **kwargs}
+        merged = sliceout_options(options, {**convert_kwargs, **kwargs})
         return lambda m: sliceout_fx.convert(
             m, p, seed=options.seed, example_inputs=example_inputs, **merged
         )
@@ -127,9 +133,13 @@ def _cnn_workload(
             "Patch SliceOut (contiguous spatial window), flow normalisation",
             sliceout(scheme="patch", normalisation="flow"),
         )
+    variants["sliceout-capturable"] = (
+        "Channel SliceOut, flow, delayed, capturable=True (device-side offsets)",
+        sliceout(placement="delayed", normalisation="flow", capturable=True),
+    )
 
     factory = variant_factory(
-        base, lambda params: make_sgd(params, lr, options), batches, options.device
+        base, lambda params: make_sgd(params, lr, options), batches, options.device, options
     )
 
     return Workload(

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .workloads import BenchOptions, Variant, Workload, on_device, register_workload
+from .workloads import (
+    BenchOptions,
+    Variant,
+    Workload,
+    on_device,
+    register_workload,
+    runner,
+    sliceout_options,
+)
 
 __all__ = ["bert_workload", "gpt2_workload"]
 
@@ -92,10 +100,11 @@ def _workload(
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
             cycle = itertools.cycle(batches)
+            run = runner(model, options)
 
             def step() -> None:
                 optimizer.zero_grad(set_to_none=True)
-                model(**next(cycle)).loss.backward()
+                run(**next(cycle)).loss.backward()
                 optimizer.step()
 
             return Variant(variant, model, optimizer, step, list(model.parameters()), desc)
@@ -105,6 +114,7 @@ def _workload(
     def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
         import sliceout_fx
 
+        kwargs = sliceout_options(options, kwargs)
         return lambda m: sliceout_fx.convert(m, p, seed=options.seed, example_inputs=example,
                                              **kwargs)
 
@@ -114,6 +124,10 @@ def _workload(
         "sliceout-prob": (
             "SliceOut heads + FFN, probabilistic normalisation",
             sliceout(normalisation="probabilistic"),
+        ),
+        "sliceout-capturable": (
+            "SliceOut heads + FFN, flow, capturable=True (device-side offsets)",
+            sliceout(capturable=True),
         ),
     }
     return Workload(

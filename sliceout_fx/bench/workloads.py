@@ -29,6 +29,8 @@ __all__ = [
     "on_device",
     "register_workload",
     "resolve_device",
+    "runner",
+    "sliceout_options",
     "workload_names",
 ]
 
@@ -84,6 +86,13 @@ class BenchOptions:
     device: str = "cpu"
     """Where models, batches and steps live: ``"cpu"``, ``"cuda"`` (``"cuda:N"``) or ``"auto"``
     (CUDA when available); resolved and checked on construction (see :func:`resolve_device`)."""
+    compile: bool = False
+    """``torch.compile`` every variant, the baseline too (each is compared in the same mode)."""
+    compile_mode: str | None = None
+    """``torch.compile(mode=...)``, e.g. ``"reduce-overhead"`` (CUDA graphs); implies compile."""
+    compile_backend: str = "inductor"
+    capturable: bool = False
+    """Convert the SliceOut variants with ``capturable=True`` (device-side slice offsets)."""
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -95,6 +104,8 @@ class BenchOptions:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {self.num_batches}")
+        if self.compile_mode is not None:
+            self.compile = True
 
 
 @dataclass
@@ -214,6 +225,28 @@ def make_adam(
     return torch.optim.Adam(params, **kwargs)
 
 
+def runner(model: nn.Module, options: BenchOptions | None) -> Callable[..., Any]:
+    """What a variant's step calls: the model, or ``torch.compile(model)`` under ``--compile``.
+
+    The optimizer keeps the model's own parameters either way.
+    """
+    if options is None or not options.compile:
+        return model
+    return torch.compile(model, mode=options.compile_mode, backend=options.compile_backend)
+
+
+def sliceout_options(options: BenchOptions, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``convert`` keyword arguments with ``capturable`` added where the variant allows it.
+
+    Controlled dropout's index sets and Patch SliceOut's windows are drawn on the host, so those
+    variants stay as they are under ``--capturable``.
+    """
+    host_only = kwargs.get("mode") == "gather" or kwargs.get("scheme") == "patch"
+    if options.capturable and not host_only:
+        return {**kwargs, "capturable": True}
+    return kwargs
+
+
 def classification_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -237,12 +270,14 @@ def variant_factory(
     make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     device: str | torch.device | None = None,
+    options: BenchOptions | None = None,
 ) -> Callable[[str, Callable[[nn.Module], nn.Module], str], Callable[[], Variant]]:
     """``factory(name, transform, description)`` -> a builder of that variant.
 
     Each variant is ``transform`` applied to its own deep copy of ``base`` (so all start from the
     same weights), with its own optimizer, stepping over the same batches. The transformed model is
-    moved to ``device`` (default: where ``base``'s parameters are), see :func:`on_device`.
+    moved to ``device`` (default: where ``base``'s parameters are), see :func:`on_device`, and
+    compiled when ``options.compile`` (see :func:`runner`).
     """
     if device is None:
         device = next((t.device for t in base.parameters()), torch.device("cpu"))
@@ -258,7 +293,7 @@ def variant_factory(
                 name=name,
                 model=model,
                 optimizer=optimizer,
-                step=classification_step(model, optimizer, batches),
+                step=classification_step(runner(model, options), optimizer, batches),
                 params=list(model.parameters()),
                 description=description,
             )
@@ -334,10 +369,11 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
     example_inputs = (batches[0][0],)
 
     factory = variant_factory(
-        base, lambda params: make_adam(params, lr, options), batches, options.device
+        base, lambda params: make_adam(params, lr, options), batches, options.device, options
     )
 
     def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
+        kwargs = sliceout_options(options, kwargs)
         return lambda m: _convert(m, p, seed=options.seed, example_inputs=example_inputs, **kwargs)
 
     variants = {
@@ -353,6 +389,10 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
         "controlled": (
             "controlled dropout: random index set, gathered weights",
             sliceout(mode="gather"),
+        ),
+        "sliceout-capturable": (
+            "SliceOut, flow, capturable=True (device-side offsets, gathered blocks)",
+            sliceout(normalisation="flow", capturable=True),
         ),
     }
     return Workload(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..ops import live_part, live_size
+from ..ops import live_parts, live_size
 from .base import Axis, AxisRelations, OpRule, rank_of, shape_of
 
 aten = torch.ops.aten
@@ -257,8 +257,10 @@ class SplitItemRule(OpRule):
             for view in projection.views:  # the views between projection and split
                 sizes = [*view.args[1][:-1], width]
                 fused = ctx.graph.call_function(view.target, (fused, sizes))
-            ctx.memo[key] = fused
-        return ctx.call(live_part, (ctx.memo[key], node.args[1], out_cut))
+            # One split of the live parts (backward: one cat), not a narrow per part (backward:
+            # a zero-filled full-size gradient per part).
+            ctx.memo[key] = ctx.call(live_parts, (fused, parts, out_cut))
+        return ctx.call(operator.getitem, (ctx.memo[key], node.args[1]))
 
 
 SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
