@@ -382,3 +382,27 @@ def test_compiled_hf_model_has_the_original_graph_breaks_and_no_recompiles(kind:
     assert len(set(seen)) > 3, "the compiled layers did not draw fresh slices"
     # after warm-up the converted model compiles into as many graphs as the original
     assert _graphs_and_breaks(converted, batch) == _graphs_and_breaks(original, batch)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_capturable_hf_layers_compute_what_the_int_path_computes(kind: str) -> None:
+    original, batch = _hf_model(kind)
+    original = original.double()
+    example = {k: v for k, v in batch.items() if k != "labels"}
+    kw = {"p": 0.3, "seed": 4, "example_inputs": example}
+    host = sliceout_fx.convert(copy.deepcopy(original), **kw).train()
+    device = sliceout_fx.convert(copy.deepcopy(original), capturable=True, **kw).train()
+    for _ in range(3):
+        host.zero_grad(set_to_none=True)
+        device.zero_grad(set_to_none=True)
+        loss_h, loss_d = host(**batch).loss, device(**batch).loss
+        loss_h.backward()
+        loss_d.backward()
+        torch.testing.assert_close(loss_d, loss_h, atol=1e-12, rtol=1e-12)
+        for (k, p_h), p_d in zip(host.named_parameters(), device.parameters(), strict=True):
+            if p_h.grad is not None:
+                torch.testing.assert_close(p_d.grad, p_h.grad, atol=1e-12, rtol=1e-10, msg=k)
+    layers = host.transformer.h if kind == "gpt2" else host.model.layers
+    assert all(isinstance(d, int) for d in layers[0].sliceout_sampler.last_draws)
+    layers = device.transformer.h if kind == "gpt2" else device.model.layers
+    assert all(isinstance(d, torch.Tensor) for d in layers[0].sliceout_sampler.last_draws)
