@@ -205,11 +205,26 @@ NATIVE_BLOCK_LIMIT = 1 << 16
 
 
 def _gather_block(
-    weight: Tensor, out_index: Tensor | None, in_index: Tensor | None, out_dim: int
+    weight: Tensor,
+    out_index: Tensor | None,
+    in_index: Tensor | None,
+    out_dim: int,
+    regather: bool = False,
 ) -> Tensor:
-    """The live block of a linear weight, as an ``(in, out)`` matrix, gathered by index."""
-    w = weight if out_index is None else weight.index_select(out_dim, out_index)
-    w = w if in_index is None else w.index_select(1 - out_dim, in_index)
+    """The live block of a linear weight, as an ``(in, out)`` matrix, gathered by index.
+
+    ``regather`` (the backward's copy) indexes with another op than the forward: traced by
+    ``torch.compile``, two identical gathers would be merged into one whose result is *saved*
+    for backward, a copy of the live weights kept as activation memory.
+    """
+    rows, cols = (out_index, in_index) if out_dim == 0 else (in_index, out_index)
+    if regather and rows is not None and cols is not None:
+        w = weight[rows[:, None], cols]
+    elif regather:
+        w = weight[rows] if rows is not None else weight[:, cols]
+    else:
+        w = weight if rows is None else weight.index_select(0, rows)
+        w = w if cols is None else w.index_select(1, cols)
     return w.t() if out_dim == 0 else w
 
 
@@ -260,7 +275,8 @@ class _OffsetLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, weight, out_index, in_index = ctx.saved_tensors
         in_scale, out_dim, x_shape, x_dtype, has_bias, dtype = ctx.meta
-        wt = _gather_block(weight, out_index, in_index, out_dim).to(dtype)
+        wt = _gather_block(weight, out_index, in_index, out_dim, torch.compiler.is_compiling())
+        wt = wt.to(dtype)
         g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
