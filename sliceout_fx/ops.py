@@ -211,38 +211,53 @@ def _gather_block(
     out_dim: int,
     regather: bool = False,
 ) -> Tensor:
-    """The live block of a linear weight, as an ``(in, out)`` matrix, gathered by index.
-
-    ``regather`` (the backward's copy) indexes with another op than the forward: traced by
-    ``torch.compile``, two identical gathers would be merged into one whose result is *saved*
-    for backward, a copy of the live weights kept as activation memory.
-    """
+    """The live block of a linear weight, as an ``(in, out)`` matrix, gathered by index."""
     rows, cols = (out_index, in_index) if out_dim == 0 else (in_index, out_index)
-    if regather and rows is not None and cols is not None:
-        w = weight[rows[:, None], cols]
+    if cols is None:
+        w = weight.index_select(0, rows)  # whole rows: a memcpy each
+    elif not torch.compiler.is_compiling():
+        windows, at = _windows(weight, rows, cols)
+        w = windows[at].squeeze(0 if rows is not None else 1)
     elif regather:
-        w = weight[rows] if rows is not None else weight[:, cols]
+        # The backward's copy indexes with another op than the forward's: traced by
+        # torch.compile, two identical gathers would be merged into one whose result is *saved*
+        # for backward, a copy of the live weights kept as activation memory.
+        w = weight[:, cols] if rows is None else weight[rows[:, None], cols]
     else:
-        w = weight if rows is None else weight.index_select(0, rows)
-        w = w if cols is None else w.index_select(1, cols)
+        w = weight.index_select(1, cols) if rows is None else weight[rows][:, cols]
     return w.t() if out_dim == 0 else w
+
+
+def _windows(t: Tensor, rows: Tensor | None, cols: Tensor) -> tuple[Tensor, tuple]:
+    """``t.unfold`` into every window of the block's size, and the index of the block's window.
+
+    The index vectors here are always contiguous, so a block is one window: reading it with one
+    advanced index of one-element index tensors (no host sync) copies row by row, several times
+    faster than ``index_select`` along columns, which gathers element by element; writing through
+    the same index is a fast scatter. Under ``torch.compile`` the plain index ops are used
+    instead (the unfolded view overlaps itself, which functionalization does not rewrite).
+    """
+    if rows is None:
+        return t.unfold(1, cols.shape[0], 1), (slice(None), cols[:1])
+    windows = t.unfold(0, rows.shape[0], 1).unfold(1, cols.shape[0], 1)
+    return windows, (rows[:1], cols[:1])
 
 
 def _scatter_block(
     block: Tensor, rows: Tensor | None, cols: Tensor | None, shape: torch.Size
 ) -> Tensor:
-    """A zero tensor of ``shape`` with ``block`` at ``(rows, cols)``.
-
-    Columns first into a ``(len(rows), shape[1])`` strip, then whole rows: two ``index_copy_``
-    are several times faster than one 2-D ``index_put_``, whose indices broadcast per element.
-    """
-    if cols is not None:
-        strip = block.new_zeros(block.shape[0], shape[1]).index_copy_(1, cols, block)
-    else:
-        strip = block
+    """A zero tensor of ``shape`` with ``block`` at ``(rows, cols)``."""
+    grad = block.new_zeros(shape)
+    if cols is None:
+        return grad.index_copy_(0, rows, block)  # whole rows
+    if not torch.compiler.is_compiling():
+        windows, at = _windows(grad, rows, cols)
+        windows[at] = block.unsqueeze(0) if rows is not None else block.unsqueeze(1)
+        return grad
     if rows is None:
-        return strip
-    return block.new_zeros(shape).index_copy_(0, rows, strip)
+        return grad.index_copy_(1, cols, block)
+    strip = block.new_zeros(block.shape[0], shape[1]).index_copy_(1, cols, block)
+    return grad.index_copy_(0, rows, strip)
 
 
 class _OffsetLinear(torch.autograd.Function):
@@ -265,10 +280,16 @@ class _OffsetLinear(torch.autograd.Function):
             wt, x = wt.to(dtype), x.to(dtype)
             b = None if b is None else b.to(dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.mm(x2, wt).mul_(in_scale) if b is None else torch.addmm(b, x2, wt, alpha=in_scale)
+        if b is not None:
+            y = torch.addmm(b, x2, wt, alpha=in_scale)
+        else:
+            y = torch.mm(x2, wt) if in_scale == 1.0 else torch.mm(x2, wt).mul_(in_scale)
         ctx.save_for_backward(x2, weight, out_index, in_index)
         ctx.meta = (in_scale, out_dim, x.shape, x_dtype, bias is not None, wt.dtype)
-        return y.view(*x.shape[:-1], wt.shape[1])
+        if x.dim() == 2:
+            return y
+        # Not a view of `y`: autograd would then forbid in-place ops on the output.
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], wt.shape[1]))
 
     @staticmethod
     @torch.autograd.function.once_differentiable

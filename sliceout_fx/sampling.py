@@ -123,7 +123,6 @@ class SliceSampler(nn.Module):
     ) -> None:
         super().__init__()
         self.specs = list(specs)
-        self.seed = seed
         self.capturable = capturable
         # Controlled dropout and Patch SliceOut draw index sets / window corners from a generator.
         self.generator: torch.Generator | None = None
@@ -153,10 +152,10 @@ class SliceSampler(nn.Module):
         self._forced = None if draws is None else tuple(draws)
 
     def forward(self) -> tuple[int | Tensor, ...]:
-        if torch.compiler.is_compiling():
-            draws = self._forced or self._draw_on_device_or_sets()
-        elif self._forced is not None:
+        if self._forced is not None:
             draws = self._forced
+        elif torch.compiler.is_compiling():  # dynamo traces the device path: no graph break
+            draws = self._draw_on_device() if self._starts_only else self._draw_sets()
         elif self.last_draws is not None and _recomputing():
             # Activation checkpointing runs the forward again inside backward: it must see the
             # slices the first forward used (and the step counters must not move).
@@ -184,9 +183,6 @@ class SliceSampler(nn.Module):
             randoms = [mix32(step ^ salt) for salt in self._salts]
             self.__dict__["host_steps"] += 1
         return tuple([(r * high) >> 32 for r, high in zip(randoms, self._highs)])  # noqa: B905
-
-    def _draw_on_device_or_sets(self) -> tuple:
-        return self._draw_on_device() if self._starts_only else self._draw_sets()
 
     def _draw_on_device(self) -> tuple[Tensor, ...]:
         if self._key is None:

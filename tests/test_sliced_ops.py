@@ -68,12 +68,13 @@ def test_sliced_linear_equals_the_dense_reference(
 
 
 def test_a_sliced_linear_output_takes_an_in_place_activation(monkeypatch) -> None:
-    for limit in (0, 1 << 30):  # custom and native paths
+    for limit, offsets in ((0, False), (1 << 30, False), (0, True)):  # custom, native, offset
         monkeypatch.setattr(ops, "NATIVE_BLOCK_LIMIT", limit)
         weight = torch.randn(OUT, IN, requires_grad=True)
         x = torch.randn(2, 3, 5)
+        o0, i0 = (torch.tensor(1), torch.tensor(4)) if offsets else (1, 4)
         y = sliced_linear(
-            x, weight, None, make_cut(1, 6, OUT, 1, "slice"), make_cut(4, 5, IN, 1, "slice")
+            x, weight, None, make_cut(o0, 6, OUT, 1, "slice"), make_cut(i0, 5, IN, 1, "slice")
         )
         F.hardswish(y, inplace=True).sum().backward()
         outside = torch.ones(OUT, IN, dtype=torch.bool)

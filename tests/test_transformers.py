@@ -390,7 +390,7 @@ def test_gpt2_bench_workload_builds_and_steps():
     )
     workload = get_workload("gpt2").build(0.3, options)
     variants = workload.build()
-    assert list(variants) == ["dropout", "sliceout-flow", "sliceout-prob"]
+    assert list(variants) == ["dropout", "sliceout-flow", "sliceout-prob", "sliceout-capturable"]
     for variant in variants.values():
         variant.step()
     assert len(sliceout_fx.explain(variants["sliceout-flow"].model).sites) == 2
