@@ -187,13 +187,16 @@ def sliced_linear(
         wt = _live_block(weight, o0, ow, i0, iw, layout, as_in_out=True)
     b = bias if bias is None or out_cut is None else bias.narrow(0, o0, ow)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if b is not None:
-        y = torch.addmm(b, x2, wt, alpha=in_scale)
-    elif in_scale != 1.0:
-        y = torch.mm(x2, wt).mul_(in_scale)
-    else:
-        y = torch.mm(x2, wt)
+    y = _scaled_mm(x2, wt, b, in_scale)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], ow)
+
+
+def _scaled_mm(x2: Tensor, wt: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """``scale * (x2 @ wt) + bias`` as one ``addmm`` (or one ``mm``): the scale costs no op."""
+    if bias is not None:
+        return torch.addmm(bias, x2, wt, alpha=scale)
+    y = torch.mm(x2, wt)
+    return y if scale == 1.0 else y.mul_(scale)
 
 
 #: Weight blocks smaller than this many elements are sliced with native autograd views: at such
@@ -280,10 +283,7 @@ class _OffsetLinear(torch.autograd.Function):
             wt, x = wt.to(dtype), x.to(dtype)
             b = None if b is None else b.to(dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        if b is not None:
-            y = torch.addmm(b, x2, wt, alpha=in_scale)
-        else:
-            y = torch.mm(x2, wt) if in_scale == 1.0 else torch.mm(x2, wt).mul_(in_scale)
+        y = _scaled_mm(x2, wt, b, in_scale)
         ctx.save_for_backward(x2, weight, out_index, in_index)
         ctx.meta = (in_scale, out_dim, x.shape, x_dtype, bias is not None, wt.dtype)
         if x.dim() == 2:
@@ -493,12 +493,7 @@ class _SlicedLinear(torch.autograd.Function):
                 "(cast one of them, as F.linear requires)"
             )
         x2 = xc if xc.dim() == 2 else xc.reshape(-1, xc.shape[-1])
-        if b is not None:
-            y = torch.addmm(b, x2, wt, alpha=in_scale)
-        elif in_scale != 1.0:
-            y = torch.mm(x2, wt).mul_(in_scale)
-        else:
-            y = torch.mm(x2, wt)
+        y = _scaled_mm(x2, wt, b, in_scale)
         ctx.save_for_backward(x2, wt)
         bias_meta = None if bias is None else (bias.shape, bias.dtype)
         ctx.meta = (weight.shape, weight.dtype, bias_meta, o0, ow, i0, iw, in_scale, layout)
