@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from ._probe import untouched
-from .capture_export import INNER, CallSpec, ExportedCall, call_key, export_call, normalise_call
+from .capture_export import INNER, ExportedCall, call_key, export_call
 from .config import SliceOutConfig
 from .errors import SliceOutConfigError, UntraceableModelError
 from .sampling import SAMPLER_NAME
@@ -134,9 +134,8 @@ class BlockState:
     config: SliceOutConfig
     original_class: type
     analysis: Any  # sliceout_fx.api.Analysis of the first call
-    graphs: dict[CallSpec, _BlockGraph] = field(default_factory=dict)
+    graphs: dict[tuple, _BlockGraph] = field(default_factory=dict)  # call_key -> its graph
     enabled: bool = True
-    by_key: dict[tuple, _BlockGraph] = field(default_factory=dict)  # call_key -> graph, hot path
 
     @property
     def sites(self) -> list:
@@ -175,9 +174,9 @@ def _share_children(gm: fx.GraphModule, block: nn.Module) -> None:
 def _run_sliced(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
     state: BlockState = block.__dict__[_STATE]
     key, tensors = call_key(args, kwargs)
-    entry = state.by_key.get(key)
+    entry = state.graphs.get(key)
     if entry is None:
-        entry = state.by_key[key] = _graph_for_new_structure(block, state, args, kwargs)
+        entry = state.graphs[key] = _graph_for_new_structure(block, state, args, kwargs)
     # `.forward`: the graph module has no hooks, and its generated code is what dynamo inlines.
     return entry.call.unflatten_output(entry.gm.forward(*tensors))
 
@@ -187,10 +186,6 @@ def _graph_for_new_structure(
     block: nn.Module, state: BlockState, args: tuple, kwargs: dict[str, Any]
 ) -> _BlockGraph:
     """The graph of a call structure not seen yet: exported and rewritten on first use."""
-    spec, _ = normalise_call(args, kwargs)
-    entry = state.graphs.get(spec)
-    if entry is not None:
-        return entry
     logger.info("sliceout_fx: exporting %s for a new call structure", state.name)
     state.enabled = False  # export must see the block's own forward
     try:
@@ -206,8 +201,7 @@ def _graph_for_new_structure(
         raise
     finally:
         state.enabled = True
-    entry = state.graphs[spec] = _sliced_graph(block, state, exported)
-    return entry
+    return _sliced_graph(block, state, exported)
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -290,7 +284,7 @@ def convert_blocks(
         own = config if config.seed is None else replace(config, seed=config.seed + index)
         block.add_module(SAMPLER_NAME, build_sampler(item.analysis.sites, own).to(device))
         block.__dict__[_STATE] = state
-        state.graphs[item.exported.spec] = _sliced_graph(block, state, item.exported, item.analysis)
+        state.graphs[item.exported.key] = _sliced_graph(block, state, item.exported, item.analysis)
         block.__class__ = _sliced_class(type(block))
         states.append(state)
     return states

@@ -124,6 +124,7 @@ class ExportedCall:
     spec: CallSpec
     out_spec: pytree.TreeSpec
     example_inputs: list[torch.Tensor]
+    key: tuple  # the call's `call_key`: what a converted block looks its graph up by
 
     def unflatten_output(self, flat: Any) -> Any:
         flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
@@ -156,7 +157,8 @@ def export_call(
             "model is called, or convert a submodule."
         ) from error
     gm = _plain_graph_module(module, exported)
-    return ExportedCall(gm, spec, exported.call_spec.out_spec, tensors)
+    key, _ = call_key(args, kwargs)
+    return ExportedCall(gm, spec, exported.call_spec.out_spec, tensors, key)
 
 
 class _FlatCall(nn.Module):

@@ -171,7 +171,7 @@ def sliced_linear(
         )
         return _OffsetLinear.apply(x, weight, bias, *index, in_scale, out_dim)
     if cut is None or cut.mode != "slice":
-        return _reference_linear(x, weight, bias, out_cut, in_cut, in_scale, layout)
+        return _gathered_or_masked_linear(x, weight, bias, out_cut, in_cut, in_scale, layout)
     out_dim = 0 if layout == "out_in" else 1
     o0, ow = (0, weight.shape[out_dim]) if out_cut is None else (out_cut.index, out_cut.width)
     i0, iw = (0, weight.shape[1 - out_dim]) if in_cut is None else (in_cut.index, in_cut.width)
@@ -317,7 +317,7 @@ class _OffsetLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _reference_linear(
+def _gathered_or_masked_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,

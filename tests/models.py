@@ -103,3 +103,26 @@ class Conv1d3dChain(nn.Module):
         a = self.c2(self.d1(F.relu(self.bn1(self.c1(x))))).mean(2)
         b = self.v2(self.dv(torch.tanh(self.bnv(self.v1(v))))).mean((2, 3, 4))
         return a + b
+
+
+def tiny_gpt2(**overrides) -> nn.Module:
+    """HuggingFace ``GPT2LMHeadModel``, small config: width 64, 2 layers, 4 heads, no dropout."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_llama(**overrides) -> nn.Module:
+    """HuggingFace ``LlamaForCausalLM`` from a small config: width 64, 2 layers, 4/2 heads (GQA)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=100, max_position_embeddings=64, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, **overrides,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)

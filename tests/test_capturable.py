@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sliceout_fx
 from sliceout_fx.models import WideResNet
 from tests.helpers import assert_sliced_matches_mask, train_step_outputs
-from tests.models import ConvChain, DepthwiseChain, mlp
+from tests.models import ConvChain, DepthwiseChain, mlp, tiny_gpt2, tiny_llama
 
 CUDA = torch.cuda.is_available()
 
@@ -311,33 +311,10 @@ def test_reduce_overhead_compile_trains_with_new_slices() -> None:
 
 
 def _hf_model(kind: str) -> tuple[nn.Module, dict]:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    if kind == "gpt2":
-        config = transformers.GPT2Config(
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            vocab_size=64,
-            n_positions=32,
-            use_cache=False,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        model = transformers.GPT2LMHeadModel(config)
-    else:
-        config = transformers.LlamaConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            vocab_size=64,
-            use_cache=False,
-        )
-        model = transformers.LlamaForCausalLM(config)
-    ids = torch.randint(0, 64, (2, 12))
+    model = tiny_gpt2(use_cache=False) if kind == "gpt2" else tiny_llama(use_cache=False)
+    ids = torch.randint(1, 100, (2, 12))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 

@@ -16,6 +16,7 @@ import sliceout_fx
 from sliceout_fx.cli import main
 from sliceout_fx.draw import PALETTE, draw
 from sliceout_fx.models import WideResNet, paper_mlp
+from tests.models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,21 +131,9 @@ def test_png_and_pdf_are_real_files_and_other_suffixes_are_refused(tmp_path: Pat
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=100,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama()
 
 
 def test_llama_layer_names_its_head_and_ffn_sites_in_two_colours(tmp_path: Path) -> None:

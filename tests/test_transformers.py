@@ -17,6 +17,7 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx import UntraceableModelError
+from tests.models import tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,40 +54,6 @@ def _distilbert(**kw) -> nn.Module:
     return transformers.DistilBertForSequenceClassification(config)
 
 
-def _gpt2(**kw) -> nn.Module:
-    config = transformers.GPT2Config(
-        n_embd=64,
-        n_layer=LAYERS,
-        n_head=4,
-        vocab_size=100,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **kw,
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _llama(**kw) -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=100,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        **kw,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
 def _vit(**kw) -> nn.Module:
     config = transformers.ViTConfig(
         hidden_size=64,
@@ -106,8 +73,8 @@ def _vit(**kw) -> nn.Module:
 HF_MODELS: dict[str, Callable[..., nn.Module]] = {
     "bert": _bert,
     "distilbert": _distilbert,
-    "gpt2": _gpt2,
-    "llama": _llama,
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
     "vit": _vit,
 }
 

@@ -24,9 +24,9 @@ from .workloads import (
     BenchOptions,
     Variant,
     Workload,
+    compiled_if_asked,
     on_device,
     register_workload,
-    runner,
     sliceout_options,
 )
 
@@ -100,7 +100,7 @@ def _workload(
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
             cycle = itertools.cycle(batches)
-            run = runner(model, options)
+            run = compiled_if_asked(model, options)
 
             def step() -> None:
                 optimizer.zero_grad(set_to_none=True)

@@ -24,12 +24,12 @@ __all__ = [
     "Workload",
     "WorkloadSpec",
     "classification_step",
+    "compiled_if_asked",
     "get_workload",
     "make_adam",
     "on_device",
     "register_workload",
     "resolve_device",
-    "runner",
     "sliceout_options",
     "workload_names",
 ]
@@ -225,7 +225,7 @@ def make_adam(
     return torch.optim.Adam(params, **kwargs)
 
 
-def runner(model: nn.Module, options: BenchOptions | None) -> Callable[..., Any]:
+def compiled_if_asked(model: nn.Module, options: BenchOptions | None) -> Callable[..., Any]:
     """What a variant's step calls: the model, or ``torch.compile(model)`` under ``--compile``.
 
     The optimizer keeps the model's own parameters either way.
@@ -293,7 +293,7 @@ def variant_factory(
                 name=name,
                 model=model,
                 optimizer=optimizer,
-                step=classification_step(runner(model, options), optimizer, batches),
+                step=classification_step(compiled_if_asked(model, options), optimizer, batches),
                 params=list(model.parameters()),
                 description=description,
             )
