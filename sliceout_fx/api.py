@@ -22,6 +22,7 @@ from .blocks import (
 )
 from .capture import trace
 from .config import (
+    BatchNormStats,
     Capture,
     Mode,
     Normalisation,
@@ -35,6 +36,7 @@ from .depgraph import DependencyGraph, build_dependency_graph
 from .errors import SliceOutConfigError
 from .groups import AlignmentGroup, find_groups
 from .module import SAMPLER_NAME, SliceOutModule
+from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
 from .patch import assign_patches
 from .report import Report, combine_reports, expected_ratios
 from .rewrite import build_sampler, rewrite_training_graph
@@ -134,6 +136,8 @@ def convert(
     capture: Capture = "auto",
     inplace: bool = False,
     capturable: bool = False,
+    bn_stats: BatchNormStats = "full_width",
+    bn_refresh_every: int = 8,
 ) -> nn.Module:
     """Convert ``model`` into a module that trains with SliceOut and evaluates at full width.
 
@@ -158,6 +162,11 @@ def convert(
         capturable: draw slices on the device and slice by device-side offsets, for
             ``torch.compile(fullgraph=True)`` and CUDA-graph capture of a whole training step
             (see :class:`SliceOutConfig` and the "Compiling and CUDA graphs" page).
+        bn_stats: ``"full_width"`` (default) keeps the running statistics of batch norms
+            downstream of a slice those of the full-width network, refreshing them in one
+            full-width training call out of ``bn_refresh_every``; ``"sliced"`` updates them from
+            the sliced tensors (see :class:`SliceOutConfig`).
+        bn_refresh_every: training calls per full-width refresh call (default 8).
 
     Returns:
         With ``capture="fx"``, a :class:`SliceOutModule` with the original ``state_dict`` keys.
@@ -183,6 +192,8 @@ def convert(
         "width_multiple": width_multiple,
         "leaf_modules": leaf_modules,
         "capturable": capturable,
+        "bn_stats": bn_stats,
+        "bn_refresh_every": bn_refresh_every,
     }
     by_blocks = _by_blocks(model, capture)
     if by_blocks:
@@ -205,7 +216,16 @@ def convert(
     sampler = build_sampler(analysis.sites, config).to(_device_of(source))
     analysis.train_gm.add_submodule(SAMPLER_NAME, sampler)
     sliced = rewrite_training_graph(analysis.train_gm, analysis.dep, analysis.sites, config)
-    return SliceOutModule(source, eval_gm, full_train_gm, sliced.graph, sampler, analysis.report)
+    refresh = None
+    if config.bn_stats == "full_width" and analysis.sites:
+        frozen = freeze_statistics_after_slices(sliced)
+        if frozen:
+            every = config.bn_refresh_every
+            graph = refresh_graph(full_train_gm, frozen, every)
+            refresh = FullWidthStatistics(graph, frozen, every)
+    return SliceOutModule(
+        source, eval_gm, full_train_gm, sliced.graph, sampler, analysis.report, refresh
+    )
 
 
 def _device_of(model: nn.Module) -> Any:

@@ -16,6 +16,7 @@ Placement = Literal["immediate", "delayed"]
 Capture = Literal["auto", "fx", "blocks"]
 Mode = Literal["slice", "gather", "mask"]
 Scheme = Literal["channel", "patch"]
+BatchNormStats = Literal["full_width", "sliced"]
 SitePolicy = Union[Literal["auto", "dropout", "expand", "all"], Sequence[str]]  # noqa: UP007
 Rate = Union[float, Mapping[str, float], None]  # noqa: UP007 (runtime alias, Python 3.10)
 
@@ -24,6 +25,7 @@ _CHOICES = {
     "placement": ("immediate", "delayed"),
     "mode": ("slice", "gather", "mask"),
     "scheme": ("channel", "patch"),
+    "bn_stats": ("full_width", "sliced"),
 }
 
 
@@ -53,6 +55,14 @@ class SliceOutConfig:
             that draws new slices at every replay (the name and meaning of ``torch.optim``'s
             flag). Costs gathered weight blocks instead of views; ``torch.compile`` takes this
             path by itself, even without the flag.
+        bn_stats: ``"full_width"`` keeps the running statistics of every batch norm downstream
+            of a slice equal to an average of the full-width network's batch statistics: sliced
+            steps leave them alone and every ``bn_refresh_every``-th training call runs at full
+            width to update them (see :mod:`sliceout_fx.norm_stats`; models without such a batch
+            norm never take a full-width step). ``"sliced"`` updates the live channels' running
+            statistics from the sliced tensors in every step (the paper's implementation; eval
+            then needs :func:`~sliceout_fx.recalibrate_batch_norm`).
+        bn_refresh_every: how often (in training calls) ``bn_stats="full_width"`` refreshes.
     """
 
     p: Rate = 0.5
@@ -65,6 +75,8 @@ class SliceOutConfig:
     width_multiple: int | None = None
     leaf_modules: Sequence[type[nn.Module] | str] = field(default_factory=tuple)
     capturable: bool = False
+    bn_stats: BatchNormStats = "full_width"
+    bn_refresh_every: int = 8
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -101,6 +113,15 @@ class SliceOutConfig:
         ):
             raise SliceOutConfigError(
                 f"width_multiple must be a positive int, got {self.width_multiple!r}"
+            )
+        if (
+            isinstance(self.bn_refresh_every, bool)
+            or not isinstance(self.bn_refresh_every, int)
+            or self.bn_refresh_every < 2
+        ):
+            raise SliceOutConfigError(
+                f"bn_refresh_every must be an int >= 2 (one full-width call in that many), got "
+                f"{self.bn_refresh_every!r}; use full_width() to train at full width throughout"
             )
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)

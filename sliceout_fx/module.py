@@ -13,11 +13,13 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import fx, nn
 
 from .sampling import SAMPLER_NAME, SliceSampler
 
 if TYPE_CHECKING:
+    from .norm_stats import FullWidthStatistics
     from .report import Report
 
 
@@ -39,6 +41,7 @@ class SliceOutModule(nn.Module):
         sliced_graph: fx.Graph,
         sampler: SliceSampler,
         report: Report,
+        bn_refresh: FullWidthStatistics | None = None,
     ) -> None:
         super().__init__()
         for name, param in source._parameters.items():
@@ -64,6 +67,10 @@ class SliceOutModule(nn.Module):
                 sliced_gm._modules[name] = self._modules[name]
         object.__setattr__(self, "_sliced_gm", sliced_gm)
         object.__setattr__(self, "report", report)
+        self.bn_refresh = bn_refresh
+        self._refresh_due = False
+        if bn_refresh is not None:
+            self.register_forward_pre_hook(_count_training_call)
         self.train(source.training)
 
     # -- running ------------------------------------------------------------------------------
@@ -71,6 +78,8 @@ class SliceOutModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # `.forward`, not `__call__`: the graph modules have no hooks of their own, and a small
         # training step is bound by host work per call.
+        if self._refresh_due and self.training and self.slicing_enabled:
+            return self.bn_refresh.graph.forward(*args, **kwargs)
         return self.active_graph.forward(*args, **kwargs)
 
     @property
@@ -120,3 +129,14 @@ class SliceOutModule(nn.Module):
     def extra_repr(self) -> str:
         sites = ", ".join(f"{s.name}: p={s.effective_p:.3g}" for s in self.report.sites)
         return f"sites=[{sites}], mode={self.report.config.mode!r}"
+
+
+@torch.compiler.disable
+def _count_training_call(module: SliceOutModule, args: Any) -> None:
+    """Forward pre-hook: decide whether this training call refreshes batch-norm statistics.
+
+    A hook kept out of compilation, not code in ``forward``: ``torch.compile(model)`` calls hooks
+    outside the compiled forward frame, which then only reads a boolean (two compiled variants)
+    instead of guarding on a step counter (a recompilation per step).
+    """
+    module._refresh_due = module.training and module.slicing_enabled and module.bn_refresh.tick()

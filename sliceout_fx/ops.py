@@ -611,9 +611,21 @@ def sliced_conv_module(
     )
 
 
-def sliced_batch_norm(x: Tensor, module: nn.modules.batchnorm._BatchNorm, cut: Cut) -> Tensor:
-    """``nn.BatchNormNd`` over the live channels (see :func:`sliced_batch_norm_fn`)."""
+def sliced_batch_norm(
+    x: Tensor,
+    module: nn.modules.batchnorm._BatchNorm,
+    cut: Cut,
+    track_running_stats: bool = True,
+) -> Tensor:
+    """``nn.BatchNormNd`` over the live channels (see :func:`sliced_batch_norm_fn`).
+
+    ``track_running_stats=False`` (in train mode) normalises with batch statistics and leaves the
+    running statistics alone (see :mod:`sliceout_fx.norm_stats`).
+    """
     bn = module
+    if bn.training and not track_running_stats:
+        weight, bias = take(bn.weight, 0, cut), take(bn.bias, 0, cut)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)

@@ -197,7 +197,13 @@ def test_compiled_fullgraph_training_never_recompiles(name: str, capturable: boo
     compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
     graphs, draws = _train_compiled(converted, compiled, shape, 100)
     assert graphs[0] >= 1, "dynamo compiled nothing: the count would prove nothing"
-    assert graphs[1:] == [graphs[0]] * 99, f"recompiled after warm-up: {graphs}"
+    # Warm-up: the first call compiles the sliced step; with batch norms after the slices, the
+    # first batch-norm refresh call (call `every`) compiles the full-width variant once.
+    refresh = converted.bn_refresh
+    warmup = refresh.every if refresh is not None else 1
+    assert (name == "conv-bn") == (refresh is not None)
+    expected = graphs[0] + (1 if refresh is not None else 0)
+    assert graphs[warmup - 1 :] == [expected] * (101 - warmup), f"recompiled: {graphs}"
     assert not counters["graph_break"], dict(counters["graph_break"])
     changes = sum(a != b for a, b in zip(draws, draws[1:], strict=False))
     assert changes > 50, f"fresh slices were not drawn at every step: {draws}"
