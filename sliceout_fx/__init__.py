@@ -6,8 +6,17 @@ ops must share one contiguous slice of channels, and returns a module that train
 original model's parameters and ``state_dict`` keys.
 """
 
-from .api import Analysis, analyse, analyse_blocks, convert, explain, full_width, to_original
-from .calibration import recalibrate_batch_norm
+from .api import (
+    Analysis,
+    analyse,
+    analyse_blocks,
+    convert,
+    explain,
+    full_width,
+    set_slicing,
+    to_original,
+)
+from .calibration import BatchNormDrift, batch_norm_drift, recalibrate_batch_norm
 from .config import SliceOutConfig
 from .errors import (
     ShapeInferenceError,
@@ -18,9 +27,11 @@ from .errors import (
 from .module import SliceOutModule
 from .report import Report
 from .rules import OpRule, register_rule
+from .schedule import SliceSchedule
 
 __all__ = [
     "Analysis",
+    "BatchNormDrift",
     "OpRule",
     "Report",
     "ShapeInferenceError",
@@ -28,14 +39,17 @@ __all__ = [
     "SliceOutConfigError",
     "SliceOutError",
     "SliceOutModule",
+    "SliceSchedule",
     "UntraceableModelError",
     "analyse",
     "analyse_blocks",
+    "batch_norm_drift",
     "convert",
     "explain",
     "full_width",
     "recalibrate_batch_norm",
     "register_rule",
+    "set_slicing",
     "to_original",
 ]
 

@@ -289,6 +289,23 @@ def to_original(model: nn.Module) -> nn.Module:
     return restore_blocks(model)
 
 
+def set_slicing(model: nn.Module, enabled: bool) -> None:
+    """Switch a converted model's training between sliced (``True``) and full width (``False``).
+
+    The persistent form of :func:`full_width`, for schedules that switch at a given step.
+    """
+    if isinstance(model, SliceOutModule):
+        model.slicing_enabled = bool(enabled)
+        return
+    states = block_states(model)
+    if not states:
+        raise TypeError(
+            f"{type(model).__name__} is not a converted model: convert it with sliceout_fx.convert"
+        )
+    for state in states:
+        state.enabled = bool(enabled)
+
+
 @contextlib.contextmanager
 def full_width(model: nn.Module) -> Iterator[nn.Module]:
     """Train ``model`` at full width inside the block, e.g. for the last steps as in the paper."""

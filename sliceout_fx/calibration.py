@@ -11,7 +11,9 @@ weight. The EfficientNet-Lite fine-tuning example shows the effect: eval accurac
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,3 +56,39 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any]) -> int:
     if count == 0:
         raise ValueError("recalibrate_batch_norm needs at least one batch")
     return count
+
+
+@dataclass(frozen=True)
+class BatchNormDrift:
+    """How far one batch norm's running statistics are from the full-width ones.
+
+    Medians over channels: ``mean_offset`` is ``|running mean - full-width mean|`` in full-width
+    standard deviations; ``var_ratio`` is running variance / full-width variance.
+    """
+
+    name: str
+    mean_offset: float
+    var_ratio: float
+
+
+@torch.no_grad()
+def batch_norm_drift(model: nn.Module, batches: Iterable[Any]) -> list[BatchNormDrift]:
+    """Compare every batch norm's running statistics with the full-width network's on ``batches``.
+
+    The full-width statistics are re-estimated on a copy (:func:`recalibrate_batch_norm`), so
+    ``model`` is not changed. Offsets near 0 and ratios near 1 mean eval mode normalises as the
+    trained network expects; the EfficientNet-Lite example prints this for both variants.
+    """
+    reference = copy.deepcopy(model)
+    recalibrate_batch_norm(reference, batches)
+    full = dict(reference.named_modules())
+    rows = []
+    for name, bn in model.named_modules():
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+            continue
+        ref = full[name]
+        sd = ref.running_var.clamp_min(bn.eps).sqrt()
+        offset = ((bn.running_mean - ref.running_mean).abs() / sd).nanmedian().item()
+        ratio = bn.running_var.clamp_min(bn.eps) / ref.running_var.clamp_min(bn.eps)
+        rows.append(BatchNormDrift(name, offset, ratio.nanmedian().item()))
+    return rows

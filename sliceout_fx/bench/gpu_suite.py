@@ -55,19 +55,30 @@ def suite_entries() -> list[SuiteEntry]:
             "mlp-b4096", "mlp", 0.5, {"batch_size": 4096}, {"batch_size": 256, "hidden": 256}
         ),
         SuiteEntry(
-            "wrn-16-8", "wrn", 0.5, {"batch_size": 128},
+            "wrn-16-8",
+            "wrn",
+            0.5,
+            {"batch_size": 128},
             {"batch_size": 8, "depth": 10, "extra": {"widen": 2, "image_size": 16}},
         ),  # fmt: skip
         SuiteEntry(
-            "efficientnet_b0", "efficientnet_b0", 0.3,
+            "efficientnet_b0",
+            "efficientnet_b0",
+            0.3,
             {"batch_size": 64, "extra": {"image_size": 224}},
             {"batch_size": 4, "extra": {"image_size": 32}},
         ),  # fmt: skip
         SuiteEntry(
-            "gpt2-768x12", "gpt2", 0.3,
+            "gpt2-768x12",
+            "gpt2",
+            0.3,
             {"batch_size": 8, "hidden": 768, "depth": 12, "extra": {"seq": 512}},
-            {"batch_size": 2, "hidden": 64, "depth": 2, "extra": {"seq": 32, "heads": 4,
-                                                                  "vocab": 512}},
+            {
+                "batch_size": 2,
+                "hidden": 64,
+                "depth": 2,
+                "extra": {"seq": 32, "heads": 4, "vocab": 512},
+            },
         ),  # fmt: skip
     ]
 
@@ -154,8 +165,13 @@ def run_gpu_suite(
     suite = {
         "device": device,
         "environment": environment_info(device),
-        "settings": {"modes": list(modes), "repeats": repeats, "warmup": warmup,
-                     "budget_s": budget_s, "backend": backend},  # fmt: skip
+        "settings": {
+            "modes": list(modes),
+            "repeats": repeats,
+            "warmup": warmup,
+            "budget_s": budget_s,
+            "backend": backend,
+        },  # fmt: skip
         "total_seconds": time.monotonic() - start,
         "rows": rows,
     }

@@ -209,9 +209,7 @@ def run_overhead(
         raise ValueError(f"unknown overhead workload(s) {unknown}; choose from {list(cases)}")
     if threads is not None:
         torch.set_num_threads(threads)
-    results = [
-        _measure(n, cases[n], seed, repeats, warmup, calls_per_round) for n in names
-    ]
+    results = [_measure(n, cases[n], seed, repeats, warmup, calls_per_round) for n in names]
     print(format_overhead(results), file=stream)
     out_dir = Path(out) if out is not None else Path("bench-results") / "overhead"
     out_dir.mkdir(parents=True, exist_ok=True)

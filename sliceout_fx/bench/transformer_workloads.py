@@ -84,7 +84,10 @@ def _batches(model: nn.Module, options: BenchOptions, labels: str) -> list[dict[
 
 
 def _workload(
-    name: str, make: Callable[[float, BenchOptions], nn.Module], labels: str, p: float,
+    name: str,
+    make: Callable[[float, BenchOptions], nn.Module],
+    labels: str,
+    p: float,
     options: BenchOptions,
 ) -> Workload:
     torch.manual_seed(options.seed)
@@ -115,8 +118,9 @@ def _workload(
         import sliceout_fx
 
         kwargs = sliceout_options(options, kwargs)
-        return lambda m: sliceout_fx.convert(m, p, seed=options.seed, example_inputs=example,
-                                             **kwargs)
+        return lambda m: sliceout_fx.convert(
+            m, p, seed=options.seed, example_inputs=example, **kwargs
+        )
 
     variants = {
         "dropout": ("standard dropout at p (config dropout rates = p)", lambda m: m),

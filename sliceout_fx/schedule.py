@@ -1,0 +1,99 @@
+"""When to slice: a per-step schedule for plain training loops.
+
+The paper trains its last steps at full width so that the final weights settle with every unit
+active; a gentle start (no slicing while a freshly initialised or freshly loaded model finds its
+footing) is the other common wish. Both are one call per step::
+
+    schedule = sliceout_fx.SliceSchedule(model, total_steps=1000, full_width_last=0.01,
+                                         ramp_steps=100)
+    for batch in loader:
+        loss = model(batch).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+        schedule.step()
+
+The ramp keeps shapes static - every sliced step uses the full rate ``p`` - and raises instead
+the share of sliced steps linearly from 0 to 1 over ``ramp_steps``, so the expected drop rate
+rises from 0 to ``p``. Changing the slice width itself would give every step of the ramp new
+shapes (and ``torch.compile`` a recompilation per width).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from torch import nn
+
+from .api import set_slicing
+from .errors import SliceOutConfigError
+
+__all__ = ["SliceSchedule"]
+
+
+class SliceSchedule:
+    """Switches a converted model between sliced and full-width training, step by step.
+
+    Args:
+        model: a model returned by :func:`sliceout_fx.convert`.
+        total_steps: the number of optimiser steps of the run.
+        full_width_last: the fraction of the last steps trained at full width (paper: 0.01).
+        ramp_steps: over the first ``ramp_steps`` steps, step ``t`` slices with probability
+            ``t / ramp_steps`` (decided by a generator seeded with ``seed``, so reruns agree).
+        seed: seed of the ramp's decisions.
+
+    Call :meth:`step` once after each optimiser step; the state before the first step is set at
+    construction. :meth:`state_dict` / :meth:`load_state_dict` resume a run at the same step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        *,
+        full_width_last: float = 0.01,
+        ramp_steps: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise SliceOutConfigError(f"total_steps must be a positive int, got {total_steps!r}")
+        if not 0.0 <= full_width_last <= 1.0:
+            raise SliceOutConfigError(
+                f"full_width_last is a fraction of the steps in [0, 1], got {full_width_last!r}"
+            )
+        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
+            raise SliceOutConfigError(f"ramp_steps must be an int >= 0, got {ramp_steps!r}")
+        self.model = model
+        self.total_steps = total_steps
+        self.full_width_from = total_steps - round(full_width_last * total_steps)
+        self.ramp_steps = ramp_steps
+        self.seed = seed
+        self.step_count = 0
+        self._apply()
+
+    def slices_at(self, step: int) -> bool:
+        """Whether training step ``step`` (0-based) runs sliced."""
+        if step >= self.full_width_from:
+            return False
+        if step < self.ramp_steps:
+            return random.Random(self.seed * 1_000_003 + step).random() < step / self.ramp_steps
+        return True
+
+    @property
+    def slicing(self) -> bool:
+        """Whether the next training step runs sliced."""
+        return self.slices_at(self.step_count)
+
+    def step(self) -> None:
+        """Advance one optimiser step and set the model up for the next one."""
+        self.step_count += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        set_slicing(self.model, self.slicing)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self._apply()
