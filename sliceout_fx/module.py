@@ -29,6 +29,8 @@ class SliceOutModule(nn.Module):
     Use :func:`sliceout_fx.convert` to build one. ``slicing_enabled = False`` (or
     :meth:`full_width`) trains the full-width original graph, e.g. for the last steps of training as
     in the paper; :meth:`to_original` returns the original model structure for deployment.
+    With batch norms downstream of a slice, one training call in ``bn_refresh.every`` runs the
+    full-width refresh graph instead (see :mod:`sliceout_fx.norm_stats`).
     """
 
     sliceout_sampler: SliceSampler
@@ -62,9 +64,11 @@ class SliceOutModule(nn.Module):
         # fx copies a `get_attr` target such as "fc1.weight" into a fresh stub `fc1` holding only
         # that tensor; the stub would go stale when the parameter object is replaced
         # (load_state_dict(assign=True), parametrizations). Point the graph at the real children.
-        for name in list(sliced_gm._modules):
-            if name in self._modules:
-                sliced_gm._modules[name] = self._modules[name]
+        graphs = [sliced_gm] + ([bn_refresh.graph] if bn_refresh is not None else [])
+        for gm in graphs:
+            for name in list(gm._modules):
+                if name in self._modules:
+                    gm._modules[name] = self._modules[name]
         object.__setattr__(self, "_sliced_gm", sliced_gm)
         object.__setattr__(self, "report", report)
         self.bn_refresh = bn_refresh

@@ -217,3 +217,20 @@ def test_trained_mobilenet_keeps_full_width_statistics() -> None:
     mean_off, log_var = results["full_width"]
     assert mean_off < 0.15 and log_var < math.log(1.25), results
     assert max(results["sliced"][0] / 0.15, results["sliced"][1] / math.log(1.25)) > 2, results
+
+
+def test_refresh_updates_the_buffers_a_checkpoint_assigned() -> None:
+    # load_state_dict(assign=True) replaces the buffer objects: the refresh graph must update the
+    # new ones (it reads the real submodules, not copies made at conversion).
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 6, 6)
+    converted = sliceout_fx.convert(
+        ExpandBlock(), p=0.5, sites="expand", seed=0, bn_refresh_every=2, example_inputs=(x,)
+    )
+    state = {k: v.clone() for k, v in converted.state_dict().items()}
+    converted.load_state_dict(state, assign=True)
+    assert converted.bn2.running_mean is state["bn2.running_mean"]
+    converted.train()
+    converted(x), converted(x)
+    assert not torch.equal(converted.bn2.running_mean, torch.zeros(8))
+    assert converted.bn2.num_batches_tracked.item() == 1
