@@ -566,8 +566,16 @@ def sliced_conv(
         weight = take(weight, 0, out_cut)
         if out_cut is not None and out_cut.mode != "mask":
             groups = groups * out_cut.width // out_cut.size
-        # A grouped conv couples its channels (it is never a sink), so no scale is folded into it.
-        assert in_scale == 1.0 and in_scale_per_channel is None
+        # A normalisation folded into a grouped conv (a slice that a depthwise conv reads first):
+        # weight row o of group g reads input channel g * per_group + l at column l.
+        if in_scale_per_channel is not None:
+            scale = take(in_scale_per_channel, 0, in_cut).to(weight.dtype)
+            scale = scale.view(groups, weight.shape[1]).repeat_interleave(
+                weight.shape[0] // groups, 0
+            )
+            weight = weight * scale.view(*scale.shape, *([1] * (weight.dim() - 2)))
+        elif in_scale != 1.0:
+            weight = weight * in_scale
     else:
         weight = take_block(weight, ((0, out_cut), (1, in_cut)))
         if in_scale_per_channel is not None:

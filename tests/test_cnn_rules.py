@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,3 +109,48 @@ def test_recalibrate_batch_norm_restores_full_width_statistics():
             torch.testing.assert_close(a, b, msg=name)
     assert converted.training and converted.slicing_enabled  # modes are restored
     assert all(bn.momentum == 0.1 for bn in converted.modules() if isinstance(bn, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("normalisation", ["flow", "probabilistic"])
+@pytest.mark.parametrize("placement", ["immediate", "delayed"])
+@pytest.mark.parametrize("groups", [8, 2])
+def test_a_slice_read_first_by_a_grouped_conv_trains_like_the_reference(
+    groups, placement, normalisation
+):
+    # Conv -> Dropout -> Conv(groups) -> Conv: the normalisation folds into the grouped conv
+    # (it used to fail an empty assertion in training).
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1),
+        nn.Dropout(0.5),
+        nn.Conv2d(8, 8, 3, groups=groups, padding=1),
+        nn.Conv2d(8, 4, 1),
+    ).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    sliced, _ = assert_sliced_matches_mask(
+        model, (x,), steps=2, atol=1e-10, placement=placement, normalisation=normalisation
+    )
+    # And both equal the computation written out by hand: half of the channels kept
+    # through the grouped conv (the whole group is sliced, its bias included), rescaled where the
+    # dropout was (immediate) or where the last conv reads them (delayed).
+    from sliceout_fx.sampling import keep_probabilities
+
+    site = sliced.report.site("1")
+    per_unit = 8 // site.units
+    start = site.units // 4  # channels [2, 6) when depthwise, the first group of 4 when groups=2
+    sliced.sliceout_sampler.force((start,))
+    sliced.train()
+    keep = torch.zeros(8, dtype=torch.float64)
+    keep[start * per_unit : (start + site.width) * per_unit] = 1.0
+    if normalisation == "flow":
+        scale = torch.full((8,), 2.0, dtype=torch.float64)
+    else:
+        scale = 1.0 / keep_probabilities(site.units, site.width).double()
+        scale = scale.repeat_interleave(per_unit)
+    keep, factor = keep.view(1, 8, 1, 1), (keep * scale).view(1, 8, 1, 1)
+    if placement == "immediate":
+        reference = model[3](model[2](model[0](x) * factor) * keep)
+    else:
+        reference = model[3](model[2](model[0](x)) * factor)
+    # (probabilistic scales are float32 buffers)
+    torch.testing.assert_close(sliced(x), reference, atol=1e-6, rtol=1e-6)
