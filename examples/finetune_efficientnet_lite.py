@@ -125,10 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--out",
         type=Path,
-        default=RESULTS_DIR / "finetune_efficientnet_lite.json",
-        help="where to write the JSON results",
+        default=None,
+        help="where to write the JSON results (default: examples/results/efficientnet_lite/"
+        "[MODEL_]pP_seedS.json)",
     )
     args = ap.parse_args(argv)
+    if args.out is None:
+        prefix = "" if args.model == "efficientnet_lite0" else f"{args.model}_"
+        args.out = RESULTS_DIR / "efficientnet_lite" / f"{prefix}p{args.p}_seed{args.seed}.json"
     if args.image_size % 32:
         ap.error("--image-size must be a multiple of 32 (five stride-2 stages)")
     if args.steps <= WARMUP_STEPS:
