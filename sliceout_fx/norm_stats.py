@@ -8,7 +8,7 @@ the batch's own statistics - but the running statistics it accumulates are the o
 at full width. Measured on a pretrained EfficientNet-Lite0 fine-tuned 100 steps at ``p = 0.3``,
 the batch norm after each MBConv projection ended with running variances 0.7-0.8x (immediate
 placement) or 1.2-1.4x (delayed) of the full-width ones and means 0.2-0.4 standard deviations off:
-eval accuracy 41-45% against 84% for dropout (``docs/normalisation.md`` has the table).
+eval accuracy 41-45% against 84% for dropout (``docs/batch-norm.md`` has the table).
 
 The default answer (``bn_stats="full_width"``): in sliced steps every batch norm downstream of a
 slice normalises with batch statistics and leaves its running statistics alone; every
