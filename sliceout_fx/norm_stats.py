@@ -29,6 +29,7 @@ from torch import Tensor, fx, nn
 
 from .ops import sliced_batch_norm, sliced_batch_norm_fn
 from .rules.base import bind_args
+from .rules.batchnorm import BATCH_NORM_ARGS, BATCH_NORM_DEFAULTS
 from .sampling import SAMPLER_NAME
 
 __all__ = [
@@ -41,9 +42,8 @@ __all__ = [
 ]
 
 _FUNCTIONAL = (F.batch_norm, sliced_batch_norm_fn)
-# The parameter order of F.batch_norm (sliced_batch_norm_fn adds the cut after them).
-_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+# F.batch_norm's parameters (sliced_batch_norm_fn adds the cut after them), from its rule.
+_NAMES, _DEFAULTS = BATCH_NORM_ARGS, BATCH_NORM_DEFAULTS
 
 
 def _set_arg(node: fx.Node, name: str, value: object) -> None:

@@ -37,6 +37,26 @@ RULES = {
 }
 
 
+#: ``F.batch_norm``'s parameters in order, and their defaults (shared with ``norm_stats``).
+BATCH_NORM_ARGS = (
+    "input",
+    "running_mean",
+    "running_var",
+    "weight",
+    "bias",
+    "training",
+    "momentum",
+    "eps",
+)
+BATCH_NORM_DEFAULTS = {
+    "weight": None,
+    "bias": None,
+    "training": False,
+    "momentum": 0.1,
+    "eps": 1e-5,
+}
+
+
 class FunctionalBatchNormRule(OpRule):
     """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``.
 
@@ -45,17 +65,8 @@ class FunctionalBatchNormRule(OpRule):
     """
 
     name = "batchnorm"
-    _NAMES = (
-        "input",
-        "running_mean",
-        "running_var",
-        "weight",
-        "bias",
-        "training",
-        "momentum",
-        "eps",
-    )
-    _DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    _NAMES = BATCH_NORM_ARGS
+    _DEFAULTS = BATCH_NORM_DEFAULTS
 
     def _bound(self, node: fx.Node) -> dict:
         return bind_args(node, self._NAMES, self._DEFAULTS)
