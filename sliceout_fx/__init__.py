@@ -3,7 +3,7 @@
 ``convert(model, p=0.3)`` finds a model's dropout sites (or expand convolutions), works out which
 ops must share one contiguous slice of channels, and returns a module that trains on sliced weights
 (smaller matmuls and convolutions, smaller saved activations) and evaluates at full width, with the
-original model's parameters and ``state_dict`` keys.
+original model's parameters, class and ``state_dict`` keys.
 """
 
 from .api import (
@@ -26,6 +26,7 @@ from .errors import (
 )
 from .module import SliceOutModule
 from .report import Report
+from .resume import load_sampler_state, sampler_state
 from .rules import OpRule, register_rule
 from .schedule import SliceSchedule
 
@@ -47,8 +48,10 @@ __all__ = [
     "convert",
     "explain",
     "full_width",
+    "load_sampler_state",
     "recalibrate_batch_norm",
     "register_rule",
+    "sampler_state",
     "set_slicing",
     "to_original",
 ]

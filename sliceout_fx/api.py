@@ -1,4 +1,4 @@
-"""The public entry points: :func:`convert`, :func:`explain`, :func:`to_original`."""
+"""The public entry points: :func:`convert`, :func:`explain`, :func:`to_original` and friends."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ from typing import Any
 from torch import fx, nn
 
 from . import blocks
-from .blocks import (
-    block_states,
-    blocks_full_width,
-    convert_blocks,
-    example_inputs_for,
-    is_huggingface_model,
-    restore_blocks,
-)
-from .capture import trace
+from .blocks import convert_blocks, example_inputs_for
+from .capture import specialised_defaults, trace
 from .config import (
     BatchNormStats,
     Capture,
@@ -33,15 +26,14 @@ from .config import (
     SliceOutConfig,
 )
 from .depgraph import DependencyGraph, build_dependency_graph
-from .errors import SliceOutConfigError
 from .groups import AlignmentGroup, find_groups
-from .module import SAMPLER_NAME, SliceOutModule
-from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
+from .module import conversions_in, install, uninstall
+from .options import check_example_inputs, resolve, traced_root
 from .patch import assign_patches
 from .report import Report, combine_reports, expected_ratios
-from .rewrite import build_sampler, rewrite_training_graph
 from .shapes import propagate_shapes
 from .sites import Site, SkippedSite, select_sites
+from .whole import WholeModelConversion
 
 
 @dataclass
@@ -55,13 +47,19 @@ class Analysis:
     sites: list[Site]
     skipped: list[SkippedSite]
     report: Report
+    example_inputs: Any = None  # the inputs shapes were propagated with
 
 
 def analyse(
-    model: nn.Module, config: SliceOutConfig, example_inputs: Sequence[Any] | None = None
+    model: nn.Module,
+    config: SliceOutConfig,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    concrete_args: Mapping[str, Any] | None = None,
 ) -> Analysis:
     """Capture -> shapes -> dependency graph -> groups -> sites, on ``model`` (not modified)."""
-    train_gm = trace(model, leaf_modules=config.leaf_modules, training=True)
+    concrete = specialised_defaults(model, example_inputs, concrete_args)
+    train_gm = trace(model, leaf_modules=config.leaf_modules, training=True, concrete_args=concrete)
     return analyse_graph(train_gm, config, example_inputs, type(model).__name__, model)
 
 
@@ -76,7 +74,7 @@ def analyse_graph(
 
     ``model`` is what the graph was captured from (default: the graph module itself).
     """
-    propagate_shapes(train_gm, example_inputs)
+    used = propagate_shapes(train_gm, example_inputs)
     dep = build_dependency_graph(train_gm)
     groups = find_groups(dep)
     sites, skipped = select_sites(dep, groups, config)
@@ -85,7 +83,7 @@ def analyse_graph(
         skipped += not_patchable
     flops_ratio, act_ratio = expected_ratios(dep, sites)
     report = Report(model_name, config, groups, sites, skipped, flops_ratio, act_ratio)
-    return Analysis(model or train_gm, train_gm, dep, groups, sites, skipped, report)
+    return Analysis(model or train_gm, train_gm, dep, groups, sites, skipped, report, used)
 
 
 def analyse_blocks(
@@ -100,24 +98,12 @@ def analyse_blocks(
     Nothing is converted: each block's training call is exported and analysed (for ``explain``
     and ``draw`` of one transformer layer).
     """
-    config = _config(p=p, **_block_defaults(options))
-    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    options.pop("inplace", None)
+    options.pop("capture", None)
+    _, config = resolve(model, "blocks", p=p, **options)
+    inputs = check_example_inputs(example_inputs, model)
+    inputs = inputs if inputs is not None else example_inputs_for(model)
     return {b.name: b.analysis for b in blocks.analyse_blocks(model, config, inputs)}
-
-
-def _block_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    """Block conversion slices every sliceable group (heads, FFN), normalised where it ends."""
-    options = dict(options)
-    if options.get("placement") is None:
-        options["placement"] = "delayed"
-    if options.get("sites", "auto") == "auto":
-        options["sites"] = "all"
-    return options
-
-
-def _config(**kwargs: Any) -> SliceOutConfig:
-    leaf = kwargs.pop("leaf_modules", None)
-    return SliceOutConfig(leaf_modules=tuple(leaf or ()), **kwargs)
 
 
 def convert(
@@ -131,7 +117,8 @@ def convert(
     scheme: Scheme = "channel",
     seed: int | None = None,
     width_multiple: int | None = None,
-    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+    concrete_args: Mapping[str, Any] | None = None,
     leaf_modules: Sequence[type[nn.Module] | str] | None = None,
     capture: Capture = "auto",
     inplace: bool = False,
@@ -139,27 +126,38 @@ def convert(
     bn_stats: BatchNormStats = "full_width",
     bn_refresh_every: int = 8,
 ) -> nn.Module:
-    """Convert ``model`` into a module that trains with SliceOut and evaluates at full width.
+    """Convert ``model`` so that it trains with SliceOut and evaluates at full width.
+
+    The result is the model itself (a deep copy unless ``inplace``), of a generated subclass
+    ``SliceOut<Cls>`` of its own class: every method and attribute, ``state_dict`` keys and
+    ``isinstance`` checks are the model's. Its training forward runs a sliced graph; in eval,
+    and at full width, it runs the model's own code.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace (see ``leaf_modules``).
+        model: any ``nn.Module`` that ``torch.fx`` can trace (see ``leaf_modules``), or a
+            HuggingFace model (bare or wrapped by PEFT), whose layers are exported one by one.
         p: drop rate, a ``{site: rate}`` mapping, or ``None`` to reuse each dropout's own rate.
         normalisation: ``"flow"`` or ``"probabilistic"`` (see :class:`SliceOutConfig`).
         placement: ``"delayed"`` (default) scales the slice where it is read (just before the
             linear or conv that sums over it, after any batch norm); ``"immediate"`` scales
             where the dropout was or right after the slicing op (attention always delays).
-        sites: ``"auto"``, ``"dropout"``, ``"expand"`` or a list of site names (see ``explain``).
+        sites: ``"auto"``, ``"dropout"``, ``"expand"``, ``"all"`` or a list of site names (see
+            ``explain``). ``"auto"`` is the dropout sites (else the expand convolutions) of a
+            traced model and every sliceable group of an exported layer.
         mode: ``"slice"`` (SliceOut), ``"gather"`` (controlled dropout) or ``"mask"`` (reference).
         scheme: ``"channel"`` (Channel SliceOut) or ``"patch"`` (Patch SliceOut on convolutions).
         seed: seed of the slice sampler (``None``: draws come from the global torch RNG).
         width_multiple: round slice widths and starts to this many channels.
-        example_inputs: inputs to learn tensor shapes from (a dict of keyword arguments for a
-            HuggingFace model); guessed for simple MLPs, CNNs and HuggingFace configs.
+        example_inputs: inputs to learn tensor shapes from: a tensor, a tuple of positional
+            inputs, or a dict of keyword arguments (a HuggingFace batch); guessed for simple
+            MLPs, CNNs and HuggingFace configs.
+        concrete_args: arguments to specialise the traced forward on, as in
+            ``torch.fx.symbolic_trace`` (e.g. ``{"mask": None}``). Arguments with a ``None``
+            default that ``example_inputs`` does not give are specialised to ``None``.
         leaf_modules: module types or qualified names to keep whole when tracing.
-        capture: ``"fx"`` traces the whole model into a :class:`SliceOutModule`; ``"blocks"``
-            exports each repeated layer with ``torch.export`` and converts it in place, keeping
-            the model object and class; ``"auto"`` picks ``"blocks"`` for HuggingFace models.
-        inplace: share the given model's parameters instead of deep-copying the model first.
+        capture: ``"fx"`` traces the whole model; ``"blocks"`` exports each repeated layer with
+            ``torch.export``; ``"auto"`` picks ``"blocks"`` for HuggingFace models.
+        inplace: convert the given model object instead of a deep copy of it.
         capturable: draw slices on the device and slice by device-side offsets, for
             ``torch.compile(fullgraph=True)`` and CUDA-graph capture of a whole training step
             (see :class:`SliceOutConfig` and the "Compiling and CUDA graphs" page).
@@ -170,69 +168,49 @@ def convert(
         bn_refresh_every: training calls per full-width refresh call (default 8).
 
     Returns:
-        With ``capture="fx"``, a :class:`SliceOutModule` with the original ``state_dict`` keys.
-        With ``capture="blocks"``, the model itself (a copy unless ``inplace``), of its own class,
-        whose layers slice in training. Sites that could not be sliced are left at full width
-        and listed by ``sliceout_fx.explain(result)``.
+        The converted model. Sites that could not be sliced are left at full width and listed
+        by ``sliceout_fx.explain(result)``. ``sliceout_fx.to_original(result)`` restores the
+        original class in place.
 
     Raises:
-        SliceOutConfigError: invalid ``p``, mode, site names...
+        SliceOutConfigError: invalid ``p``, mode, site names, example inputs...
         UntraceableModelError: the model cannot be traced; the message says which module to keep
             as a leaf.
     """
-    if isinstance(model, SliceOutModule) or block_states(model):
+    if conversions_in(model):
         raise TypeError("this model is already converted; convert to_original(model) instead")
-    options = {
-        "p": p,
-        "normalisation": normalisation,
-        "placement": placement,
-        "sites": sites,
-        "mode": mode,
-        "scheme": scheme,
-        "seed": seed,
-        "width_multiple": width_multiple,
-        "leaf_modules": leaf_modules,
-        "capturable": capturable,
-        "bn_stats": bn_stats,
-        "bn_refresh_every": bn_refresh_every,
-    }
-    by_blocks = _by_blocks(model, capture)
-    if by_blocks:
-        options = _block_defaults(options)
-    elif placement is None:
-        options["placement"] = "delayed"
-    config = _config(**options)
-    source = model if inplace else copy.deepcopy(model)
-    if by_blocks:
-        inputs = example_inputs if example_inputs is not None else example_inputs_for(source)
-        states = convert_blocks(source, config, inputs)
-        report = combine_reports(type(model).__name__, config, [s.analysis.report for s in states])
-        source.__dict__[_REPORT] = report
-        _warn_if_nothing_sliced(model, report.sites, report.skipped)
-        return source
-    analysis = analyse(source, config, example_inputs)
-    _warn_if_nothing_sliced(model, analysis.sites, analysis.skipped)
-    eval_gm = trace(source, leaf_modules=config.leaf_modules, training=False)
-    full_train_gm = fx.GraphModule(analysis.train_gm, copy.deepcopy(analysis.train_gm.graph))
-    sampler = build_sampler(analysis.sites, config).to(_device_of(source))
-    analysis.train_gm.add_submodule(SAMPLER_NAME, sampler)
-    sliced = rewrite_training_graph(analysis.train_gm, analysis.dep, analysis.sites, config)
-    refresh = None
-    if config.bn_stats == "full_width" and analysis.sites:
-        frozen = freeze_statistics_after_slices(sliced)
-        if frozen:
-            every = config.bn_refresh_every
-            graph = refresh_graph(full_train_gm, frozen, every)
-            refresh = FullWidthStatistics(graph, frozen, every)
-    return SliceOutModule(
-        source, eval_gm, full_train_gm, sliced.graph, sampler, analysis.report, refresh
+    end, config = resolve(
+        model,
+        capture,
+        p=p,
+        normalisation=normalisation,
+        placement=placement,
+        sites=sites,
+        mode=mode,
+        scheme=scheme,
+        seed=seed,
+        width_multiple=width_multiple,
+        leaf_modules=leaf_modules,
+        capturable=capturable,
+        bn_stats=bn_stats,
+        bn_refresh_every=bn_refresh_every,
     )
-
-
-def _device_of(model: nn.Module) -> Any:
-    """Where the model's parameters live: the sampler's scale buffers must live there too."""
-    first = next(model.parameters(), None)
-    return first.device if first is not None else "cpu"
+    inputs = check_example_inputs(example_inputs, model)
+    target = model if inplace else copy.deepcopy(model)
+    try:
+        root = traced_root(target)  # the model inside a PEFT wrapper: sites named as without
+        if end == "blocks":
+            convert_blocks(root, config, inputs if inputs is not None else example_inputs_for(root))
+        else:
+            state = WholeModelConversion(config, type(root), inputs, concrete_args)
+            install(root, state)
+            state.ensure_built(root)
+    except BaseException:
+        to_original(target)  # an in-place conversion that failed leaves the model as it was
+        raise
+    report = explain(target)
+    _warn_if_nothing_sliced(model, report.sites, report.skipped)
+    return target
 
 
 def _warn_if_nothing_sliced(model: nn.Module, sites: list, skipped: list) -> None:
@@ -249,45 +227,44 @@ def _warn_if_nothing_sliced(model: nn.Module, sites: list, skipped: list) -> Non
     )
 
 
-def _by_blocks(model: nn.Module, capture: str) -> bool:
-    if capture not in ("auto", "fx", "blocks"):
-        raise SliceOutConfigError(f"capture must be 'auto', 'fx' or 'blocks', got {capture!r}")
-    return capture == "blocks" or (capture == "auto" and is_huggingface_model(model))
-
-
 def explain(
     model: nn.Module,
     p: Rate = 0.5,
     *,
-    example_inputs: Sequence[Any] | None = None,
+    example_inputs: Any = None,
     **options: Any,
 ) -> Report:
     """The analysis report of ``convert(model, p, **options)`` without converting anything.
 
-    For an already converted model, returns its own report.
+    For an already converted model, returns its own report (options must then be left out).
     """
-    if isinstance(model, SliceOutModule):
-        return model.report
-    if _REPORT in model.__dict__:
-        return model.__dict__[_REPORT]
+    converted = conversions_in(model)
+    if converted:
+        if converted[0][1].kind == "whole":
+            converted[0][1].ensure_built(converted[0][0])
+            return converted[0][1].report
+        for module, state in converted:
+            state.ensure_built(module)
+        return combine_reports(
+            type(model).__name__, converted[0][1].config, [s.report for _, s in converted]
+        )
     options.pop("inplace", None)
-    if _by_blocks(model, options.pop("capture", "auto")):
-        analyses = analyse_blocks(model, p, example_inputs=example_inputs, **options)
-        config = next(iter(analyses.values())).report.config
-        reports = [a.report for a in analyses.values()]
+    concrete_args = options.pop("concrete_args", None)
+    end, config = resolve(model, options.pop("capture", "auto"), p=p, **options)
+    inputs = check_example_inputs(example_inputs, model)
+    if end == "blocks":
+        root = traced_root(model)
+        inputs = inputs if inputs is not None else example_inputs_for(root)
+        reports = [b.analysis.report for b in blocks.analyse_blocks(root, config, inputs)]
         return combine_reports(type(model).__name__, config, reports)
-    return analyse(model, _config(p=p, **options), example_inputs).report
+    return analyse(traced_root(model), config, inputs, concrete_args=concrete_args).report
 
 
 def to_original(model: nn.Module) -> nn.Module:
-    """The plain full-width model (original class and structure) sharing the trained weights.
-
-    A block-converted model (HuggingFace) is restored in place and returned.
-    """
-    if isinstance(model, SliceOutModule):
-        return model.to_original()
-    model.__dict__.pop(_REPORT, None)
-    return restore_blocks(model)
+    """Restore the plain model in place (original classes, same parameters) and return it."""
+    for module, _ in conversions_in(model):
+        uninstall(module)
+    return model
 
 
 def set_slicing(model: nn.Module, enabled: bool) -> None:
@@ -295,27 +272,28 @@ def set_slicing(model: nn.Module, enabled: bool) -> None:
 
     The persistent form of :func:`full_width`, for schedules that switch at a given step.
     """
-    if isinstance(model, SliceOutModule):
-        model.slicing_enabled = bool(enabled)
-        return
-    states = block_states(model)
-    if not states:
-        raise TypeError(
-            f"{type(model).__name__} is not a converted model: convert it with sliceout_fx.convert"
-        )
-    for state in states:
+    for _, state in _conversions(model):
         state.enabled = bool(enabled)
 
 
 @contextlib.contextmanager
 def full_width(model: nn.Module) -> Iterator[nn.Module]:
     """Train ``model`` at full width inside the block, e.g. for the last steps as in the paper."""
-    if isinstance(model, SliceOutModule):
-        with model.full_width():
-            yield model
-    else:
-        with blocks_full_width(model):
-            yield model
+    states = [state for _, state in _conversions(model)]
+    previous = [s.enabled for s in states]
+    for s in states:
+        s.enabled = False
+    try:
+        yield model
+    finally:
+        for s, was in zip(states, previous, strict=True):
+            s.enabled = was
 
 
-_REPORT = "sliceout_report"
+def _conversions(model: nn.Module) -> list:
+    found = conversions_in(model)
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} is not a converted model: convert it with sliceout_fx.convert"
+        )
+    return found

@@ -5,7 +5,8 @@ A HuggingFace model is more than its forward: ``generate()``, ``save_pretrained(
 by a graph module, each repeated block (an entry of a ``ModuleList``/``Sequential`` of identical
 layers: ``BertLayer``, ``GPT2Block``, ``LlamaDecoderLayer``...) is captured with ``torch.export``,
 analysed and rewritten on its own, and the block object's class is swapped for a subclass whose
-``forward`` runs the sliced graph in training and the block's own code otherwise. Parameter names,
+``forward`` runs the sliced graph in training and the block's own code otherwise (the mechanism of
+:mod:`sliceout_fx.module`, which the fx front end uses for whole models). Parameter names,
 ``state_dict`` keys, the config and the model class are untouched, and eval runs the original code
 (KV caches, attention masks and all).
 
@@ -17,42 +18,33 @@ sampler.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ._probe import untouched
-from .capture_export import INNER, ExportedCall, call_key, export_call
+from .capture_export import INNER, ExportedCall, call_key, export_call, fill_leaves
 from .config import SliceOutConfig
 from .errors import SliceOutConfigError, UntraceableModelError
+from .module import Conversion, install, watch
+from .options import is_huggingface_model
 from .sampling import SAMPLER_NAME
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BlockAnalysis",
-    "BlockState",
+    "BlockConversion",
     "analyse_blocks",
     "convert_blocks",
     "find_blocks",
     "is_huggingface_model",
-    "restore_blocks",
 ]
-
-_STATE = "_sliceout_block"
-
-
-def is_huggingface_model(model: nn.Module) -> bool:
-    """A ``transformers.PreTrainedModel`` (checked without importing transformers)."""
-    return any(
-        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
-        for cls in type(model).__mro__
-    )
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -126,42 +118,125 @@ class _BlockGraph:
     call: ExportedCall
 
 
-@dataclass
-class BlockState:
-    """What a converted block carries (in its ``__dict__``, so ``state_dict`` is unchanged)."""
+class BlockConversion(Conversion):
+    """A converted layer: its sampler, and one sliced graph per call structure seen in training.
 
-    name: str
-    config: SliceOutConfig
-    original_class: type
-    analysis: Any  # sliceout_fx.api.Analysis of the first call
-    graphs: dict[tuple, _BlockGraph] = field(default_factory=dict)  # call_key -> its graph
-    enabled: bool = True
+    The graphs share the sites (and the sampler) of the first call's analysis; a call with a new
+    structure is exported and rewritten on first use.
+    """
+
+    kind = "block"
+
+    def __init__(
+        self,
+        config: SliceOutConfig,
+        original_class: type,
+        name: str,
+        example_call: tuple[tuple, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(config, original_class, name)
+        self.analysis: Any = None  # sliceout_fx.api.Analysis of the first call
+        self.graphs: dict[tuple, _BlockGraph] = {}  # call_key -> its graph
+        self.example_call = example_call
 
     @property
     def sites(self) -> list:
         return self.analysis.sites
 
+    @property
+    def report(self) -> Any:
+        return self.analysis.report
 
-def _sliced_graph(
-    block: nn.Module, state: BlockState, exported: ExportedCall, analysis: Any = None
-) -> _BlockGraph:
-    """Analyse and rewrite one exported call of ``block`` with the block's sites and sampler."""
-    from .rewrite import rewrite_training_graph
+    @property
+    def sliced_graph(self) -> fx.GraphModule:
+        return next(iter(self.graphs.values())).gm
 
-    if analysis is None:
-        analysis = _analyse(exported, state.name, block, state.config)
-    ours = [(s.name, s.units, s.width) for s in analysis.sites]
-    first = [(s.name, s.units, s.width) for s in state.sites]
-    if ours != first:
-        raise UntraceableModelError(
-            f"{state.name}: a call with another structure gives other sites ({ours} vs {first}); "
-            "convert with example_inputs shaped like the training batches"
-        )
-    gm = analysis.train_gm
-    gm.add_submodule(SAMPLER_NAME, getattr(block, SAMPLER_NAME))
-    rewrite_training_graph(gm, analysis.dep, analysis.sites, state.config)
-    _share_children(gm, block)
-    return _BlockGraph(gm, exported)
+    @property
+    def full_graph(self) -> fx.GraphModule | None:
+        return None  # eval and full-width training run the layer's own forward
+
+    # -- graphs ----------------------------------------------------------------------------------
+
+    def build(self, module: nn.Module, args: tuple | None, kwargs: dict | None) -> None:
+        if args is None:
+            if self.example_call is None:
+                raise UntraceableModelError(f"{self.name}: no call to export the layer from")
+            args, kwargs = self.example_call
+        exported = export_call(module, args, kwargs or {}, training=True)
+        self.adopt(module, exported, _analyse(exported, self.name, module, self.config))
+
+    def adopt(self, module: nn.Module, exported: ExportedCall, analysis: Any) -> None:
+        """Take ``analysis`` of ``exported`` as the layer's sites; its sliced graph as the first."""
+        from .rewrite import build_sampler
+
+        self.analysis = analysis
+        self.graphs = {}
+        device = next(module.parameters()).device
+        self.use_sampler(module, build_sampler(analysis.sites, self.config).to(device))
+        self.graphs[exported.key] = self._sliced_graph(module, exported, analysis)
+        self.example_call = _stored_call(exported)
+
+    def _sliced_graph(
+        self, module: nn.Module, exported: ExportedCall, analysis: Any = None
+    ) -> _BlockGraph:
+        """Analyse and rewrite one exported call with the layer's sites and sampler."""
+        from .rewrite import rewrite_training_graph
+
+        if analysis is None:
+            analysis = _analyse(exported, self.name, module, self.config)
+        ours = [(s.name, s.units, s.width) for s in analysis.sites]
+        first = [(s.name, s.units, s.width) for s in self.sites]
+        if ours != first:
+            raise UntraceableModelError(
+                f"{self.name}: a call with another structure gives other sites ({ours} vs "
+                f"{first}); convert with example_inputs shaped like the training batches"
+            )
+        gm = analysis.train_gm
+        gm.add_submodule(SAMPLER_NAME, self.sampler)
+        rewrite_training_graph(gm, analysis.dep, analysis.sites, self.config)
+        _share_children(gm, module)
+        return _BlockGraph(gm, exported)
+
+    def run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self.stale:
+            self.ensure_built(module, args, kwargs)
+        key, tensors = call_key(args, kwargs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._graph_for_new_structure(module, args, kwargs)
+        # `.forward`: the graph module has no hooks, and its generated code is what dynamo inlines.
+        return entry.call.unflatten_output(entry.gm.forward(*tensors))
+
+    @torch.compiler.disable
+    def _graph_for_new_structure(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> _BlockGraph:
+        """The graph of a call structure not seen yet: exported and rewritten on first use."""
+        logger.info("sliceout_fx: exporting %s for a new call structure", self.name)
+        with self.capturing(module):  # export must see the layer's own forward
+            exported = export_call(module, args, kwargs, training=True)
+        return self._sliced_graph(module, exported)
+
+    # -- copies ----------------------------------------------------------------------------------
+
+    def recipe(self) -> dict[str, Any]:
+        return {**super().recipe(), "example_call": self.example_call}
+
+    @classmethod
+    def from_recipe(cls, original_class: type, recipe: dict[str, Any]) -> BlockConversion:
+        state = cls(recipe["config"], original_class, recipe["name"], recipe["example_call"])
+        state.enabled = recipe["enabled"]
+        state.load_draw_state(recipe["draws"])
+        return state
+
+
+def _stored_call(exported: ExportedCall) -> tuple[tuple, dict[str, Any]]:
+    """The exported call's arguments, detached: what a copy of the layer is exported from."""
+    tensors = [t.detach() for t in exported.example_inputs]
+    args, kwargs = pytree.tree_unflatten(
+        fill_leaves(exported.spec, tensors), exported.spec.treespec
+    )
+    return tuple(args), dict(kwargs)
 
 
 def _share_children(gm: fx.GraphModule, block: nn.Module) -> None:
@@ -169,66 +244,6 @@ def _share_children(gm: fx.GraphModule, block: nn.Module) -> None:
     for name in list(gm._modules):
         if name in block._modules:
             gm._modules[name] = block._modules[name]
-
-
-def _run_sliced(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-    state: BlockState = block.__dict__[_STATE]
-    key, tensors = call_key(args, kwargs)
-    entry = state.graphs.get(key)
-    if entry is None:
-        entry = state.graphs[key] = _graph_for_new_structure(block, state, args, kwargs)
-    # `.forward`: the graph module has no hooks, and its generated code is what dynamo inlines.
-    return entry.call.unflatten_output(entry.gm.forward(*tensors))
-
-
-@torch.compiler.disable
-def _graph_for_new_structure(
-    block: nn.Module, state: BlockState, args: tuple, kwargs: dict[str, Any]
-) -> _BlockGraph:
-    """The graph of a call structure not seen yet: exported and rewritten on first use."""
-    logger.info("sliceout_fx: exporting %s for a new call structure", state.name)
-    state.enabled = False  # export must see the block's own forward
-    try:
-        exported = export_call(block, args, kwargs, training=True)
-    except UntraceableModelError as error:
-        if getattr(block, "gradient_checkpointing", False):
-            raise UntraceableModelError(
-                f"{state.name}: a call structure first seen under gradient checkpointing "
-                "cannot be exported there; run one training step before enabling "
-                "gradient checkpointing, or convert with example_inputs shaped like the "
-                "training batches"
-            ) from error
-        raise
-    finally:
-        state.enabled = True
-    return _sliced_graph(block, state, exported)
-
-
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _sliced_class(cls: type) -> type:
-    """``SliceOut<Cls>``: the block's class with a forward that slices in training."""
-    if cls in _SUBCLASSES:
-        return _SUBCLASSES[cls]
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state: BlockState = self.__dict__[_STATE]
-        if self.training and state.enabled:
-            return _run_sliced(self, args, kwargs)
-        return cls.forward(self, *args, **kwargs)
-
-    subclass = type(
-        f"SliceOut{cls.__name__}",
-        (cls,),
-        {
-            "forward": forward,
-            "__doc__": f"{cls.__name__} whose training forward runs a SliceOut graph.",
-            "__module__": __name__,
-        },
-    )
-    _SUBCLASSES[cls] = subclass
-    return subclass
 
 
 @dataclass
@@ -268,24 +283,18 @@ def _analyse(exported: ExportedCall, name: str, block: nn.Module, config: SliceO
 
 def convert_blocks(
     model: nn.Module, config: SliceOutConfig, example_inputs: Any
-) -> list[BlockState]:
-    """Convert every repeated block of ``model`` in place; returns their states."""
-    from .rewrite import build_sampler
-
+) -> list[BlockConversion]:
+    """Convert every repeated block of ``model`` in place; returns their conversions."""
     found = analyse_blocks(model, config, example_inputs)
     states = []
     for index, item in enumerate(found):
-        block = item.block
-        if _STATE in block.__dict__:
-            raise SliceOutConfigError(f"block {item.name} is already converted")
-        state = BlockState(item.name, config, type(block), item.analysis)
-        device = next(block.parameters()).device
         # Each block draws its own slices: one seed for all would cut every layer alike.
         own = config if config.seed is None else replace(config, seed=config.seed + index)
-        block.add_module(SAMPLER_NAME, build_sampler(item.analysis.sites, own).to(device))
-        block.__dict__[_STATE] = state
-        state.graphs[item.exported.key] = _sliced_graph(block, state, item.exported, item.analysis)
-        block.__class__ = _sliced_class(type(block))
+        state = BlockConversion(own, type(item.block), item.name)
+        install(item.block, state)
+        state.adopt(item.block, item.exported, item.analysis)
+        state.stale = False
+        watch(item.block, state)
         states.append(state)
     return states
 
@@ -304,35 +313,6 @@ def rename_module_paths(gm: fx.GraphModule, prefix: str) -> None:
 def _model_path(path: str, prefix: str) -> str:
     inner = path.removeprefix(INNER).lstrip(".") if path.startswith(INNER) else ""
     return f"{prefix}.{inner}" if inner else prefix
-
-
-def block_states(model: nn.Module) -> list[BlockState]:
-    return [m.__dict__[_STATE] for m in model.modules() if _STATE in m.__dict__]
-
-
-def restore_blocks(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert_blocks` in place: original classes, no sampler, no graphs."""
-    for module in model.modules():
-        state = module.__dict__.pop(_STATE, None)
-        if state is None:
-            continue
-        module.__class__ = state.original_class
-        if SAMPLER_NAME in module._modules:
-            del module._modules[SAMPLER_NAME]
-    return model
-
-
-@contextlib.contextmanager
-def blocks_full_width(model: nn.Module) -> Iterator[None]:
-    states = block_states(model)
-    previous = [s.enabled for s in states]
-    for s in states:
-        s.enabled = False
-    try:
-        yield
-    finally:
-        for s, was in zip(states, previous, strict=True):
-            s.enabled = was
 
 
 def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 12) -> dict[str, Any]:

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .module import SliceOutModule
+from .module import conversions_in
+
+
+def _full_width(model: nn.Module) -> Any:
+    from .api import full_width
+
+    return full_width(model)
 
 
 @torch.no_grad()
@@ -27,8 +33,9 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any]) -> int:
     """Reset every batch norm's running statistics and re-estimate them at full width.
 
     Args:
-        model: a converted :class:`SliceOutModule` (run with slicing off) or any module.
-        batches: model inputs (a tensor, or a tuple of positional inputs, per batch).
+        model: a converted model (run with slicing off) or any module.
+        batches: model inputs per batch: a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs (a HuggingFace batch).
 
     Returns:
         The number of batches used.
@@ -40,14 +47,15 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any]) -> int:
         bn.momentum = None  # cumulative average over the calibration batches
     was_training = model.training
     model.train()
-    full_width = (
-        model.full_width() if isinstance(model, SliceOutModule) else contextlib.nullcontext()
-    )
+    full_width = _full_width(model) if conversions_in(model) else contextlib.nullcontext()
     count = 0
     try:
         with full_width:
             for batch in batches:
-                model(*batch) if isinstance(batch, tuple) else model(batch)
+                if isinstance(batch, dict):
+                    model(**batch)
+                else:
+                    model(*batch) if isinstance(batch, tuple) else model(batch)
                 count += 1
     finally:
         for bn, momentum in zip(norms, momenta, strict=True):

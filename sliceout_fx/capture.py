@@ -8,12 +8,15 @@ the *eval* graph is what inference runs. Modules that symbolic tracing cannot se
 
 from __future__ import annotations
 
+import functools
+import inspect
 import traceback
 from collections.abc import Iterable
 from typing import Any
 
 from torch import fx, nn
 
+from .adapters import traceable_forward
 from .errors import UntraceableModelError
 
 LeafSpec = Iterable[type[nn.Module] | str]
@@ -40,6 +43,9 @@ class SliceOutTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         name = self.path_of_module(m)
+        replacement = traceable_forward(m)
+        if replacement is not None and not self.is_leaf_module(m, name):
+            forward = functools.partial(replacement, m)
         self.entered.append((name, type(m)))
         result = super().call_module(m, forward, args, kwargs)
         self.entered.pop()
@@ -55,7 +61,43 @@ def _failing_user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def trace(model: nn.Module, *, leaf_modules: LeafSpec = (), training: bool) -> fx.GraphModule:
+def specialised_defaults(
+    model: nn.Module, example_inputs: Any, concrete_args: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """``concrete_args`` plus every ``forward`` argument that ``example_inputs`` leaves out (or
+    passes as ``None``) and that has a constant default (``None``, a flag, a number, a string).
+
+    Traced as proxies, ``mask=None`` would take the ``if mask is not None`` branch (the graph
+    would compute with a mask the model is never given) and ``is_causal=False`` could not be
+    tested at all. Specialised, they take the branch the example takes, and a later call that
+    passes another value fails with fx's own assertion.
+    """
+    try:
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return concrete_args
+    if isinstance(example_inputs, dict):
+        given = {k for k, v in example_inputs.items() if v is not None}
+    elif example_inputs is None:
+        given = {params[0].name} if params else set()
+    else:
+        given = {p.name for p, v in zip(params, example_inputs) if v is not None}  # noqa: B905
+    concrete = dict(concrete_args or {})
+    for param in params:
+        named = param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        constant = param.default is None or isinstance(param.default, (bool, int, float, str))
+        if named and constant and param.name not in given and param.name not in concrete:
+            concrete[param.name] = param.default
+    return concrete or None
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: LeafSpec = (),
+    training: bool,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
     """Symbolically trace ``model`` in the given training mode, restoring its mode afterwards.
 
     Raises:
@@ -65,7 +107,7 @@ def trace(model: nn.Module, *, leaf_modules: LeafSpec = (), training: bool) -> f
     model.train(training)
     tracer = SliceOutTracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         inside = tracer.entered[-1] if tracer.entered else None
         if inside and inside[0]:

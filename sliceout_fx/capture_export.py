@@ -170,7 +170,9 @@ class _FlatCall(nn.Module):
         self.spec = spec
 
     def forward(self, *tensors: torch.Tensor) -> Any:
-        args, kwargs = pytree.tree_unflatten(_fill(self.spec, list(tensors)), self.spec.treespec)
+        args, kwargs = pytree.tree_unflatten(
+            fill_leaves(self.spec, list(tensors)), self.spec.treespec
+        )
         return self.inner(*args, **kwargs)
 
 
@@ -186,7 +188,7 @@ def _quiet_export_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _fill(spec: CallSpec, tensors: list[torch.Tensor]) -> list[Any]:
+def fill_leaves(spec: CallSpec, tensors: list[torch.Tensor]) -> list[Any]:
     """All leaves of a call from its tensor leaves and the spec's constants."""
     constants = dict(spec.constants)
     it = iter(tensors)

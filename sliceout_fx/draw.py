@@ -44,20 +44,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from .api import Analysis, _config, analyse, analyse_blocks, to_original
-from .blocks import (
-    block_states,
-    example_inputs_for,
-    find_blocks,
-    is_huggingface_model,
-    record_calls,
-)
+from .api import Analysis, analyse, analyse_blocks, to_original
+from .blocks import example_inputs_for, find_blocks, record_calls
 from .capture_export import _exportable
 from .config import Rate, SitePolicy
 from .errors import UntraceableModelError
 from .groups import AlignmentGroup
-from .module import SliceOutModule
-from .report import Report
+from .module import _STATE, conversions_in
+from .options import front_end, resolve
 from .rules.base import shape_of
 from .sites import Site, _site_name
 
@@ -200,13 +194,13 @@ def _analysis(model: nn.Module | Analysis, **kwargs: Any) -> Analysis:
                 "pass the model instead to analyse it with other options"
             )
         return model
-    if isinstance(model, SliceOutModule):
+    if isinstance(model, nn.Module) and _STATE in model.__dict__:
         if given:
             raise TypeError(
                 f"draw() got a converted model and {sorted(given)}: draw its original instead, "
                 "sliceout_fx.to_original(model)"
             )
-        return analyse(model.to_original(), model.report.config)
+        return analyse(_original_copy(model), model.__dict__[_STATE].config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"draw() needs an nn.Module or an Analysis, got {type(model).__name__}")
     example_inputs = kwargs.pop("example_inputs")
@@ -214,7 +208,8 @@ def _analysis(model: nn.Module | Analysis, **kwargs: Any) -> Analysis:
     options.pop("inplace", None)
     if options.pop("capture", "auto") not in ("auto", "fx"):
         raise ValueError("draw() pictures the whole traced graph: use capture='fx' or leave it out")
-    return analyse(model, _config(**options), example_inputs)
+    _, config = resolve(model, "fx", **options)
+    return analyse(model, config, example_inputs)
 
 
 def _default_title(analysis: Analysis, only: str | None, model: str | None = None) -> str:
@@ -236,11 +231,11 @@ def _default_title(analysis: Analysis, only: str | None, model: str | None = Non
 
 def _by_layers(model: Any, capture: Any) -> bool:
     """Drawn one exported layer at a time, as ``convert`` would convert it?"""
-    if not isinstance(model, nn.Module) or isinstance(model, SliceOutModule):
+    if not isinstance(model, nn.Module) or _STATE in model.__dict__:
         return False
-    if block_states(model):
+    if conversions_in(model):
         return True
-    return capture == "blocks" or (capture == "auto" and is_huggingface_model(model))
+    return front_end(model, capture or "auto") == "blocks"
 
 
 def _layer_analysis(model: nn.Module, only: str | None, **kwargs: Any) -> tuple[Analysis, str, str]:
@@ -249,7 +244,7 @@ def _layer_analysis(model: nn.Module, only: str | None, **kwargs: Any) -> tuple[
     example_inputs = options.pop("example_inputs", None)
     options.pop("capture", None)
     options.pop("inplace", None)
-    states = block_states(model)
+    states = [state for _, state in conversions_in(model)]
     if states:
         given = sorted(k for k, v in options.items() if v is not None)
         if given:
@@ -275,15 +270,8 @@ def _layer_analysis(model: nn.Module, only: str | None, **kwargs: Any) -> tuple[
 
 
 def _original_copy(model: nn.Module) -> nn.Module:
-    """A plain copy of a block-converted model; the model itself stays converted.
-
-    The blocks' states and the report hold the exported graphs, whose fake tensors cannot be
-    deep-copied: the copy shares them, and ``to_original`` drops them from the copy.
-    """
-    shared: dict[int, Any] = {id(state): state for state in block_states(model)}
-    for module in model.modules():
-        shared.update({id(v): v for v in module.__dict__.values() if isinstance(v, Report)})
-    return to_original(copy.deepcopy(model, shared))
+    """A plain copy of a converted model (copies hold no graphs); the model stays converted."""
+    return to_original(copy.deepcopy(model))
 
 
 def _pick_layer(model: str, names: list[str], only: str | None) -> str:

@@ -1,15 +1,26 @@
-"""Stage 7, the converted module: sliced and full-width graphs over one set of weights.
+"""Stage 7, the converted module: the user's own object, of a subclass of its own class.
 
-:class:`SliceOutModule` registers the original model's children, parameters and buffers under their
-original names, so ``state_dict`` keys and shapes are the original's and checkpoints move freely in
-both directions. The three graph modules it runs (sliced training, full-width training, evaluation)
-are plain ``fx.GraphModule`` objects that reference those same submodules; they are kept out of the
-module tree so they add no state of their own.
+``convert`` never wraps a model. It swaps the class of the converted object (the whole model on the
+fx path, each repeated layer on the export path) for a generated subclass ``SliceOut<Cls>`` whose
+``forward`` runs a SliceOut graph in training and the class's own ``forward`` otherwise. Every
+method and attribute, ``isinstance`` check, container protocol (``c[0]``, ``len(c)``) and
+``state_dict`` key stays the model's. What the conversion adds lives in the object's ``__dict__``
+(a :class:`Conversion`), outside the module tree.
+
+The graphs are a cache. A :class:`Conversion` keeps the recipe (config, example inputs, sampler
+state) and rebuilds its graphs when they are missing (``copy.deepcopy`` and pickling copy only the
+plain model and the recipe) or stale: a submodule, or a parameter or buffer of another shape, was
+registered anywhere inside the converted tree (PEFT adapters, a new head, parametrizations).
+Staleness is detected with PyTorch's global registration hooks, so a training step pays one
+boolean test instead of a walk of the module tree.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,128 +30,398 @@ from torch import fx, nn
 from .sampling import SAMPLER_NAME, SliceSampler
 
 if TYPE_CHECKING:
-    from .norm_stats import FullWidthStatistics
+    from .config import SliceOutConfig
     from .report import Report
+
+logger = logging.getLogger(__name__)
+
+_STATE = "_sliceout"
+_ABSENT = object()
+
+
+class Conversion:
+    """What one converted object carries: its recipe, its graphs (a cache) and its sampler.
+
+    Front ends subclass it (:class:`~sliceout_fx.whole.WholeModelConversion` for fx-captured
+    models, :class:`~sliceout_fx.blocks.BlockConversion` for exported layers) and implement
+    :meth:`build` and :meth:`run`.
+    """
+
+    kind = "abstract"
+
+    def __init__(self, config: SliceOutConfig, original_class: type, name: str = "") -> None:
+        self.config = config
+        self.original_class = original_class
+        self.name = name
+        self.enabled = True  # False: train at full width with the class's own forward
+        self.stale = True  # no graphs yet, or the module tree changed since they were built
+        self.changes: list[str] = []  # what made the graphs stale, for the log
+        self.suspended = False  # capture in progress: forward runs the class's own code
+        self.sampler: SliceSampler | None = None
+        self.resume_state: dict[str, Any] | None = None  # draw state for the next sampler
+
+    # -- what front ends implement ---------------------------------------------------------------
+
+    def build(self, module: nn.Module, args: tuple | None, kwargs: dict | None) -> None:
+        """(Re)build the graphs from the module's current structure; ``args``: a training call."""
+        raise NotImplementedError
+
+    def run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """One sliced training call."""
+        raise NotImplementedError
+
+    def recipe(self) -> dict[str, Any]:
+        """Everything needed to rebuild this conversion on a copy of the plain module."""
+        return {
+            "kind": self.kind,
+            "config": self.config,
+            "name": self.name,
+            "enabled": self.enabled,
+            "draws": self.draw_state(),
+        }
+
+    @property
+    def report(self) -> Report:
+        raise NotImplementedError
+
+    # -- shared behaviour ------------------------------------------------------------------------
+
+    def ensure_built(
+        self, module: nn.Module, args: tuple | None = None, kwargs: dict | None = None
+    ) -> None:
+        if not self.stale:
+            return
+        if self.changes:
+            logger.warning(
+                "sliceout_fx: %s changed after conversion (%s); analysing it again",
+                self.name or self.original_class.__name__,
+                "; ".join(self.changes[:3]),
+            )
+        with self.capturing(module):
+            self.build(module, args, kwargs)
+        self.stale = False
+        self.changes = []
+        watch(module, self)
+
+    @contextlib.contextmanager
+    def capturing(self, module: nn.Module) -> Iterator[None]:
+        """Inside the block ``module`` is its plain self, for tracing and export.
+
+        Its class is the original one (so ``torch.fx`` reads the original ``forward``'s
+        signature and globals) and gradient checkpointing is off (an exported checkpoint would
+        be a higher-order op the rewrite cannot see into; the converted layer is checkpointed
+        as a whole anyway).
+        """
+        previous, swapped = self.suspended, type(module) is _CLASSES.get(self.original_class)
+        checkpointing = module.__dict__.get("gradient_checkpointing", _ABSENT)
+        self.suspended = True
+        if swapped:
+            module.__class__ = self.original_class
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.__dict__["gradient_checkpointing"] = False
+        try:
+            yield
+        finally:
+            self.suspended = previous
+            if swapped:
+                module.__class__ = _CLASSES[self.original_class]
+            if checkpointing is _ABSENT:
+                module.__dict__.pop("gradient_checkpointing", None)
+            else:
+                module.__dict__["gradient_checkpointing"] = checkpointing
+
+    def use_sampler(self, module: nn.Module, sampler: SliceSampler) -> None:
+        """Adopt a new sampler, carrying the draw state over where the draws are the same kind."""
+        old = self.sampler
+        state = self.resume_state or (old.draw_state() if old is not None else None)
+        if state is not None and sampler.accepts(state):
+            sampler.load_draw_state(state)
+            if old is not None and old._forced is not None:
+                sampler.force(old._forced)
+        self.resume_state = None
+        self.sampler = sampler
+        module.__dict__[SAMPLER_NAME] = sampler
+
+    def draw_state(self) -> dict[str, Any] | None:
+        if self.sampler is None:
+            return self.resume_state
+        return self.sampler.draw_state()
+
+    def load_draw_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        if self.sampler is None or self.stale:
+            self.resume_state = state  # loaded into the sampler the next build makes
+            return
+        self.sampler.load_draw_state(state)
+
+    def mark_stale(self, what: str) -> None:
+        self.stale = True
+        self.changes.append(what)
+
+
+class _FromState:
+    """A read-only attribute of a converted module answered by its :class:`Conversion`.
+
+    A non-data descriptor: an instance attribute of the same name (the user's own) wins, and so
+    does any attribute of the user's class, which comes first in the generated class's MRO.
+    """
+
+    def __init__(self, getter: Any, doc: str) -> None:
+        self.getter = getter
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module: nn.Module | None, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        return self.getter(built_conversion(module))
 
 
 class SliceOutModule(nn.Module):
-    """Runs the sliced graph in ``train()`` mode and the original computation in ``eval()`` mode.
+    """The base every converted class mixes in: ``isinstance(m, SliceOutModule)`` after ``convert``.
 
-    Use :func:`sliceout_fx.convert` to build one. ``slicing_enabled = False`` (or
-    :meth:`full_width`) trains the full-width original graph, e.g. for the last steps of training as
-    in the paper; :meth:`to_original` returns the original model structure for deployment.
-    With batch norms downstream of a slice, one training call in ``bn_refresh.every`` runs the
-    full-width refresh graph instead (see :mod:`sliceout_fx.norm_stats`).
+    A converted model is an instance of ``SliceOut<Cls>``, a subclass of its own class ``Cls`` and
+    of this one. In ``train()`` mode with slicing enabled its forward runs the sliced graph; in
+    ``eval()`` mode, or at full width (:meth:`full_width`, ``slicing_enabled = False``), it runs
+    ``Cls.forward``, the model's own code. The conveniences below are only defined where the
+    user's class does not define the same name; :mod:`sliceout_fx`'s functions (``explain``,
+    ``full_width``, ``set_slicing``, ``to_original``) work on every converted model.
     """
 
-    sliceout_sampler: SliceSampler
-
-    def __init__(
-        self,
-        source: nn.Module,
-        eval_graph: fx.GraphModule,
-        full_train_graph: fx.GraphModule,
-        sliced_graph: fx.Graph,
-        sampler: SliceSampler,
-        report: Report,
-        bn_refresh: FullWidthStatistics | None = None,
-    ) -> None:
-        super().__init__()
-        for name, param in source._parameters.items():
-            self.register_parameter(name, param)
-        for name, buf in source._buffers.items():
-            self.register_buffer(
-                name, buf, persistent=name not in source._non_persistent_buffers_set
-            )
-        for name, child in source._modules.items():
-            self.add_module(name, child)
-        self.add_module(SAMPLER_NAME, sampler)
-        self.slicing_enabled = True
-        # Unregistered on purpose: they share every submodule with `self`.
-        object.__setattr__(self, "_source", source)
-        object.__setattr__(self, "_eval_gm", eval_graph)
-        object.__setattr__(self, "_full_train_gm", full_train_graph)
-        sliced_gm = fx.GraphModule(self, sliced_graph, "SlicedTrainGraph")
-        # fx copies a `get_attr` target such as "fc1.weight" into a fresh stub `fc1` holding only
-        # that tensor; the stub would go stale when the parameter object is replaced
-        # (load_state_dict(assign=True), parametrizations). Point the graph at the real children.
-        graphs = [sliced_gm] + ([bn_refresh.graph] if bn_refresh is not None else [])
-        for gm in graphs:
-            for name in list(gm._modules):
-                if name in self._modules:
-                    gm._modules[name] = self._modules[name]
-        object.__setattr__(self, "_sliced_gm", sliced_gm)
-        object.__setattr__(self, "report", report)
-        self.bn_refresh = bn_refresh
-        self._refresh_due = False
-        if bn_refresh is not None:
-            self.register_forward_pre_hook(_count_training_call)
-        self.train(source.training)
-
-    # -- running ------------------------------------------------------------------------------
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # `.forward`, not `__call__`: the graph modules have no hooks of their own, and a small
-        # training step is bound by host work per call.
-        if self._refresh_due and self.training and self.slicing_enabled:
-            return self.bn_refresh.graph.forward(*args, **kwargs)
-        return self.active_graph.forward(*args, **kwargs)
+    report = _FromState(lambda c: c.report, "The analysis report of this conversion.")
+    sliced_graph = _FromState(lambda c: c.sliced_graph, "The sliced training graph module.")
+    full_graph = _FromState(
+        lambda c: c.full_graph, "The captured full-width training graph (before the rewrite)."
+    )
+    sliceout_sampler = _FromState(
+        lambda c: c.sampler, "The slice sampler (stored in the instance once the graphs are built)."
+    )
+    bn_refresh = _FromState(
+        lambda c: getattr(c, "refresh", None),
+        "The batch-norm refresh schedule (:class:`~sliceout_fx.norm_stats.FullWidthStatistics`).",
+    )
 
     @property
-    def active_graph(self) -> fx.GraphModule:
-        """The graph module a call runs in the current mode."""
-        if not self.training:
-            return self._eval_gm
-        return self._sliced_gm if self.slicing_enabled else self._full_train_gm
+    def slicing_enabled(self) -> bool:
+        """``False`` trains at full width with the model's own forward (dropouts included)."""
+        return conversion_of(self).enabled
 
-    @property
-    def sliced_graph(self) -> fx.GraphModule:
-        return self._sliced_gm
-
-    @property
-    def full_graph(self) -> fx.GraphModule:
-        """The full-width training graph (the original model's training computation)."""
-        return self._full_train_gm
-
-    @property
-    def eval_graph(self) -> fx.GraphModule:
-        return self._eval_gm
-
-    def train(self, mode: bool = True) -> SliceOutModule:
-        super().train(mode)
-        self._source.training = mode
-        return self
+    @slicing_enabled.setter
+    def slicing_enabled(self, enabled: bool) -> None:
+        conversion_of(self).enabled = bool(enabled)
 
     @contextlib.contextmanager
-    def full_width(self) -> Iterator[SliceOutModule]:
+    def full_width(self) -> Iterator[nn.Module]:
         """Train at full width inside the ``with`` block (original dropouts included)."""
-        previous = self.slicing_enabled
-        self.slicing_enabled = False
+        state = conversion_of(self)
+        previous = state.enabled
+        state.enabled = False
         try:
             yield self
         finally:
-            self.slicing_enabled = previous
-
-    def to_original(self) -> nn.Module:
-        """The original model structure, sharing this module's parameters and buffers."""
-        self._source.train(self.training)
-        return self._source
+            state.enabled = previous
 
     def explain(self) -> Report:
         """The analysis report of this conversion (sites, groups, skipped groups and reasons)."""
-        return self.report
+        return built_conversion(self).report
 
-    def extra_repr(self) -> str:
-        sites = ", ".join(f"{s.name}: p={s.effective_p:.3g}" for s in self.report.sites)
-        return f"sites=[{sites}], mode={self.report.config.mode!r}"
+    def to_original(self) -> nn.Module:
+        """Restore the original class in place (same object, same parameters) and return it."""
+        return uninstall(self)
 
 
-@torch.compiler.disable
-def _count_training_call(module: SliceOutModule, args: Any) -> None:
-    """Forward pre-hook: decide whether this training call refreshes batch-norm statistics.
+_CLASSES: dict[type, type] = {}
 
-    A hook kept out of compilation, not code in ``forward``: ``torch.compile(model)`` calls hooks
-    outside the compiled forward frame, which then only reads a boolean (two compiled variants)
-    instead of guarding on a step counter (a recompilation per step).
-    """
-    module._refresh_due = module.training and module.slicing_enabled and module.bn_refresh.tick()
+
+def converted_class(cls: type) -> type:
+    """``SliceOut<Cls>``: ``cls`` with a forward that slices in training (made once per class)."""
+    if cls in _CLASSES:
+        return _CLASSES[cls]
+    if issubclass(cls, SliceOutModule):
+        raise TypeError(f"{cls.__name__} is already a converted class")
+
+    @functools.wraps(cls.forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state: Conversion = self.__dict__[_STATE]
+        if self.training and state.enabled and not state.suspended:
+            return state.run(self, args, kwargs)
+        return cls.forward(self, *args, **kwargs)
+
+    def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+        # The sampler is outside the module tree; `.to()`, `.cuda()`, `.double()` move it too.
+        result = cls._apply(self, fn, recurse)
+        sampler = self.__dict__.get(SAMPLER_NAME)
+        if sampler is not None:
+            sampler._apply(fn)
+        return result
+
+    def __reduce_ex__(self: nn.Module, protocol: int) -> Any:
+        # copy.deepcopy and pickle copy the plain module and the recipe; graphs are rebuilt.
+        return (_restore, (cls, plain_state(self), self.__dict__[_STATE].recipe()))
+
+    subclass = type(
+        f"SliceOut{cls.__name__}",
+        (cls, SliceOutModule),
+        {
+            "forward": forward,
+            "_apply": _apply,
+            "__reduce_ex__": __reduce_ex__,
+            "__doc__": f"{cls.__name__} whose training forward runs a SliceOut graph.",
+            "__module__": __name__,
+            "__qualname__": f"SliceOut{cls.__name__}",
+        },
+    )
+    _CLASSES[cls] = subclass
+    return subclass
+
+
+def install(module: nn.Module, state: Conversion) -> None:
+    """Make ``module`` a converted module carrying ``state`` (graphs built lazily)."""
+    if _STATE in module.__dict__:
+        raise TypeError(
+            f"{type(module).__name__} is already converted; convert to_original(model) instead"
+        )
+    module.__dict__[_STATE] = state
+    module.__class__ = converted_class(type(module))
+
+
+def uninstall(module: nn.Module) -> nn.Module:
+    """Undo :func:`install` in place: original class, no conversion state, no sampler."""
+    state = module.__dict__.pop(_STATE, None)
+    if state is not None:
+        module.__dict__.pop(SAMPLER_NAME, None)
+        _remove_own_hooks(module)
+        module.__class__ = state.original_class
+    return module
+
+
+def conversion_of(module: nn.Module) -> Conversion:
+    state = module.__dict__.get(_STATE)
+    if state is None:
+        raise TypeError(
+            f"{type(module).__name__} is not a converted model: convert it with sliceout_fx.convert"
+        )
+    return state
+
+
+def built_conversion(module: nn.Module) -> Conversion:
+    """The module's conversion with its graphs built (from the stored example inputs if needed)."""
+    state = conversion_of(module)
+    state.ensure_built(module)
+    return state
+
+
+def conversions_in(model: nn.Module) -> list[tuple[nn.Module, Conversion]]:
+    """Every converted object in ``model``'s tree (the model itself first), with its state."""
+    return [(m, m.__dict__[_STATE]) for m in model.modules() if _STATE in m.__dict__]
+
+
+def plain_state(module: nn.Module) -> dict[str, Any]:
+    """``module.__dict__`` without what a conversion added (its state, sampler and hooks)."""
+    state = {k: v for k, v in module.__dict__.items() if k not in (_STATE, SAMPLER_NAME)}
+    state["_forward_pre_hooks"] = type(module._forward_pre_hooks)(
+        (k, h) for k, h in module._forward_pre_hooks.items() if not getattr(h, _OWN_HOOK, False)
+    )
+    return state
+
+
+def _restore(cls: type, state: dict[str, Any], recipe: dict[str, Any]) -> nn.Module:
+    """Rebuild a converted module from its plain state and recipe (unpickling, deepcopy)."""
+    from .blocks import BlockConversion
+    from .whole import WholeModelConversion
+
+    kinds = {c.kind: c for c in (WholeModelConversion, BlockConversion)}
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    conversion = kinds[recipe["kind"]].from_recipe(cls, recipe)
+    install(module, conversion)
+    return module
+
+
+# -- hooks the conversion adds to the module ---------------------------------------------------
+
+_OWN_HOOK = "_sliceout_hook"
+
+
+def own_hook(fn: Any) -> Any:
+    """Mark a hook function as the conversion's, so copies and ``to_original`` drop it."""
+    setattr(fn, _OWN_HOOK, True)
+    return fn
+
+
+def _remove_own_hooks(module: nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, _OWN_HOOK, False):
+            del module._forward_pre_hooks[key]
+
+
+def hooked_modules(gm: fx.GraphModule, full: fx.GraphModule, root: nn.Module) -> list[str]:
+    """Modules with forward hooks whose calls the sliced graph replaced by functional ops."""
+    kept = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    names = []
+    for node in full.graph.nodes:
+        if node.op != "call_module" or node.target in kept:
+            continue
+        try:
+            sub = root.get_submodule(str(node.target))
+        except AttributeError:
+            continue
+        if sub._forward_hooks or sub._forward_pre_hooks:
+            names.append(str(node.target))
+    return names
+
+
+# -- change detection --------------------------------------------------------------------------
+
+#: Every module inside a converted tree -> a weak reference to the conversion it belongs to.
+_OWNER: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+_HOOKS_INSTALLED = False
+
+
+def watch(root: nn.Module, state: Conversion) -> None:
+    """Mark ``state`` stale whenever something is registered anywhere under ``root``."""
+    _install_registration_hooks()
+    ref = weakref.ref(state)
+    for module in root.modules():
+        _OWNER[module] = ref
+
+
+def _owner(module: nn.Module) -> Conversion | None:
+    ref = _OWNER.get(module)
+    state = ref() if ref is not None else None
+    if state is None or state.suspended or state.stale:
+        return None
+    return state
+
+
+def _on_module(module: nn.Module, name: str, value: nn.Module | None) -> None:
+    state = _owner(module)
+    if state is not None and module._modules.get(name) is not value:
+        state.mark_stale(f"{type(module).__name__}.{name} set to {type(value).__name__}")
+
+
+def _on_tensor(kind: str) -> Any:
+    def hook(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+        state = _owner(module)
+        if state is None:
+            return
+        old = getattr(module, f"_{kind}s").get(name)
+        if (old is None) != (value is None) or (old is not None and old.shape != value.shape):
+            state.mark_stale(f"{kind} {type(module).__name__}.{name} registered")
+
+    return hook
+
+
+def _install_registration_hooks() -> None:
+    global _HOOKS_INSTALLED
+    if _HOOKS_INSTALLED:
+        return
+    from torch.nn.modules import module as torch_module
+
+    torch_module.register_module_module_registration_hook(_on_module)
+    torch_module.register_module_parameter_registration_hook(_on_tensor("parameter"))
+    torch_module.register_module_buffer_registration_hook(_on_tensor("buffer"))
+    _HOOKS_INSTALLED = True

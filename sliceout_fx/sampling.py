@@ -144,6 +144,37 @@ class SliceSampler(nn.Module):
         """Register a non-persistent per-channel tensor (moves with ``.to()``, not saved)."""
         self.register_buffer(name, values, persistent=False)
 
+    def draw_state(self) -> dict[str, Any]:
+        """Where the draws stand: enough to continue the same sequence after a restore.
+
+        With ``seed=None`` the draws come from torch's global generator instead, which
+        :func:`sliceout_fx.sampler_state` records beside this.
+        """
+        state: dict[str, Any] = {
+            "specs": [(s.units, s.width, s.mode) for s in self.specs],
+            "seeded": self._key is not None,
+            "host_steps": self.host_steps,
+            "device_steps": int(self.device_steps),
+        }
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def accepts(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` came from a sampler drawing the same kind of slices as this one."""
+        specs = [(s.units, s.width, s.mode) for s in self.specs]
+        return [tuple(s) for s in state.get("specs", [])] == specs and state.get("seeded") == (
+            self._key is not None
+        )
+
+    def load_draw_state(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`draw_state` (the model's ``state_dict`` is not involved)."""
+        self.__dict__["host_steps"] = int(state["host_steps"])
+        self.device_steps.fill_(int(state["device_steps"]))
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+        self.__dict__["last_draws"] = None
+
     def force(self, draws: Sequence[int | Tensor] | None) -> None:
         """Use these draws (one per group) instead of random ones; ``None`` to go back to random.
 

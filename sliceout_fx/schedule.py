@@ -88,6 +88,11 @@ class SliceSchedule:
         self.step_count += 1
         self._apply()
 
+    def go_to(self, step: int) -> None:
+        """Set the model up for step ``step`` (a trainer's own step counter, after a resume)."""
+        self.step_count = int(step)
+        self._apply()
+
     def _apply(self) -> None:
         set_slicing(self.model, self.slicing)
 

@@ -27,7 +27,8 @@ DEFAULT_SPATIAL = 32
 
 def synthesize_example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     """A batch of 2 for a single-input model whose first consumer is a Linear or a Conv."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # a placeholder with a default (an argument specialised at capture) needs no input
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
     if len(placeholders) != 1:
         raise ShapeInferenceError(
             f"the model takes {len(placeholders)} inputs; pass example_inputs=(...) to convert()"

@@ -23,6 +23,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .adapters import is_adapter_path, plain_path
 from .config import SliceOutConfig
 from .depgraph import DependencyGraph
 from .errors import SliceOutConfigError
@@ -67,14 +68,26 @@ class SkippedSite:
 def _site_name(node: fx.Node) -> str:
     """The module path of the op (for a functional op, of the module whose forward called it)."""
     if node.op == "call_module":
-        return str(node.target)
+        return plain_path(str(node.target))
     stack = node.meta.get("nn_module_stack")
     if stack:
         path, _ = next(reversed(stack.values()))
         if path:
+            path = plain_path(path)
             return f"{path}.{node.name}" if node.target in _NAMED_BY_NODE else path
     return node.name
 
+
+def _group_name(group: AlignmentGroup) -> str | None:
+    """A group is named by its first source outside a PEFT adapter; ``None`` if it has none."""
+    names = [_site_name(axis.node) for axis in (group.primary, *group.sources)]
+    return next((n for n in names if not is_adapter_path(n)), None)
+
+
+_ADAPTER_REASON = (
+    "part of a PEFT adapter (its rank or its dropout), kept as it is; name it in sites=[...] to "
+    "slice it anyway"
+)
 
 # Functional dropouts are named by module and node: one forward may call several of them.
 _NAMED_BY_NODE = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
@@ -146,6 +159,9 @@ def select_sites(
     def add(
         group: AlignmentGroup, name: str, kind: str, own_rate: float | None, dropout: fx.Node | None
     ) -> None:
+        if kind != "explicit" and is_adapter_path(name):
+            skipped.append(SkippedSite(name, _ADAPTER_REASON))
+            return
         if not group.sliceable:
             skipped.append(SkippedSite(name, "; ".join(group.blockers)))
             return
@@ -168,7 +184,9 @@ def select_sites(
             if explicit is not None and name not in wanted:
                 continue
             wanted.discard(name)
-            if group is None:
+            if explicit is None and is_adapter_path(name):
+                skipped.append(SkippedSite(name, _ADAPTER_REASON))
+            elif group is None:
                 reasons = [
                     r
                     for d in range(1, rank_of(node) or 1)
@@ -191,7 +209,7 @@ def select_sites(
     )
     for group in groups:
         source = group.primary.node
-        name = _site_name(source)
+        name = _group_name(group) or _site_name(source)
         if explicit is not None:
             if name in wanted:
                 wanted.discard(name)
@@ -206,7 +224,7 @@ def select_sites(
     if wanted:
         known = sorted(
             {_site_name(n) for n, _, _ in _dropout_candidates(dep, groups)}
-            | {_site_name(g.primary.node) for g in groups}
+            | {_group_name(g) or _site_name(g.primary.node) for g in groups}
         )
         raise SliceOutConfigError(f"unknown site name(s) {sorted(wanted)}; known sites: {known}")
     if isinstance(config.p, Mapping):

@@ -93,7 +93,7 @@ def test_recalibrate_batch_norm_restores_full_width_statistics():
     for x in batches:  # sliced training moves the running statistics
         train_step_outputs(converted, (x,))
     # The reference: the same weights, statistics re-estimated by the plain model at full width.
-    reference = copy.deepcopy(converted.to_original())
+    reference = sliceout_fx.to_original(copy.deepcopy(converted))
     for bn in (m for m in reference.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.reset_running_stats()
         bn.momentum = None

@@ -225,15 +225,19 @@ def test_inplace_conversion_shares_the_given_parameters():
 def test_full_width_training_and_to_original():
     model, inputs = copy.deepcopy(CASES["mlp"][0]), CASES["mlp"][1]
     converted = _convert(model, inputs, p=0.5).train()
+    assert isinstance(converted, nn.Sequential) and type(converted) is not nn.Sequential
     with converted.full_width():
-        assert converted.active_graph is converted.full_graph
         torch.manual_seed(0)
         full = converted(*inputs)
+        assert converted.sliceout_sampler.last_draws is None  # no slice drawn at full width
     torch.manual_seed(0)
     assert torch.equal(full, model.train()(*inputs))  # the original training computation
-    assert converted.active_graph is converted.sliced_graph
-    plain = converted.to_original()
-    assert type(plain) is nn.Sequential and plain.fc1.weight is converted.fc1.weight
+    converted(*inputs)
+    assert converted.sliceout_sampler.last_draws is not None
+    weight = converted.fc1.weight
+    plain = converted.to_original()  # in place: the same object, of the original class again
+    assert plain is converted and type(plain) is nn.Sequential and plain.fc1.weight is weight
+    assert sliceout_fx.explain(plain, p=0.5).sites  # a plain model again: it can be analysed
 
 
 def test_gather_mode_is_controlled_dropout_on_the_same_analysis():

@@ -237,7 +237,7 @@ def test_a_new_call_structure_is_converted_on_first_use():
     out_m, grads_m = _train_step(masked, inputs, 0)
     torch.testing.assert_close(out_s, out_m, atol=1e-10, rtol=1e-9)
     block = sliced.bert.encoder.layer[0]
-    assert len(block.__dict__["_sliceout_block"].graphs) == 2
+    assert len(block.__dict__["_sliceout"].graphs) == 2
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])

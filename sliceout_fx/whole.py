@@ -1,0 +1,181 @@
+"""The fx front end: the whole model captured by ``torch.fx`` into one sliced training graph.
+
+The model object keeps its class (see :mod:`sliceout_fx.module`); this conversion holds the graphs
+its training forward runs: the sliced graph and, when batch norms sit downstream of a slice, the
+full-width refresh graph of :mod:`sliceout_fx.norm_stats`. Both are rooted on the model's own
+children, so they read its current parameters on every call.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+from .config import SliceOutConfig
+from .module import Conversion, hooked_modules, own_hook
+from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
+from .sampling import SAMPLER_NAME
+
+if TYPE_CHECKING:
+    from .api import Analysis
+    from .report import Report
+
+
+class WholeModelConversion(Conversion):
+    """A model converted as one fx graph (torchvision, timm, plain modules, ``nn.Sequential``)."""
+
+    kind = "whole"
+
+    def __init__(
+        self,
+        config: SliceOutConfig,
+        original_class: type,
+        example_inputs: Sequence[Any] | None = None,
+        concrete_args: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(config, original_class)
+        self.example_inputs = _detached(example_inputs)
+        self.concrete_args = dict(concrete_args) if concrete_args else None
+        self.analysis: Analysis | None = None
+        self.sliced_gm: fx.GraphModule | None = None
+        self.full_gm: fx.GraphModule | None = None
+        self.refresh: FullWidthStatistics | None = None
+        self.refresh_due = False
+        self.refresh_calls = 0  # carried across rebuilds and copies
+
+    # -- graphs ----------------------------------------------------------------------------------
+
+    def build(self, module: nn.Module, args: tuple | None, kwargs: dict | None) -> None:
+        from .api import analyse
+        from .rewrite import build_sampler, rewrite_training_graph
+
+        inputs = args if args and not kwargs else self.example_inputs
+        config = self.config
+        analysis = analyse(module, config, inputs, concrete_args=self.concrete_args)
+        self.example_inputs = _detached(analysis.example_inputs)
+        full_gm = fx.GraphModule(analysis.train_gm, copy.deepcopy(analysis.train_gm.graph))
+        sampler = build_sampler(analysis.sites, config).to(_device_of(module))
+        analysis.train_gm.add_submodule(SAMPLER_NAME, sampler)
+        sliced = rewrite_training_graph(analysis.train_gm, analysis.dep, analysis.sites, config)
+        refresh = None
+        if config.bn_stats == "full_width" and analysis.sites:
+            frozen = freeze_statistics_after_slices(sliced)
+            if frozen:
+                every = config.bn_refresh_every
+                refresh = FullWidthStatistics(refresh_graph(full_gm, frozen, every), frozen, every)
+                refresh.calls = self.refresh.calls if self.refresh else self.refresh_calls
+        # fx copied each top-level child into a stub holding only the attributes the graph reads;
+        # the stubs would go stale when a parameter object is replaced (load_state_dict with
+        # assign=True). Point the graphs at the real children.
+        for gm in (sliced, full_gm, *([refresh.graph] if refresh else [])):
+            for name in list(gm._modules):
+                if name in module._modules:
+                    gm._modules[name] = module._modules[name]
+        hooked = hooked_modules(sliced, full_gm, module)
+        if hooked:
+            warnings.warn(
+                f"sliceout_fx: forward hooks on {hooked} will not see sliced training calls: the "
+                "sliced graph replaces those modules' calls by sliced functional ops (they fire "
+                "in eval and at full width). Register the hook on a parent module, or keep the "
+                "module whole with leaf_modules=[...].",
+                stacklevel=4,
+            )
+        self.analysis, self.sliced_gm, self.full_gm, self.refresh = (
+            analysis,
+            sliced,
+            full_gm,
+            refresh,
+        )
+        self.use_sampler(module, sampler)
+        if refresh is not None and not any(
+            h is _count_training_call for h in module._forward_pre_hooks.values()
+        ):
+            module.register_forward_pre_hook(_count_training_call)
+
+    def run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self.stale:
+            self.ensure_built(module, args, kwargs)
+        # `.forward`, not `__call__`: the graph modules have no hooks of their own, and a small
+        # training step is bound by host work per call.
+        if self.refresh_due:
+            return self.refresh.graph.forward(*args, **kwargs)
+        return self.sliced_gm.forward(*args, **kwargs)
+
+    @property
+    def report(self) -> Report:
+        return self.analysis.report
+
+    @property
+    def sliced_graph(self) -> fx.GraphModule:
+        return self.sliced_gm
+
+    @property
+    def full_graph(self) -> fx.GraphModule:
+        return self.full_gm
+
+    # -- copies and resume -----------------------------------------------------------------------
+
+    def draw_state(self) -> dict[str, Any] | None:
+        state = super().draw_state()
+        if state is not None:
+            state = {**state, "refresh_calls": self.refresh.calls if self.refresh else 0}
+        return state
+
+    def load_draw_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        self.refresh_calls = int(state.get("refresh_calls", 0))
+        if self.refresh is not None:
+            self.refresh.calls = self.refresh_calls
+        super().load_draw_state(state)
+
+    def recipe(self) -> dict[str, Any]:
+        return {
+            **super().recipe(),
+            "example_inputs": self.example_inputs,
+            "concrete_args": self.concrete_args,
+        }
+
+    @classmethod
+    def from_recipe(cls, original_class: type, recipe: dict[str, Any]) -> WholeModelConversion:
+        state = cls(
+            recipe["config"], original_class, recipe["example_inputs"], recipe["concrete_args"]
+        )
+        state.enabled = recipe["enabled"]
+        state.load_draw_state(recipe["draws"])
+        return state
+
+
+@own_hook
+@torch.compiler.disable
+def _count_training_call(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: decide whether this training call refreshes batch-norm statistics.
+
+    A hook kept out of compilation, not code in ``forward``: ``torch.compile(model)`` calls hooks
+    outside the compiled forward frame, which then only reads a boolean (two compiled variants)
+    instead of guarding on a step counter (a recompilation per step).
+    """
+    state = module.__dict__.get("_sliceout")
+    if state is None:
+        return
+    refresh = state.refresh
+    state.refresh_due = module.training and state.enabled and refresh is not None and refresh.tick()
+
+
+def _detached(inputs: Any) -> Any:
+    if inputs is None:
+        return None
+    if isinstance(inputs, Mapping):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
+
+
+def _device_of(model: nn.Module) -> Any:
+    """Where the model's parameters live: the sampler's scale buffers must live there too."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else "cpu"
