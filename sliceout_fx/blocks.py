@@ -19,6 +19,7 @@ sampler.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -296,6 +297,19 @@ def convert_blocks(
         state.stale = False
         watch(item.block, state)
         states.append(state)
+    hooked = [
+        f"{item.name}.{name}"
+        for item in found
+        for name, sub in item.block.named_modules()
+        if name and (sub._forward_hooks or sub._forward_pre_hooks)
+    ]
+    if hooked:
+        warnings.warn(
+            f"sliceout_fx: forward hooks on {hooked[:4]} will not see sliced training calls: a "
+            "converted layer runs one exported graph, without calling its submodules (they fire "
+            "in eval and at full width). Register the hook on the layer itself instead.",
+            stacklevel=3,
+        )
     return states
 
 
@@ -331,10 +345,9 @@ def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 12) -> di
     ids = torch.randint(0, vocab, (batch, length), device=device)
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding, so that attention masks are tensors as in real batches
-    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    if "use_cache" in _forward_names(model):
-        inputs["use_cache"] = False
-    return inputs
+    # No use_cache=: a training call (Trainer's, say) leaves it at the config's default, and the
+    # example should reach the layers with the flags a training step passes them.
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _forward_names(model: nn.Module) -> Sequence[str]:

@@ -107,7 +107,8 @@ def call_key(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[torch.Ten
             return (type(value).__name__, tuple(walk(v) for v in value))
         if isinstance(value, dict):
             return ("dict", tuple((k, walk(v)) for k, v in value.items()))
-        return ("none", _exportable(value))  # a KV cache (None) or a clear error
+        _exportable(value)  # a KV cache (exported as None) or a clear error
+        return ("NoneType", None)
 
     key = (walk(tuple(args)), tuple((k, walk(kwargs[k])) for k in sorted(kwargs)))
     return key, tensors

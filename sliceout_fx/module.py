@@ -97,8 +97,21 @@ class Conversion:
                 self.name or self.original_class.__name__,
                 "; ".join(self.changes[:3]),
             )
-        with self.capturing(module):
-            self.build(module, args, kwargs)
+        try:
+            with self.capturing(module):
+                self.build(module, args, kwargs)
+        except Exception as error:
+            if not self.changes:
+                raise
+            from .errors import UntraceableModelError
+
+            raise UntraceableModelError(
+                f"{self.name or self.original_class.__name__} changed after conversion "
+                f"({'; '.join(self.changes[:3])}) and cannot be analysed again: "
+                f"{type(error).__name__}: {error}\n  Undo the change, or restore the plain model "
+                "with sliceout_fx.to_original(model), make the change there and convert again "
+                "(with leaf_modules=[...] for what cannot be traced)."
+            ) from error
         self.stale = False
         self.changes = []
         watch(module, self)
@@ -390,6 +403,10 @@ def watch(root: nn.Module, state: Conversion) -> None:
 
 
 def _owner(module: nn.Module) -> Conversion | None:
+    if torch.compiler.is_compiling():
+        # A registration inside a compiled forward (a buffer a layer sets on every call) is no
+        # structural change; looking it up would make dynamo guard on the weak registry.
+        return None
     ref = _OWNER.get(module)
     state = ref() if ref is not None else None
     if state is None or state.suspended or state.stale:

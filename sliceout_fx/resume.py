@@ -22,10 +22,11 @@ def sampler_state(model: nn.Module) -> dict[str, Any]:
     """Where every sampler of a converted model stands (``torch.save``-able, no model tensors).
 
     With ``seed=`` a sampler's draws are a function of its step count, which is recorded. With
-    ``seed=None`` they come from torch's global generator, and so do the original dropouts of
-    the full-width batch-norm refresh calls: the generator's state is then recorded as well
-    (``"torch_rng"``). Restoring it also restores everything else that reads that generator,
-    as ``transformers.Trainer`` does for its own checkpoints.
+    ``seed=None`` they come from torch's global generator, and so do the dropouts a conversion
+    keeps (skipped sites, the full-width batch-norm refresh calls): the generator's state is
+    recorded too (``"torch_rng"``, and ``"cuda_rng"`` once CUDA is in use), and
+    :func:`load_sampler_state` restores it, as ``transformers.Trainer`` does for its own
+    checkpoints.
     """
     found = _conversions(model)
     names = {id(m): name for name, m in model.named_modules()}
@@ -33,10 +34,9 @@ def sampler_state(model: nn.Module) -> dict[str, Any]:
         "version": _VERSION,
         "samplers": {names[id(m)]: conv.draw_state() for m, conv in found},
     }
-    if any(_reads_global_rng(conv) for _, conv in found):
-        state["torch_rng"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    state["torch_rng"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -68,11 +68,6 @@ def load_sampler_state(model: nn.Module, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
-def _reads_global_rng(conversion: Any) -> bool:
-    """Unseeded draws, or full-width refresh calls (whose dropouts draw from the global RNG)."""
-    return conversion.config.seed is None or getattr(conversion, "refresh", None) is not None
 
 
 def _conversions(model: nn.Module) -> list:

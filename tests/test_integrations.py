@@ -41,7 +41,8 @@ def _assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
 
 
 def _parameters_differ(a: nn.Module, b: nn.Module) -> bool:
-    return any(not torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))  # noqa: B905
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return any(not torch.equal(pa, pb) for pa, pb in pairs)
 
 
 def _batch_norm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -235,7 +236,6 @@ def hf_run(request, tmp_path_factory):
         model=model,
         recorder=recorder,
         checkpoint=output_dir / f"checkpoint-{SAVE_AT}",
-        log=trainer.state.log_history,
     )
 
 
@@ -287,6 +287,17 @@ def test_hf_trainer_resume_without_the_sampler_file(hf_run, tmp_path, caplog):
         assert len(warned) == 1
 
 
+def _checkpointing() -> dict[str, bool]:
+    """``gradient_checkpointing=True``, under its newer name where transformers has renamed it."""
+    import dataclasses
+
+    import transformers
+
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    new = "activation_checkpointing" in names
+    return {"activation_checkpointing" if new else "gradient_checkpointing": True}
+
+
 @pytest.mark.parametrize("hf_run", [0], indirect=True, ids=["seeded"])
 def test_hf_trainer_gradient_checkpointing(hf_run, tmp_path):
     """Checkpointed blocks train as the uninterrupted plain run does; the result deep-copies."""
@@ -294,20 +305,20 @@ def test_hf_trainer_gradient_checkpointing(hf_run, tmp_path):
 
     model = _tiny_gpt2(seed=0)
     initial = copy.deepcopy(model)
+    calls = [0, 0]
+    for i, (_, conv) in enumerate(conversions_in(model)):
+        conv.sampler.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     callback = SliceOutTrainerCallback(full_width_last=0.25)
-    trainer = _hf_train(
-        model, tmp_path, [callback], save_strategy="no", gradient_checkpointing=True
-    )
-    assert model.is_gradient_checkpointing
+    trainer = _hf_train(model, tmp_path, [callback], save_strategy="no", **_checkpointing())
+    # each sliced step ran every block twice (forward, recomputation in backward), drew once
+    assert calls == [2 * 15, 2 * 15]
+    assert _draw_counts(model) == [15, 15]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == STEPS // 5 and losses[-1] < losses[0]
     assert _parameters_differ(model, initial)
-    # The recomputed forward reuses the first forward's slices (and dropout masks): the run is
-    # the plain run's.
-    for (name, a), (_, b) in zip(
-        model.named_parameters(), hf_run.model.named_parameters(), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    # The recomputation reuses the first forward's slices (and dropout masks): the run is the
+    # plain run's, bit for bit.
+    _assert_same_parameters(model, hf_run.model)
 
     clone = copy.deepcopy(model)
     ids = torch.randint(1, 100, (2, SEQ), generator=torch.Generator().manual_seed(5))
@@ -343,7 +354,9 @@ def test_hf_trainer_recalibrates_batch_norm(tmp_path):
 
     torch.manual_seed(0)
     x, y = _images(40)
-    model = _ImageClassifier(sliceout_fx.convert(_small_cnn(), p=0.5, seed=0, example_inputs=x[:4]))
+    model = _ImageClassifier(
+        sliceout_fx.convert(_small_cnn(), p=0.5, seed=0, example_inputs=x[:BATCH])
+    )
     rows = [{"pixel_values": xi, "labels": yi} for xi, yi in zip(x, y, strict=True)]
     witness = Witness()  # before the SliceOut callback: its on_train_end runs first
     _hf_train(
@@ -385,8 +398,10 @@ def _lit_module(net: nn.Module):
 def _lit_setup(seed: int | None):
     """A fresh seeded setup: the converted CNN in its LightningModule, and an unshuffled loader.
 
-    The loader has its own generator, so iterating it does not read torch's global generator: the
-    slice draws (and dropout in full-width steps) are the only consumers of that generator.
+    The loader has its own generator, so iterating it does not read torch's global generator;
+    only the model does (unseeded slice draws, the dropout the conversion kept, dropout in the
+    full-width and batch-norm refresh calls). Lightning does not restore that generator on resume;
+    the callback's sampler state records it whenever the conversion reads it.
     """
     import lightning
     from torch.utils.data import DataLoader, TensorDataset
@@ -503,8 +518,9 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
 def test_lightning_resume_is_bit_identical(lit_run, tmp_path):
     """fit(ckpt_path=step-10 checkpoint) on a fresh setup ends as the uninterrupted run does.
 
-    The step-10 checkpoint ends epoch 0: Lightning restarts a mid-epoch checkpoint's epoch from
-    its first batch with a plain DataLoader, which no sampler state could make reproducible.
+    The step-10 checkpoint ends epoch 0: from a mid-epoch checkpoint Lightning would feed the
+    rest of the epoch with a plain DataLoader's first batches again (it cannot skip batches of a
+    loader without state_dict), which no sampler state can make reproducible.
     """
     from sliceout_fx.integrations import SliceOutLightningCallback
 
@@ -534,3 +550,22 @@ def test_lightning_resume_without_the_callback_state(lit_run, tmp_path, caplog):
         _lit_fit(module, loader, tmp_path / "run", [callback], ckpt_path=stripped)
     assert _parameters_differ(module, lit_run.module)
     assert [r for r in caplog.records if "without the sampler state" in r.getMessage()]
+
+
+def test_lightning_recalibrates_batch_norm(tmp_path):
+    """recalibrate_batches=3 gives the statistics recalibrate_batch_norm gives on batches 0-2."""
+    pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import Callback
+
+    from sliceout_fx.integrations import SliceOutLightningCallback
+
+    class Witness(Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.seen = _RecalibrationWitness(pl_module.net)
+
+    module, loader = _lit_setup(seed=0)
+    witness = Witness()  # before the SliceOut callback: its on_train_end runs first
+    callback = SliceOutLightningCallback(recalibrate_batches=3)
+    _lit_fit(module, loader, tmp_path, [witness, callback])
+    x, _ = _images(LIT_ROWS)
+    witness.seen.assert_recalibrated(module.net, [x[i : i + BATCH] for i in range(0, 12, BATCH)])

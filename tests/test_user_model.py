@@ -185,6 +185,15 @@ def test_forward_hooks_on_sliced_layers_are_named_at_conversion():
         warnings.simplefilter("error")
         sliceout_fx.convert(mlp(), p=0.5)  # no hook, no warning
 
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    )
+    gpt2.transformer.h[1].mlp.c_fc.register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match=r"forward hooks on \['transformer.h.1.mlp.c_fc'\]"):
+        sliceout_fx.convert(gpt2, p=0.5)
+
 
 # -- copies --------------------------------------------------------------------------------------
 
@@ -284,3 +293,56 @@ def test_example_inputs_of_the_wrong_rank_fail_at_convert_time():
         sliceout_fx.convert(mlp(), p=0.5, example_inputs=torch.randn(2, 7))
     with pytest.raises(sliceout_fx.SliceOutConfigError, match="example_inputs must be"):
         sliceout_fx.convert(mlp(), p=0.5, example_inputs=12)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_compiling_a_converted_hf_model_breaks_the_graph_no_more_than_the_original(kind):
+    from torch._dynamo.utils import counters
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+        original = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        original = LlamaForCausalLM(config)
+    converted = sliceout_fx.convert(copy.deepcopy(original), p=0.3, seed=0)
+    ids = torch.randint(0, 50, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # a padded batch
+    seen = {}
+    for name, model in (("original", original), ("converted", converted)):
+        torch._dynamo.reset()
+        compiled = torch.compile(model.train(), backend="eager")
+        per_call = []
+        for _ in range(3):
+            counters.clear()
+            compiled(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+            per_call.append(
+                (sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"])
+            )
+        seen[name] = per_call
+    assert seen["converted"] == seen["original"]  # breaks and (re)compiled graphs, call by call
+    assert seen["converted"][1:] == [(0, 0), (0, 0)]
+
+
+def test_a_change_that_cannot_be_analysed_says_what_to_do():
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x  # fx cannot trace a branch on a tensor
+
+    converted = sliceout_fx.convert(mlp(), p=0.5, seed=0)
+    converted.act2 = DataDependent()
+    with pytest.raises(sliceout_fx.UntraceableModelError, match="changed after conversion"):
+        converted.train()(torch.randn(2, 12))
+    x = torch.randn(2, 12)
+    with torch.no_grad():  # eval is the model's own code, with the change
+        assert converted.eval()(x).shape == (2, 5)
