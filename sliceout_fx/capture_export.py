@@ -145,7 +145,12 @@ def export_call(
     flat_call = _FlatCall(module, spec)
     dynamic = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in tensors)
     try:
-        with training_mode(module, training), warnings.catch_warnings(), _quiet_export_logs():
+        with (
+            training_mode(module, training),
+            warnings.catch_warnings(),
+            _quiet_export_logs(),
+            _outside_checkpointing(),
+        ):
             warnings.simplefilter("ignore")
             exported = torch.export.export(
                 flat_call, tuple(tensors), dynamic_shapes=(dynamic,), strict=False
@@ -163,7 +168,11 @@ def export_call(
 
 
 class _FlatCall(nn.Module):
-    """Calls ``module`` from the flat tensor leaves of one call structure (what export sees)."""
+    """Calls ``module`` from the flat tensor leaves of one call structure (what export sees).
+
+    It calls the module's ``forward``, not the module: hooks on the layer itself (FSDP2's
+    gather and free of its parameters, say) belong to the real call, not to its capture.
+    """
 
     def __init__(self, module: nn.Module, spec: CallSpec) -> None:
         super().__init__()
@@ -174,7 +183,17 @@ class _FlatCall(nn.Module):
         args, kwargs = pytree.tree_unflatten(
             fill_leaves(self.spec, list(tensors)), self.spec.treespec
         )
-        return self.inner(*args, **kwargs)
+        return type(self.inner).forward(self.inner, *args, **kwargs)
+
+
+def _outside_checkpointing() -> Any:
+    """Keep what export saves for backward away from an enclosing activation checkpoint.
+
+    A layer can meet a new call structure inside a checkpointed forward; non-reentrant
+    checkpointing counts the tensors saved there and would find the recompute (which does not
+    export again) saving fewer. Saved-tensor hooks of our own take them instead.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
 
 @contextlib.contextmanager

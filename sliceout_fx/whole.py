@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .config import SliceOutConfig
+from .errors import SliceOutError
 from .module import Conversion, hooked_modules, own_hook
 from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
 from .sampling import SAMPLER_NAME
@@ -102,9 +103,13 @@ class WholeModelConversion(Conversion):
             self.ensure_built(module, args, kwargs)
         # `.forward`, not `__call__`: the graph modules have no hooks of their own, and a small
         # training step is bound by host work per call.
-        if self.refresh_due:
-            return self.refresh.graph.forward(*args, **kwargs)
-        return self.sliced_gm.forward(*args, **kwargs)
+        graph = self.refresh.graph if self.refresh_due else self.sliced_gm
+        try:
+            return graph.forward(*args, **kwargs)
+        except RuntimeError as error:
+            if "DTensor" in str(error):
+                raise _sharded_layer_error(self) from error
+            raise
 
     @property
     def report(self) -> Report:
@@ -165,6 +170,17 @@ def _count_training_call(module: nn.Module, args: Any) -> None:
         return
     refresh = state.refresh
     state.refresh_due = module.training and state.enabled and refresh is not None and refresh.tick()
+
+
+def _sharded_layer_error(state: WholeModelConversion) -> SliceOutError:
+    """FSDP2 sharded a layer on its own: its gather hook never runs for the sliced graph."""
+    sliced = sorted({str(n.target) for n in state.full_gm.graph.nodes if n.op == "call_module"})
+    return SliceOutError(
+        "a layer the sliced graph reads directly is sharded on its own by FSDP2 (fully_shard): "
+        "the sliced graph reads the weights of the layers it slices instead of calling them, so "
+        "their per-module gather never runs. Apply fully_shard to a module that contains them "
+        f"(the model itself, or each block) rather than to the sliced layers ({sliced[:6]}...)."
+    )
 
 
 def _detached(inputs: Any) -> Any:

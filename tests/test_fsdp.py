@@ -232,7 +232,9 @@ def _spawn(out_dir: Path, cases: list[str], timeout: float) -> list[int | None]:
     return [p.exitcode for p in procs]
 
 
-def _results(out_dir: Path, name: str, exitcodes: list[int | None]) -> list[dict[str, Any]]:
+def _results(
+    out_dir: Path, name: str, exitcodes: list[int | None], allow_errors: bool = False
+) -> list[dict[str, Any]]:
     """Both ranks' results of case ``name``, or an assertion saying why there are none."""
     files = [out_dir / f"{name}.rank{r}.pt" for r in range(WORLD)]
     if not all(f.is_file() for f in files):  # a case run after this one may crash: not our case
@@ -243,7 +245,7 @@ def _results(out_dir: Path, name: str, exitcodes: list[int | None]) -> list[dict
         )
     results = [torch.load(f, weights_only=True) for f in files]
     for rank, result in enumerate(results):
-        assert "error" not in result, f"{name}, rank {rank}:\n{result['error']}"
+        assert allow_errors or "error" not in result, f"{name}, rank {rank}:\n{result['error']}"
     return results
 
 
@@ -287,18 +289,16 @@ def test_fsdp2_sharded_root_trains_like_one_process(mlp_runs):
     _assert_matches_reference(results, _reference("mlp-root"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="sliceout_fx bug: the sliced fx graph reads fc1.weight etc. with get_attr and calls "
-    "sliced functional ops instead of the Linear modules, so FSDP2's per-module unshard hooks "
-    "never run and the graph gets the sharded DTensor parameters ('aten.addmm.default got mixed "
-    "torch.Tensor and DTensor')",
-)
-def test_fsdp2_sharded_linears_train_like_one_process(mlp_runs):
+def test_fsdp2_sharding_a_sliced_linear_on_its_own_is_a_clear_error(mlp_runs):
+    # The sliced fx graph reads fc1.weight and calls sliced functional ops instead of the Linear
+    # modules, so FSDP2's per-module gather hooks of a separately sharded Linear never run: the
+    # library must say so and name the fix, not fail with a DTensor dispatch error.
     out_dir, exitcodes = mlp_runs
-    results = _results(out_dir, "mlp-linears", exitcodes)
-    _assert_matches_reference(results, _reference("mlp-linears"))
+    results = _results(out_dir, "mlp-linears", exitcodes, allow_errors=True)
+    for result in results:
+        assert "error" in result
+        assert "SliceOutError" in result["error"]
+        assert "Apply fully_shard to a module that contains them" in result["error"]
 
 
 @pytest.mark.slow
@@ -311,15 +311,10 @@ def test_fsdp2_sharded_hf_layers_train_like_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="sliceout_fx bug: a training call with a new structure (here attention_mask=None) "
-    "re-exports the converted layer inside the FSDP2-wrapped layer's forward; export calls the "
-    "layer through __call__, FSDP2's post-forward hook reshards (frees the unsharded parameter "
-    "storage) and the worker dies with SIGSEGV in shape propagation",
-)
 def test_fsdp2_sharded_hf_layers_with_a_new_call_structure(tmp_path):
+    # A training call with a new structure (attention_mask=None) is exported inside the
+    # FSDP2-wrapped layer's forward; the export must not run FSDP2's hooks (a reshard there
+    # freed the gathered weights the rest of the step reads).
     exitcodes = _spawn(tmp_path, ["llama-layers-new-call"], timeout=240)
     results = _results(tmp_path, "llama-layers-new-call", exitcodes)
     _assert_matches_reference(results, _reference("llama-layers-new-call"))
