@@ -346,3 +346,23 @@ def test_a_change_that_cannot_be_analysed_says_what_to_do():
     x = torch.randn(2, 12)
     with torch.no_grad():  # eval is the model's own code, with the change
         assert converted.eval()(x).shape == (2, 5)
+
+
+def test_a_new_call_structure_first_seen_under_gradient_checkpointing_trains():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    plain = sliceout_fx.convert(GPT2LMHeadModel(config), p=0.3, seed=0)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    ids = torch.randint(0, 50, (2, 8))  # no attention mask: not the conversion's call structure
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
