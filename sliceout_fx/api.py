@@ -27,7 +27,7 @@ from .config import (
 )
 from .depgraph import DependencyGraph, build_dependency_graph
 from .groups import AlignmentGroup, find_groups
-from .module import conversions_in, install, uninstall
+from .module import conversions_in, converted_parts, install, uninstall
 from .options import check_example_inputs, resolve, traced_root
 from .patch import assign_patches
 from .report import Report, combine_reports, expected_ratios
@@ -272,14 +272,14 @@ def set_slicing(model: nn.Module, enabled: bool) -> None:
 
     The persistent form of :func:`full_width`, for schedules that switch at a given step.
     """
-    for _, state in _conversions(model):
+    for _, state in converted_parts(model):
         state.enabled = bool(enabled)
 
 
 @contextlib.contextmanager
 def full_width(model: nn.Module) -> Iterator[nn.Module]:
     """Train ``model`` at full width inside the block, e.g. for the last steps as in the paper."""
-    states = [state for _, state in _conversions(model)]
+    states = [state for _, state in converted_parts(model)]
     previous = [s.enabled for s in states]
     for s in states:
         s.enabled = False
@@ -288,12 +288,3 @@ def full_width(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for s, was in zip(states, previous, strict=True):
             s.enabled = was
-
-
-def _conversions(model: nn.Module) -> list:
-    found = conversions_in(model)
-    if not found:
-        raise TypeError(
-            f"{type(model).__name__} is not a converted model: convert it with sliceout_fx.convert"
-        )
-    return found

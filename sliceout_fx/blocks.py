@@ -330,19 +330,26 @@ def _model_path(path: str, prefix: str) -> str:
 
 
 def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 12) -> dict[str, Any]:
-    """A small batch a HuggingFace model accepts, built from its config."""
+    """A small batch a HuggingFace model accepts, built from its config.
+
+    Drawn from a generator of its own (converting leaves the global RNG be), in the model's
+    floating dtype.
+    """
     config = getattr(model, "config", None)
     if config is None:
         raise SliceOutConfigError("pass example_inputs: the model has no config to build them from")
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype if weight.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(0)
     if "pixel_values" in _forward_names(model):
         size = getattr(config, "image_size", 32)
         channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(batch, channels, size, size, device=device)}
+        images = torch.randn(batch, channels, size, size, generator=generator)
+        return {"pixel_values": images.to(device=device, dtype=dtype)}
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
         raise SliceOutConfigError("pass example_inputs: cannot tell what this model reads")
-    ids = torch.randint(0, vocab, (batch, length), device=device)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # padding, so that attention masks are tensors as in real batches
     # No use_cache=: a training call (Trainer's, say) leaves it at the config's default, and the

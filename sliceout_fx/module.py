@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
+from .errors import UntraceableModelError
 from .sampling import SAMPLER_NAME, SliceSampler
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ class Conversion:
         except Exception as error:
             if not self.changes:
                 raise
-            from .errors import UntraceableModelError
-
             raise UntraceableModelError(
                 f"{self.name or self.original_class.__name__} changed after conversion "
                 f"({'; '.join(self.changes[:3])}) and cannot be analysed again: "
@@ -330,6 +329,16 @@ def built_conversion(module: nn.Module) -> Conversion:
 def conversions_in(model: nn.Module) -> list[tuple[nn.Module, Conversion]]:
     """Every converted object in ``model``'s tree (the model itself first), with its state."""
     return [(m, m.__dict__[_STATE]) for m in model.modules() if _STATE in m.__dict__]
+
+
+def converted_parts(model: nn.Module) -> list[tuple[nn.Module, Conversion]]:
+    """:func:`conversions_in`, or a ``TypeError`` for a model that was never converted."""
+    found = conversions_in(model)
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} is not a converted model: convert it with sliceout_fx.convert"
+        )
+    return found
 
 
 def plain_state(module: nn.Module) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .module import conversions_in
+from .module import converted_parts
 
 _VERSION = 1
 
@@ -28,7 +28,7 @@ def sampler_state(model: nn.Module) -> dict[str, Any]:
     :func:`load_sampler_state` restores it, as ``transformers.Trainer`` does for its own
     checkpoints.
     """
-    found = _conversions(model)
+    found = converted_parts(model)
     names = {id(m): name for name, m in model.named_modules()}
     state: dict[str, Any] = {
         "version": _VERSION,
@@ -47,7 +47,7 @@ def load_sampler_state(model: nn.Module, state: dict[str, Any]) -> None:
             "load_sampler_state needs a dict made by sliceout_fx.sampler_state "
             f"(version {_VERSION})"
         )
-    found = _conversions(model)
+    found = converted_parts(model)
     names = {id(m): name for name, m in model.named_modules()}
     ours = {names[id(m)]: conv for m, conv in found}
     saved = state["samplers"]
@@ -68,12 +68,3 @@ def load_sampler_state(model: nn.Module, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-
-def _conversions(model: nn.Module) -> list:
-    found = conversions_in(model)
-    if not found:
-        raise TypeError(
-            f"{type(model).__name__} is not a converted model: convert it with sliceout_fx.convert"
-        )
-    return found

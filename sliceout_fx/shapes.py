@@ -43,14 +43,20 @@ def synthesize_example_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
         if weight is not None:
             like = {"dtype": weight.dtype, "device": weight.device}
             if weight.dim() == 2:  # linear: (out, in)
-                return (torch.randn(2, weight.shape[1], **like),)
+                return (_example((2, weight.shape[1]), **like),)
             groups = gm.get_submodule(str(node.target)).groups if node.op == "call_module" else 1
             spatial = (DEFAULT_SPATIAL,) * (weight.dim() - 2)
-            return (torch.randn(2, weight.shape[1] * groups, *spatial, **like),)
+            return (_example((2, weight.shape[1] * groups, *spatial), **like),)
         frontier.extend(node.users)
     raise ShapeInferenceError(
         "cannot guess the input shape of this model; pass example_inputs=(tensor, ...) to convert()"
     )
+
+
+def _example(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A random example input from a generator of its own: converting leaves the global RNG be."""
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return values.to(dtype=dtype, device=device)
 
 
 def _first_layer_weight(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:

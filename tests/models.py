@@ -126,3 +126,20 @@ def tiny_llama(**overrides) -> nn.Module:
         eos_token_id=0, pad_token_id=0, **overrides,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
+
+
+def tiny_vit(num_classes: int = 10, drop_rate: float = 0.0) -> nn.Module:
+    """A randomly initialised two-block timm ViT on 32x32 images, with FFN dropout."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        num_classes=num_classes,
+        proj_drop_rate=0.1,
+        drop_rate=drop_rate,
+    )

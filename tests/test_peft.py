@@ -13,6 +13,7 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx.module import conversions_in
+from tests.models import tiny_vit
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
@@ -33,16 +34,7 @@ def _llama() -> nn.Module:
 
 
 def _vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        num_classes=10,
-        proj_drop_rate=0.1,
-    ).double()
+    return tiny_vit().double()
 
 
 CASES = {

@@ -18,23 +18,13 @@ from torch import nn
 import sliceout_fx
 from sliceout_fx.module import conversions_in
 from tests.helpers import train_step_outputs
-from tests.models import ConvChain, mlp
+from tests.models import ConvChain, mlp, tiny_vit
 
 timm = pytest.importorskip("timm")
 
 
 def _vit(num_classes: int = 10) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        num_classes=num_classes,
-        proj_drop_rate=0.1,
-        drop_rate=0.1,
-    )
+    return tiny_vit(num_classes, drop_rate=0.1)
 
 
 IMAGES = torch.randn(4, 3, 32, 32)
@@ -366,3 +356,15 @@ def test_a_new_call_structure_first_seen_under_gradient_checkpointing_trains():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_converting_without_example_inputs_leaves_the_global_rng_alone():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    )
+    for model in (mlp(), ConvChain(), gpt2):
+        state = torch.get_rng_state()
+        sliceout_fx.convert(model, p=0.5)
+        assert torch.equal(torch.get_rng_state(), state), type(model).__name__
