@@ -175,7 +175,8 @@ class BlockConversion(Conversion):
         device = next(module.parameters()).device
         self.use_sampler(module, build_sampler(analysis.sites, self.config).to(device))
         self.graphs[exported.key] = self._sliced_graph(module, exported, analysis)
-        self.example_call = _stored_call(exported)
+        if self.example_call is None:  # the conversion's small example, not a training batch
+            self.example_call = _stored_call(exported)
 
     def _sliced_graph(
         self, module: nn.Module, exported: ExportedCall, analysis: Any = None

@@ -51,10 +51,11 @@ def _is_class(cls: type, name: str, package: str) -> bool:
 
 
 def traced_root(model: nn.Module) -> nn.Module:
-    """What the fx front end traces and converts: the model, or the model inside a PEFT wrapper.
+    """What is captured and converted: the model, or the model inside a PEFT wrapper.
 
-    ``PeftModel.forward(*args, **kwargs)`` has no signature to trace; the wrapped model has, and
-    converting it in place leaves the wrapper (``merge_and_unload``, ``save_pretrained``) intact.
+    ``PeftModel.forward(*args, **kwargs)`` has no signature to trace; the wrapped model has, its
+    layers are named as without PEFT, and converting it in place leaves the wrapper
+    (``merge_and_unload``, ``save_pretrained``) intact.
     """
     return model.get_base_model() if is_peft_model(model) else model
 
@@ -89,11 +90,6 @@ def resolve(
             resolved[name] = value
     leaf = resolved.pop("leaf_modules", None)
     return end, SliceOutConfig(leaf_modules=tuple(leaf or ()), **resolved)
-
-
-def config_options(config: SliceOutConfig) -> dict[str, Any]:
-    """The options that rebuild ``config`` through :func:`resolve`."""
-    return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
 def check_example_inputs(example_inputs: Any, model: nn.Module) -> Any:

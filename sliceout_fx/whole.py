@@ -55,10 +55,13 @@ class WholeModelConversion(Conversion):
         from .api import analyse
         from .rewrite import build_sampler, rewrite_training_graph
 
-        inputs = args if args and not kwargs else self.example_inputs
+        from_call = bool(args) and not kwargs  # re-analysed on a training batch
+        inputs = args if from_call else self.example_inputs
         config = self.config
         analysis = analyse(module, config, inputs, concrete_args=self.concrete_args)
-        self.example_inputs = _detached(analysis.example_inputs)
+        if not from_call or self.example_inputs is None:
+            # kept for copies that rebuild before a training call; two rows of a batch will do
+            self.example_inputs = _detached(analysis.example_inputs, rows=2 if from_call else None)
         full_gm = fx.GraphModule(analysis.train_gm, copy.deepcopy(analysis.train_gm.graph))
         sampler = build_sampler(analysis.sites, config).to(_device_of(module))
         analysis.train_gm.add_submodule(SAMPLER_NAME, sampler)
@@ -183,12 +186,21 @@ def _sharded_layer_error(state: WholeModelConversion) -> SliceOutError:
     )
 
 
-def _detached(inputs: Any) -> Any:
+def _detached(inputs: Any, rows: int | None = None) -> Any:
+    """Example inputs without autograd history; with ``rows``, a small copy of a batch's rows."""
+
+    def keep(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if rows is not None and value.dim() and value.shape[0] > rows:
+            return value[:rows].detach().clone()
+        return value.detach()
+
     if inputs is None:
         return None
     if isinstance(inputs, Mapping):
-        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
+        return {k: keep(v) for k, v in inputs.items()}
+    return tuple(keep(v) for v in inputs)
 
 
 def _device_of(model: nn.Module) -> Any:
