@@ -175,6 +175,18 @@ def _shape_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"hidden": args.hidden, "depth": args.depth, "extra": extra}
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when run from a checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sliceout-fx")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser (``demo`` arguments are forwarded verbatim, see :func:`main`)."""
     parser = _Parser(
@@ -187,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(
         dest="command", metavar="{bench,demo,explain,draw}", parser_class=_Parser
     )

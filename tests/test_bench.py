@@ -607,3 +607,20 @@ def test_cli_bench_tiny_mlp_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert data["results"][0]["variants"]["dropout"]["cuda_step_peak_ratio"] == 1.0
     out = capsys.readouterr().out
     assert f"device: cuda ({torch.cuda.get_device_name()}" in out and "CUDA step-peak ratio" in out
+
+
+def test_python_dash_m_runs_the_cli_and_reports_its_version() -> None:
+    import subprocess
+    import sys
+
+    import sliceout_fx
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sliceout_fx", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"sliceout-fx {sliceout_fx.__version__}"

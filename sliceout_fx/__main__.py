@@ -1,0 +1,7 @@
+"""``python -m sliceout_fx``: the ``sliceout-fx`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
