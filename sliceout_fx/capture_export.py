@@ -222,8 +222,16 @@ _FAKE_META = ("val", "example_value", "unbacked_bindings")
 def _plain_graph_module(
     module: nn.Module, exported: torch.export.ExportedProgram
 ) -> fx.GraphModule:
-    """``exported.module()`` without pytree codegen, guards or asserts, rooted on ``module``."""
-    graph = exported.module().graph
+    """``exported.module()`` without pytree codegen, guards or asserts, rooted on ``module``.
+
+    Every ``get_attr`` resolves to the module's own parameter and buffer objects. Tensor
+    constants that export lifted out of the code (``lifted_tensor_0``: a causal-mask bias built
+    from a Python constant, say) exist only in the exported program; they are kept on the graph
+    module itself, under top-level names, not written into the user's module.
+    """
+    unlifted = exported.module()
+    graph = unlifted.graph
+    attributes: dict[str, Any] = {}
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             graph.erase_node(node)
@@ -232,14 +240,29 @@ def _plain_graph_module(
             graph.erase_node(node)
             continue
         if node.op == "get_attr":
-            node.target = str(node.target).removeprefix(INNER + ".")
+            target = str(node.target).removeprefix(INNER + ".")
+            value = _lookup(module, target)
+            if value is None:  # a lifted constant
+                value = _lookup(unlifted, str(node.target))
+                target = f"sliceout_constant_{len(attributes)}"
+            node.target = target
+            attributes[target] = value
         # Fake tensors from the export would make the graph impossible to deepcopy or pickle;
         # shapes are propagated again on real inputs by the next stage.
         for key in _FAKE_META:
             node.meta.pop(key, None)
     graph._codegen = fx.graph.CodeGen()
-    # Rooting on the module makes every get_attr resolve to the module's own parameter objects.
-    gm = fx.GraphModule(module, graph, type(module).__name__ + "Export")
+    gm = fx.GraphModule(attributes, graph, type(module).__name__ + "Export")
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _lookup(root: nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target`` under ``root``, or ``None``."""
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value

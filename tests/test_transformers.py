@@ -474,3 +474,29 @@ def test_gradient_checkpointing_recomputes_the_same_slices(reentrant):
     torch.testing.assert_close(out_s, out_m, atol=1e-10, rtol=1e-9)
     for key in grads_m:
         torch.testing.assert_close(grads_s[key], grads_m[key], atol=1e-10, rtol=1e-9)
+
+
+def test_constants_lifted_by_export_are_kept():
+    """GPT-Neo's attention builds a constant that torch.export lifts out of the layer's code."""
+    torch.manual_seed(0)
+    config = transformers.GPTNeoConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        num_heads=4,
+        max_position_embeddings=32,
+        window_size=4,
+    )
+    model = transformers.GPTNeoForCausalLM(config).double()
+    sliced = sliceout_fx.convert(copy.deepcopy(model), p=0.3, seed=SEED)
+    masked = sliceout_fx.convert(copy.deepcopy(model), p=0.3, seed=SEED, mode="mask")
+    assert sliceout_fx.explain(sliced).sites
+    ids = torch.randint(0, 100, (2, 10))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out_s, grads_s = _train_step(sliced, inputs, 0)
+    out_m, grads_m = _train_step(masked, inputs, 0)
+    torch.testing.assert_close(out_s, out_m, atol=1e-10, rtol=1e-9)
+    for name in grads_m:
+        torch.testing.assert_close(grads_s[name], grads_m[name], atol=1e-10, rtol=1e-9, msg=name)
+    assert not any("sliceout_constant" in n for n, _ in sliced.named_buffers())

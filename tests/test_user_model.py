@@ -368,3 +368,22 @@ def test_converting_without_example_inputs_leaves_the_global_rng_alone():
         state = torch.get_rng_state()
         sliceout_fx.convert(model, p=0.5)
         assert torch.equal(torch.get_rng_state(), state), type(model).__name__
+
+
+def test_tensor_constants_made_by_fx_tracing_are_kept():
+    """timm Swin's shifted-window masks are tensors fx keeps as ``_tensor_constant`` attributes."""
+    from tests.helpers import assert_sliced_matches_mask
+
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=56,
+        embed_dim=24,
+        depths=(1, 1),
+        num_heads=(2, 4),
+        window_size=7,
+        drop_rate=0.1,
+        num_classes=5,
+    ).double()
+    images = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    assert_sliced_matches_mask(model, (images,), steps=2, atol=1e-10, example_inputs=(images,))
