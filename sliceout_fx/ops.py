@@ -278,8 +278,8 @@ class _OffsetLinear(torch.autograd.Function):
         x_dtype = x.dtype
         wt = _gather_block(weight, out_index, in_index, out_dim)
         b = bias if bias is None or out_index is None else bias.index_select(0, out_index)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
             wt, x = wt.to(dtype), x.to(dtype)
             b = None if b is None else b.to(dtype)
         x2 = x.reshape(-1, x.shape[-1])
@@ -439,11 +439,19 @@ def live_parts(fused: Tensor, parts: int, cut: Cut) -> tuple[Tensor, ...]:
     return fused.split(live_size(cut), dim=-1)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run ``x``'s device in, or ``None`` when it is off.
+
+    The meta device has no autocast at all (asking raises), and ``None`` is the answer there.
+    """
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    if device == "meta" or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return _autocast_dtype(x) or x.dtype
 
 
 def _live_block(
@@ -482,9 +490,9 @@ class _SlicedLinear(torch.autograd.Function):
         wt = _live_block(weight, o0, ow, i0, iw, layout, as_in_out=True)
         b = None if bias is None else bias.narrow(0, o0, ow)
         xc = x
-        if torch.is_autocast_enabled(x.device.type):
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
             # Cast as the autocast-wrapped F.linear would; the ops below then run as cast.
-            dtype = torch.get_autocast_dtype(x.device.type)
             wt, xc = wt.to(dtype), x.to(dtype)
             b = None if b is None else b.to(dtype)
         elif x.dtype != weight.dtype:

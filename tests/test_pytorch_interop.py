@@ -460,3 +460,19 @@ def test_to_float64_moves_sampler_buffers_and_trains_in_double():
     opt.step()
     assert sliced.fc1.weight.dtype == torch.float64
     assert not torch.equal(sliced.fc1.weight, before)
+
+
+@pytest.mark.parametrize("options", [{}, {"capturable": True}, {"mode": "gather"}], ids=str)
+@pytest.mark.parametrize("make,shape", [(mlp, (4, 12)), (ConvChain, (2, 3, 8, 8))])
+def test_training_on_the_meta_device(make, shape, options):
+    # Shape-only runs (FLOP counters, memory planners) train on meta tensors: there is no
+    # autocast for that device, so the sliced ops must not ask for it.
+    with torch.device("meta"):
+        model = make()
+    x = torch.empty(shape, device="meta")
+    converted = sliceout_fx.convert(model, p=0.5, seed=0, example_inputs=(x,), **options)
+    out = converted.train()(x)
+    assert out.device.type == "meta" and out.shape == model.train()(x).shape
+    out.sum().backward()
+    for name, p in converted.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
