@@ -380,19 +380,23 @@ def _remove_own_hooks(module: nn.Module) -> None:
             del module._forward_pre_hooks[key]
 
 
-def hooked_modules(gm: fx.GraphModule, full: fx.GraphModule, root: nn.Module) -> list[str]:
-    """Modules with forward hooks whose calls the sliced graph replaced by functional ops."""
+def replaced_modules(gm: fx.GraphModule, full: fx.GraphModule) -> list[str]:
+    """Modules the full graph calls and the sliced graph replaced by sliced functional ops."""
     kept = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    called = [str(n.target) for n in full.graph.nodes if n.op == "call_module"]
+    return [name for name in dict.fromkeys(called) if name not in kept]
+
+
+def hooked_modules(gm: fx.GraphModule, full: fx.GraphModule, root: nn.Module) -> list[str]:
+    """Replaced modules (:func:`replaced_modules`) with forward hooks: hooks they will miss."""
     names = []
-    for node in full.graph.nodes:
-        if node.op != "call_module" or node.target in kept:
-            continue
+    for name in replaced_modules(gm, full):
         try:
-            sub = root.get_submodule(str(node.target))
+            sub = root.get_submodule(name)
         except AttributeError:
             continue
         if sub._forward_hooks or sub._forward_pre_hooks:
-            names.append(str(node.target))
+            names.append(name)
     return names
 
 

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from .config import SliceOutConfig
 from .errors import SliceOutError
-from .module import Conversion, hooked_modules, own_hook
+from .module import Conversion, hooked_modules, own_hook, replaced_modules
 from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
 from .sampling import SAMPLER_NAME
 
@@ -177,7 +177,7 @@ def _count_training_call(module: nn.Module, args: Any) -> None:
 
 def _sharded_layer_error(state: WholeModelConversion) -> SliceOutError:
     """FSDP2 sharded a layer on its own: its gather hook never runs for the sliced graph."""
-    sliced = sorted({str(n.target) for n in state.full_gm.graph.nodes if n.op == "call_module"})
+    sliced = replaced_modules(state.sliced_gm, state.full_gm)
     return SliceOutError(
         "a layer the sliced graph reads directly is sharded on its own by FSDP2 (fully_shard): "
         "the sliced graph reads the weights of the layers it slices instead of calling them, so "

@@ -70,3 +70,12 @@ def assert_eval_equal(model: nn.Module, inputs: Sequence[torch.Tensor], **option
         expected = model(*inputs)
         got = converted(*inputs)
     assert torch.equal(expected, got)
+
+
+def free_port() -> int:
+    """A free local TCP port for a two-process gloo rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

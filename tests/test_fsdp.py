@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx.module import conversions_in
+from tests.helpers import free_port
 from tests.models import mlp, tiny_llama
 
 if not dist.is_available() or not dist.is_gloo_available():
@@ -186,12 +186,6 @@ def _reference(name: str) -> dict[str, Any]:
 # -- two processes ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str, cases: list[str]) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -218,7 +212,7 @@ def _worker(rank: int, port: int, out_dir: str, cases: list[str]) -> None:
 
 def _spawn(out_dir: Path, cases: list[str], timeout: float) -> list[int | None]:
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir), cases)) for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -23,7 +22,7 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx import SliceOutModule
-from tests.helpers import convert_pair, train_step_outputs
+from tests.helpers import convert_pair, free_port, train_step_outputs
 from tests.models import ConvChain, mlp
 
 GRAPHS = ("sliced_graph", "full_graph")
@@ -309,12 +308,6 @@ def test_compiled_with_inductor_matches_eager_and_original():
 # -- DistributedDataParallel (gloo, 2 CPU processes) ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -357,7 +350,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_gloo_two_processes_keeps_replicas_identical(tmp_path):
-    world, port = 2, _free_port()
+    world, port = 2, free_port()
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_ddp_worker, args=(r, world, port, str(tmp_path))) for r in range(world)
