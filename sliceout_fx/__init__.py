@@ -19,6 +19,7 @@ from .api import (
 from .calibration import BatchNormDrift, batch_norm_drift, recalibrate_batch_norm
 from .config import SliceOutConfig
 from .errors import (
+    ExampleInputsError,
     ShapeInferenceError,
     SliceOutConfigError,
     SliceOutError,
@@ -27,12 +28,13 @@ from .errors import (
 from .module import SliceOutModule
 from .report import Report
 from .resume import load_sampler_state, sampler_state
-from .rules import OpRule, register_rule
+from .rules import OpRule, register_rule, registered_rules
 from .schedule import SliceSchedule
 
 __all__ = [
     "Analysis",
     "BatchNormDrift",
+    "ExampleInputsError",
     "OpRule",
     "Report",
     "ShapeInferenceError",
@@ -51,6 +53,7 @@ __all__ = [
     "load_sampler_state",
     "recalibrate_batch_norm",
     "register_rule",
+    "registered_rules",
     "sampler_state",
     "set_slicing",
     "to_original",

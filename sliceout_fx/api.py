@@ -31,6 +31,7 @@ from .module import conversions_in, converted_parts, install, uninstall
 from .options import check_example_inputs, resolve, traced_root
 from .patch import assign_patches
 from .report import Report, combine_reports, expected_ratios
+from .rules import OpRule
 from .shapes import propagate_shapes
 from .sites import Site, SkippedSite, select_sites
 from .whole import WholeModelConversion
@@ -75,7 +76,7 @@ def analyse_graph(
     ``model`` is what the graph was captured from (default: the graph module itself).
     """
     used = propagate_shapes(train_gm, example_inputs)
-    dep = build_dependency_graph(train_gm)
+    dep = build_dependency_graph(train_gm, config.rules)
     groups = find_groups(dep)
     sites, skipped = select_sites(dep, groups, config)
     if config.scheme == "patch":
@@ -125,6 +126,7 @@ def convert(
     capturable: bool = False,
     bn_stats: BatchNormStats = "full_width",
     bn_refresh_every: int = 8,
+    rules: Sequence[OpRule] = (),
 ) -> nn.Module:
     """Convert ``model`` so that it trains with SliceOut and evaluates at full width.
 
@@ -166,6 +168,9 @@ def convert(
             full-width training call out of ``bn_refresh_every``; ``"sliced"`` updates them from
             the sliced tensors (see :class:`SliceOutConfig`).
         bn_refresh_every: training calls per full-width refresh call (default 8).
+        rules: :class:`~sliceout_fx.rules.OpRule` objects for ops of this model that the
+            built-in rules do not know (or that the model computes differently); they apply to
+            this conversion only (``register_rule`` makes one global).
 
     Returns:
         The converted model. Sites that could not be sliced are left at full width and listed
@@ -194,6 +199,7 @@ def convert(
         capturable=capturable,
         bn_stats=bn_stats,
         bn_refresh_every=bn_refresh_every,
+        rules=tuple(rules),
     )
     inputs = check_example_inputs(example_inputs, model)
     target = model if inplace else copy.deepcopy(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from torch import nn
 
@@ -66,6 +66,8 @@ class SliceOutConfig:
             statistics from the sliced tensors in every step (the paper's implementation; eval
             then needs :func:`~sliceout_fx.recalibrate_batch_norm`).
         bn_refresh_every: how often (in training calls) ``bn_stats="full_width"`` refreshes.
+        rules: extra :class:`~sliceout_fx.rules.OpRule` objects for this conversion only; they
+            take precedence over the registered rules for the targets they declare.
     """
 
     p: Rate = 0.5
@@ -80,6 +82,7 @@ class SliceOutConfig:
     capturable: bool = False
     bn_stats: BatchNormStats = "full_width"
     bn_refresh_every: int = 8
+    rules: Sequence[Any] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -125,6 +128,14 @@ class SliceOutConfig:
             raise SliceOutConfigError(
                 f"bn_refresh_every must be an int >= 2 (one full-width call in that many), got "
                 f"{self.bn_refresh_every!r}; use full_width() to train at full width throughout"
+            )
+        from .rules import OpRule
+
+        single = isinstance(self.rules, (str, OpRule)) or not hasattr(self.rules, "__iter__")
+        if single or any(not isinstance(r, OpRule) or not r.targets for r in self.rules):
+            raise SliceOutConfigError(
+                "rules must be a list of OpRule objects, each declaring its `targets` (module "
+                f"classes, functions, ATen ops or 'method:<name>'); got {self.rules!r}"
             )
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)

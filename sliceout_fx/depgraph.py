@@ -9,12 +9,13 @@ rewrite need to know the sources, sinks and blockers, not only the edges.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import networkx as nx
 from torch import fx
 
-from .rules import Axis, AxisRelations, OpRule, rule_for
+from .rules import Axis, AxisRelations, OpRule, rule_for, rule_table
 
 _COMPUTE_OPS = ("call_module", "call_function", "call_method")
 
@@ -40,15 +41,21 @@ class DependencyGraph:
 _NO_RELATIONS = AxisRelations()
 
 
-def build_dependency_graph(gm: fx.GraphModule) -> DependencyGraph:
-    """Ask every node's rule for its axis relations and join coupled axes (needs shapes)."""
+def build_dependency_graph(
+    gm: fx.GraphModule, rules: Sequence[OpRule] = ()
+) -> DependencyGraph:
+    """Ask every node's rule for its axis relations and join coupled axes (needs shapes).
+
+    ``rules`` (a conversion's own) take precedence over the registered ones.
+    """
+    extra = rule_table(rules)
     graph = nx.Graph()
     rules: dict[fx.Node, OpRule] = {}
     relations: dict[fx.Node, AxisRelations] = {}
     for node in gm.graph.nodes:
         if node.op not in _COMPUTE_OPS:
             continue
-        rule = rule_for(node, gm)
+        rule = rule_for(node, gm, extra)
         rel = rule.relations(node, gm)
         rules[node], relations[node] = rule, rel
         for axis in (*rel.sources, *rel.sinks):

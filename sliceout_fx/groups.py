@@ -10,11 +10,9 @@ else is a *blocker*, recorded with its reason so that ``explain`` can say why a 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
-import torch
 from torch import fx
 
 from .depgraph import DependencyGraph
@@ -121,16 +119,39 @@ def _exit_sinks(dep: DependencyGraph, axes: set[Axis], sinks: list[tuple]) -> li
     return exits
 
 
-_ADDS = (operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub")
+def _residual_adds(dep: DependencyGraph, axes: set[Axis]) -> list[fx.Node]:
+    """Residual merges in the group: adds (rules with ``residual_merge``) of two operands in the
+    group that come from different sources.
 
-
-def _residual_adds(axes: set[Axis]) -> list[fx.Node]:
-    """Additions whose two tensor operands both lie in the group."""
+    ``x + branch(x)`` merges the stream with a layer's output; ``x + 0.04 * x ** 3`` inside a
+    GELU adds two functions of one source and is not a residual merge.
+    """
     by_node = {a.node for a in axes}
+    sources = {a.node for a in axes if a in dep.relation(a.node).sources}
     found = []
     for node in by_node:
-        if node.target in _ADDS and sum(a in by_node for a in node.all_input_nodes) >= 2:
+        rule = dep.rule(node)
+        operands = [a for a in node.all_input_nodes if a in by_node]
+        if rule is None or not rule.residual_merge or len(operands) < 2:
+            continue
+        origins = {frozenset(_origins(op, by_node, sources)) for op in operands}
+        if len(origins) > 1:
             found.append(node)
+    return found
+
+
+def _origins(node: fx.Node, members: set[fx.Node], sources: set[fx.Node]) -> set[fx.Node]:
+    """The group's sources that ``node`` is computed from, walking back inside the group."""
+    found, frontier, seen = set(), [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in sources:
+            found.add(current)
+            continue
+        frontier.extend(n for n in current.all_input_nodes if n in members)
     return found
 
 
@@ -166,10 +187,88 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
                 units=units,
                 blockers=blockers,
                 exit_sinks=_exit_sinks(dep, component, sinks),
-                residual_adds=sorted(_residual_adds(component), key=dep.order.__getitem__),
+                residual_adds=sorted(_residual_adds(dep, component), key=dep.order.__getitem__),
             )
         )
     groups.sort(key=lambda g: order(g.primary))
     for i, group in enumerate(groups):
         group.id = i
     return groups
+
+
+def block_inner_groups(dep: DependencyGraph, groups: list[AlignmentGroup]) -> list[AlignmentGroup]:
+    """The inner widths of residual, dense and Fire blocks: the paper's places without dropout.
+
+    A block is the code between a tensor and the merge that ends it: a residual add (ResNet,
+    ConvNeXt, a transformer's MLP and attention) or a concatenation (DenseNet, Fire, Inception).
+    A group is inner when every path from its first source reaches such a merge (the merge
+    *post-dominates* the source), the group itself is no residual stream and only layers
+    (linears, convolutions) produce it. A plain chain of convolutions (VGG) has no merge and no
+    inner width; a squeeze-excite gate (a width at one spatial position) saves nothing and is
+    left out.
+    """
+    cats = {n for n, rule in dep.rules.items() if rule.name == "concat"}
+    adds = {
+        n
+        for n, rule in dep.rules.items()
+        if rule.residual_merge and sum(shape_of(a) is not None for a in n.all_input_nodes) >= 2
+    }
+    merges = cats | adds
+    if not merges:
+        return []
+    post_dominators = _immediate_post_dominators(dep.gm.graph)
+    found = []
+    for group in groups:
+        if not group.sliceable or group.residual_adds:
+            continue
+        if not all(getattr(dep.rule(a.node), "is_layer", False) for a in group.sources):
+            continue
+        if _is_gate_width(group):
+            continue
+        source = group.primary.node
+        node = source
+        while node in post_dominators and post_dominators[node] is not node:
+            node = post_dominators[node]
+            if node in merges and _inside_one_branch(source, node, residual=node not in cats):
+                found.append(group)
+                break
+    return found
+
+
+def _inside_one_branch(source: fx.Node, merge: fx.Node, residual: bool) -> bool:
+    """Whether ``source`` feeds one operand of a residual ``merge`` only (a concat: any).
+
+    The input of a block with a projection shortcut feeds both the branch and the shortcut: it
+    is the stream entering the block, not the block's inner width.
+    """
+    if not residual:
+        return True
+    return sum(_depends_on(operand, source) for operand in merge.all_input_nodes) == 1
+
+
+def _depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current is ancestor:
+            return True
+        if current not in seen:
+            seen.add(current)
+            frontier.extend(current.all_input_nodes)
+    return False
+
+
+def _is_gate_width(group: AlignmentGroup) -> bool:
+    shape = shape_of(group.primary.node)
+    return len(shape) >= 3 and math.prod(shape[2:]) == 1
+
+
+def _immediate_post_dominators(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """``node -> the nearest node every path from it to the output passes through``."""
+    reverse = nx.DiGraph()
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    for node in graph.nodes:
+        reverse.add_node(node)
+        for used in node.all_input_nodes:
+            reverse.add_edge(node, used)  # reversed: from a user to what it uses
+    return nx.immediate_dominators(reverse, output)

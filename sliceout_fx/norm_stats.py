@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .ops import sliced_batch_norm, sliced_batch_norm_fn
-from .rules.base import bind_args
-from .rules.batchnorm import BATCH_NORM_ARGS, BATCH_NORM_DEFAULTS
+from .rules.batchnorm import FUNCTIONAL_TARGETS
+from .rules.binding import bind, set_arg
 from .sampling import SAMPLER_NAME
 
 __all__ = [
@@ -41,18 +41,12 @@ __all__ = [
     "refresh_momentum",
 ]
 
-_FUNCTIONAL = (F.batch_norm, sliced_batch_norm_fn)
-# F.batch_norm's parameters (sliced_batch_norm_fn adds the cut after them), from its rule.
-_NAMES, _DEFAULTS = BATCH_NORM_ARGS, BATCH_NORM_DEFAULTS
+_FUNCTIONAL = (*FUNCTIONAL_TARGETS, sliced_batch_norm_fn)
 
 
-def _set_arg(node: fx.Node, name: str, value: object) -> None:
-    """Replace one argument of a functional call, wherever tracing put it."""
-    index = _NAMES.index(name)
-    if index < len(node.args):
-        node.args = (*node.args[:index], value, *node.args[index + 1 :])
-    else:
-        node.kwargs = {**node.kwargs, name: value}
+def _is_functional(node: fx.Node) -> bool:
+    target = node.target
+    return target in _FUNCTIONAL or getattr(target, "overloadpacket", None) in _FUNCTIONAL
 
 
 def batch_norm_batch_stats(x: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -104,9 +98,9 @@ def _module_bn(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 def _functional_buffers(node: fx.Node) -> tuple[str, str] | None:
     """The running-statistics targets of a train-mode functional batch norm with constants."""
-    if node.op != "call_function" or node.target not in _FUNCTIONAL:
+    if node.op != "call_function" or not _is_functional(node):
         return None
-    a = bind_args(node, _NAMES, _DEFAULTS)
+    a = bind(node)
     mean, var = a.get("running_mean"), a.get("running_var")
     if a["training"] is not True or not all(
         isinstance(t, fx.Node) and t.op == "get_attr" for t in (mean, var)
@@ -141,8 +135,8 @@ def freeze_statistics_after_slices(gm: fx.GraphModule) -> set[str]:
                 node.kwargs = {**node.kwargs, "track_running_stats": False}
         elif (buffers := _functional_buffers(node)) is not None:
             frozen.add(buffers[0])
-            _set_arg(node, "running_mean", None)
-            _set_arg(node, "running_var", None)
+            set_arg(node, "running_mean", None)
+            set_arg(node, "running_var", None)
     gm.graph.lint()
     gm.recompile()
     return frozen
@@ -160,8 +154,8 @@ def refresh_graph(full: fx.GraphModule, frozen: set[str], every: int) -> fx.Grap
             node.replace_all_uses_with(new)
             graph.erase_node(node)
         elif (buffers := _functional_buffers(node)) is not None and buffers[0] in frozen:
-            momentum = bind_args(node, _NAMES, _DEFAULTS)["momentum"]
-            _set_arg(node, "momentum", refresh_momentum(momentum, every))
+            momentum = bind(node)["momentum"]
+            set_arg(node, "momentum", refresh_momentum(momentum, every))
     graph.lint()
     gm.recompile()
     return gm

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ._probe import untouched
@@ -60,24 +59,11 @@ def _example(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
 
 
 def _first_layer_weight(node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
-    """The weight of a Linear/Conv module or of an ``F.linear``/``F.convNd`` on a parameter."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
-            return mod.weight
-        return None
-    if node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d) and len(node.args) > 1:
-        weight = node.args[1]
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            return _fetch(gm, str(weight.target))
-    return None
+    """The weight of a layer (its rule's ``weight``), whatever the dialect."""
+    from .rules import rule_for
 
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    rule = rule_for(node, gm)
+    return rule.weight(node, gm) if rule.is_layer else None
 
 
 def propagate_shapes(

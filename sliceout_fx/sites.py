@@ -5,6 +5,9 @@ A *site* is a sliceable group chosen by a policy, with its rate and slice width.
 * ``dropout`` - each existing dropout names the group flowing through it (a drop-in replacement: the
   dropout leaves the training graph);
 * ``expand`` - every group produced by a 1x1 convolution that widens its input (an MBConv expand);
+* ``auto`` - the dropout sites; without a dropout of a convolution, also the inner widths of blocks
+  (expand convolutions, the inner convs of residual and dense blocks, Fire squeezes, MLP
+  expansions: :func:`~sliceout_fx.groups.block_inner_groups`), never a residual stream;
 * ``all`` - dropout sites, then every other sliceable group that is not a residual stream (e.g.
   the inner channels of every ResNet bottleneck);
 * an explicit list of names: dropout module names / node names, or the name of a source op.
@@ -20,16 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from .adapters import is_adapter_path, plain_path
 from .config import SliceOutConfig
 from .depgraph import DependencyGraph
 from .errors import SliceOutConfigError
-from .groups import AlignmentGroup, why_not_sliceable
+from .groups import AlignmentGroup, block_inner_groups, why_not_sliceable
 from .rules import Axis
-from .rules.base import rank_of, shape_of
+from .rules.base import rank_of
 from .sampling import slice_width, validate_rate
 
 
@@ -38,7 +40,7 @@ class Site:
     """A group that will be sliced."""
 
     name: str
-    kind: str  # "dropout" | "expand" | "explicit"
+    kind: str  # "dropout" | "expand" | "inner" | "group" | "explicit"
     group: AlignmentGroup
     p: float
     units: int  # units the sampler cuts (the group's units, coarsened by width_multiple)
@@ -65,8 +67,12 @@ class SkippedSite:
     reason: str
 
 
-def _site_name(node: fx.Node) -> str:
-    """The module path of the op (for a functional op, of the module whose forward called it)."""
+def _site_name(node: fx.Node, by_node: bool = False) -> str:
+    """The module path of the op (for a functional op, of the module whose forward called it).
+
+    ``by_node``: functional dropouts are named by module and node, as one forward may call
+    several of them.
+    """
     if node.op == "call_module":
         return plain_path(str(node.target))
     stack = node.meta.get("nn_module_stack")
@@ -74,8 +80,18 @@ def _site_name(node: fx.Node) -> str:
         path, _ = next(reversed(stack.values()))
         if path:
             path = plain_path(path)
-            return f"{path}.{node.name}" if node.target in _NAMED_BY_NODE else path
+            return f"{path}.{node.name}" if by_node else path
     return node.name
+
+
+def _dropout_name(node: fx.Node) -> str:
+    """A dropout module's path; a functional dropout's module path and node name."""
+    if node.op == "call_module":
+        return _site_name(node)
+    stack = node.meta.get("nn_module_stack") or {}
+    innermost = next(reversed(stack.values()), (None, None))[1]
+    name = getattr(innermost, "__name__", str(innermost)).rsplit(".", 1)[-1]
+    return _site_name(node, by_node="Dropout" not in name)
 
 
 def _group_name(group: AlignmentGroup) -> str | None:
@@ -88,10 +104,6 @@ _ADAPTER_REASON = (
     "part of a PEFT adapter (its rank or its dropout), kept as it is; name it in sites=[...] to "
     "slice it anyway"
 )
-
-# Functional dropouts are named by module and node: one forward may call several of them.
-_NAMED_BY_NODE = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
-
 
 def _group_of(groups: list[AlignmentGroup], axis: Axis) -> AlignmentGroup | None:
     return next((g for g in groups if axis in g.axes), None)
@@ -107,31 +119,15 @@ def _dropout_candidates(dep: DependencyGraph, groups: list[AlignmentGroup]):
         yield node, rel.site.rate, (found[0] if found else None)
 
 
-def _is_expand_conv(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """A pointwise (1x1) convolution that widens its input: module or functional form."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if not isinstance(mod, nn.modules.conv._ConvNd):
-            return False
-        weight_shape, groups = mod.weight.shape, mod.groups
-    elif node.target in (F.conv1d, F.conv2d, F.conv3d):
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        weight_shape = shape_of(weight)
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        if weight_shape is None:
-            return False
-    else:
-        return False
-    out_channels, in_per_group, *kernel = weight_shape
-    return groups == 1 and all(k == 1 for k in kernel) and out_channels > in_per_group
+def _is_expand(node: fx.Node, dep: DependencyGraph) -> bool:
+    """A pointwise layer that widens its input (its rule says: an MBConv expand conv)."""
+    rule = dep.rule(node)
+    return rule is not None and rule.is_expand(node, dep.gm)
 
 
-def _is_conv_group(group: AlignmentGroup, gm: fx.GraphModule) -> bool:
-    return any(
-        a.node.op == "call_module"
-        and isinstance(gm.get_submodule(str(a.node.target)), nn.modules.conv._ConvNd)
-        for a in group.sources
-    )
+def _is_conv_group(group: AlignmentGroup, dep: DependencyGraph) -> bool:
+    """Whether a convolution (a spatial layer, not a linear) sources the group."""
+    return any(getattr(dep.rule(a.node), "name", None) == "conv" for a in group.sources)
 
 
 def _units(group: AlignmentGroup, multiple: int | None, name: str) -> int:
@@ -180,7 +176,7 @@ def select_sites(
 
     if config.sites in ("auto", "dropout", "all") or explicit:
         for node, rate, group in _dropout_candidates(dep, groups):
-            name = _site_name(node)
+            name = _dropout_name(node)
             if explicit is not None and name not in wanted:
                 continue
             wanted.discard(name)
@@ -202,11 +198,12 @@ def select_sites(
             else:
                 add(group, name, "dropout" if explicit is None else "explicit", rate, node)
 
-    # "auto" falls back to expand convolutions when no dropout could be sliced (a classifier
-    # dropout after a flatten, say, is skipped and should not disable the fallback).
-    use_expand = config.sites == "expand" or (
-        config.sites == "auto" and not any(_is_conv_group(s.group, dep.gm) for s in sites.values())
-    )
+    # "auto" falls back to the inner widths of blocks (expand convolutions among them) when no
+    # dropout inside a block could be sliced: a classifier dropout after pooling slices only the
+    # head, which saves little in a CNN.
+    inner = {g.id for g in block_inner_groups(dep, groups)} if config.sites == "auto" else set()
+    fallback = config.sites == "auto" and not any(s.group.id in inner for s in sites.values())
+    inner = inner if fallback else set()
     for group in groups:
         source = group.primary.node
         name = _group_name(group) or _site_name(source)
@@ -214,8 +211,12 @@ def select_sites(
             if name in wanted:
                 wanted.discard(name)
                 add(group, name, "explicit", None, None)
-        elif use_expand and _is_expand_conv(source, dep.gm):
+        elif (config.sites == "expand" or fallback) and _is_expand(source, dep) and not (
+            group.residual_adds  # a bottleneck's last 1x1 conv widens back into the stream
+        ):
             add(group, name, "expand", None, None)
+        elif group.id in inner:
+            add(group, name, "inner", None, None)
         elif config.sites == "all" and group.sliceable and not group.residual_adds:
             # A residual stream is left alone unless named explicitly: slicing it would change
             # the width every block of the stage sees, not one block's inner channels.
@@ -223,7 +224,7 @@ def select_sites(
 
     if wanted:
         known = sorted(
-            {_site_name(n) for n, _, _ in _dropout_candidates(dep, groups)}
+            {_dropout_name(n) for n, _, _ in _dropout_candidates(dep, groups)}
             | {_group_name(g) or _site_name(g.primary.node) for g in groups}
         )
         raise SliceOutConfigError(f"unknown site name(s) {sorted(wanted)}; known sites: {known}")

@@ -210,6 +210,7 @@ def test_how_it_works_rule_example_registers_a_working_rule():
     (block,) = [b for b in python_blocks(HOW) if "register_rule" in b.code]
     namespace: dict = {}
     exec(compile(block.code, "how-it-works.md", "exec"), namespace)
+    assert len(sliceout_fx.explain(namespace["converted"]).sites) == 1  # the rules= conversion
     model = nn.Sequential(
         nn.Conv2d(3, 8, 1), nn.Dropout2d(0.5), namespace["MyFilter"](), nn.Conv2d(8, 4, 1)
     )

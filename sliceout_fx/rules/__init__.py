@@ -1,11 +1,17 @@
-"""The rule registry: one op family per module, looked up by module type, function or method.
+"""The rule registry: one op family per module, each rule declaring the targets it serves.
 
-To teach the pass a new op, write an :class:`OpRule` in its own module, give it a ``RULES`` mapping
-and add the module to ``_FAMILIES`` below (or call :func:`register_rule` from user code).
+A target is a module class, a function, an ATen overload or packet, ``"method:<name>"``, or the
+qualified name of a class or function (``"timm.layers.drop.DropPath"``) that the rule need not
+import. To teach the pass a new op, write an :class:`OpRule` with its ``targets`` and either pass
+it to one conversion (``convert(model, rules=[MyRule()])``), register it for a block of code
+(``with registered_rules(MyRule()): ...``) or register it for the process (:func:`register_rule`).
+A rule passed or registered later takes precedence over the built-in one for the same target.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from torch import fx
@@ -22,10 +28,23 @@ from . import (
     linear,
     padding,
     pooling,
+    stochastic_depth,
 )
 from .base import Axis, AxisRelations, OpRule, SiteHint
+from .binding import dialects, fallback_key, registry_key
 
-__all__ = ["Axis", "AxisRelations", "OpRule", "SiteHint", "register_rule", "rule_for", "UnknownOp"]
+__all__ = [
+    "Axis",
+    "AxisRelations",
+    "OpRule",
+    "SiteHint",
+    "UnknownOp",
+    "dialects",
+    "register_rule",
+    "registered_rules",
+    "rule_for",
+    "rule_table",
+]
 
 _FAMILIES = (
     linear,
@@ -39,10 +58,22 @@ _FAMILIES = (
     attention,
     layout,
     boundary,
+    stochastic_depth,
 )
-_REGISTRY: dict[Any, OpRule] = {}
-for _family in _FAMILIES:
-    _REGISTRY.update(_family.RULES)
+
+
+def rule_table(rules: Iterable[OpRule]) -> dict[Any, OpRule]:
+    """``{target: rule}`` for ``rules``, from each rule's declared ``targets``."""
+    table: dict[Any, OpRule] = {}
+    for rule in rules:
+        if not rule.targets:
+            raise ValueError(f"rule {type(rule).__name__} declares no targets")
+        for target in rule.targets:
+            table[target] = rule
+    return table
+
+
+_REGISTRY: dict[Any, OpRule] = rule_table(r for family in _FAMILIES for r in family.RULES)
 
 
 class UnknownOp(OpRule):
@@ -55,9 +86,28 @@ class UnknownOp(OpRule):
         return AxisRelations(blocks=f"no rule for {self.name}")
 
 
-def register_rule(key: Any, rule: OpRule) -> None:
-    """Register ``rule`` for a module class, a function, or ``"method:<name>"``."""
-    _REGISTRY[key] = rule
+def register_rule(rule: OpRule | Any, legacy_rule: OpRule | None = None) -> None:
+    """Register ``rule`` for every target it declares, for the rest of the process.
+
+    ``register_rule(target, rule)`` registers it for one extra target (a module class, a
+    function, an ATen overload or ``"method:<name>"``).
+    """
+    if legacy_rule is not None:
+        _REGISTRY[rule] = legacy_rule
+        return
+    _REGISTRY.update(rule_table([rule]))
+
+
+@contextlib.contextmanager
+def registered_rules(*rules: OpRule) -> Iterator[None]:
+    """Register ``rules`` inside the ``with`` block only; the registry is restored after it."""
+    saved = dict(_REGISTRY)
+    try:
+        _REGISTRY.update(rule_table(rules))
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, str]:
@@ -65,24 +115,51 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, str]:
         cls = type(gm.get_submodule(str(node.target)))
         return cls, f"module {cls.__name__}"
     if node.op == "call_method":
-        return f"method:{node.target}", f"method .{node.target}()"
+        return registry_key(node), f"method .{node.target}()"
     if node.op == "call_function":
         name = getattr(node.target, "__name__", str(node.target))
         return node.target, f"function {name}"
     return None, node.op
 
 
-def rule_for(node: fx.Node, gm: fx.GraphModule) -> OpRule:
-    """The registered rule of a node, or :class:`UnknownOp`.
+def qualified_name(target: Any) -> str | None:
+    """``"package.module.Name"``: how a rule names a target it does not import."""
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else None
 
-    A module subclass inherits its base class's rule only if it keeps the base ``forward``: a
-    subclass that overrides ``forward`` (a conv with its own padding, say) computes something else.
-    """
-    key, what = _describe(node, gm)
+
+def _lookup(table: dict[Any, OpRule], key: Any) -> OpRule | None:
     if isinstance(key, type):
         for cls in key.__mro__:
-            if cls in _REGISTRY and key.forward is cls.forward:
-                return _REGISTRY[cls]
-    elif key is not None and key in _REGISTRY:
-        return _REGISTRY[key]
+            # A subclass inherits its base class's rule only if it keeps the base ``forward``: a
+            # subclass that overrides it (a conv with its own padding, say) computes something
+            # else.
+            if getattr(cls, "forward", None) is not key.forward:
+                continue
+            found = table.get(cls) or table.get(qualified_name(cls))
+            if found is not None:
+                return found
+        return None
+    try:
+        found = table.get(key)
+        if found is None and (packet := fallback_key(key)) is not None:
+            found = table.get(packet)
+    except TypeError:  # an unhashable target
+        return None
+    if found is None and not isinstance(key, str):
+        found = table.get(qualified_name(key))
+    return found
+
+
+def rule_for(
+    node: fx.Node, gm: fx.GraphModule, extra: dict[Any, OpRule] | None = None
+) -> OpRule:
+    """The rule of a node (``extra`` first, then the registry), or :class:`UnknownOp`."""
+    key, what = _describe(node, gm)
+    if key is None:
+        return UnknownOp(what)
+    for table in (extra or {}, _REGISTRY):
+        found = _lookup(table, key)
+        if found is not None:
+            return found
     return UnknownOp(what)

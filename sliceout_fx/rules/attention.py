@@ -13,10 +13,10 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from .base import Axis, AxisRelations, OpRule, bind_args, rank_of, shape_of
+from .base import Axis, AxisRelations, OpRule, bind, rank_of, shape_of
+from .binding import dialects
 
 aten = torch.ops.aten
 
@@ -25,10 +25,11 @@ class AttentionRule(OpRule):
     """``scaled_dot_product_attention(q, k, v, mask, ...)`` on ``(B, H, T, d)`` tensors."""
 
     name = "attention"
+    targets = dialects("scaled_dot_product_attention")
     is_attention = True
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        bound = bind_args(node, ("query", "key", "value", "attn_mask"), {"attn_mask": None})
+        bound = bind(node)
         q, k, v, mask = bound["query"], bound["key"], bound["value"], bound["attn_mask"]
         if any(rank_of(t) != 4 for t in (q, k, v, node)):
             return AxisRelations(blocks="attention on tensors that are not (B, H, T, d)")
@@ -48,6 +49,7 @@ class MatmulRule(OpRule):
     """
 
     name = "matmul"
+    targets = (*dialects("matmul", "bmm"), operator.matmul)
     is_attention = True
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
@@ -73,13 +75,14 @@ class SoftmaxRule(OpRule):
     """``softmax(x, dim)``: normalises along ``dim``, which must stay whole; others pass."""
 
     name = "softmax"
+    targets = dialects("softmax", "_softmax")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         x = node.args[0]
         rank = rank_of(x)
         if rank is None:
             return AxisRelations(blocks="softmax with unknown shapes")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dim = bind(node).get("dim")
         if not isinstance(dim, int):
             return AxisRelations(blocks="softmax over an implicit dim")
         dim %= rank
@@ -90,18 +93,6 @@ class SoftmaxRule(OpRule):
 
 
 #: Targets of softmax in torch-level and ATen graphs (the dropout rule looks for them too).
-SOFTMAX_TARGETS = (aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax, "softmax")
+SOFTMAX_TARGETS = SoftmaxRule.targets
 
-_SDPA = AttentionRule()
-_MATMUL = MatmulRule()
-_SOFTMAX = SoftmaxRule()
-RULES = {
-    aten.scaled_dot_product_attention.default: _SDPA,
-    F.scaled_dot_product_attention: _SDPA,
-    aten.matmul.default: _MATMUL,
-    aten.bmm.default: _MATMUL,
-    torch.matmul: _MATMUL,
-    operator.matmul: _MATMUL,
-    "method:matmul": _MATMUL,
-    **{t if t != "softmax" else "method:softmax": _SOFTMAX for t in SOFTMAX_TARGETS},
-}
+RULES = (AttentionRule(), MatmulRule(), SoftmaxRule())

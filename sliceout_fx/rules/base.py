@@ -6,7 +6,16 @@ A rule answers two questions about an fx node:
   it can make narrower by slicing its own parameters (*sources*), which input axes it can absorb by
   slicing its parameters (*sinks*), and which input axes it merely looks at without caring about
   their width (*passive*). Anything a rule does not mention blocks slicing of that axis.
-* :meth:`OpRule.rewrite` - given the cuts of its sliced axes, emit the sliced computation.
+* :meth:`OpRule.rewrite` - given the cuts of its sliced axes, emit the sliced computation. The
+  same code serves the three modes: the ops it emits take a :class:`~sliceout_fx.ops.Cut` whose
+  mode is "slice" (narrow views), "gather" (index vectors, for compiled steps) or "mask" (full
+  width: parameters stay whole and the rewriter zeroes the dropped channels after the op).
+
+A rule declares the ops it serves in :attr:`OpRule.targets` - module classes, ``torch``/``F``
+functions, ``"method:<name>"`` and ATen overloads or packets (:func:`~.binding.dialects` lists them
+all for an op name), so the ``torch.fx`` and ``torch.export`` front ends see the same rule - and
+its capabilities as class attributes, which the generic stages ask instead of keeping op lists of
+their own. It reads a call's arguments through :func:`~.binding.bind`, by parameter name.
 
 The dependency graph, groups and rewrite stages are generic; everything op-specific lives here and
 in the sibling modules, one op family per module.
@@ -19,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
+
+from .binding import bind
 
 if TYPE_CHECKING:
     from ..rewrite import RewriteContext
@@ -76,6 +87,16 @@ class OpRule:
 
     #: Short name used in reports.
     name: str = "op"
+    #: What the rule is registered for (see the module docstring).
+    targets: tuple[Any, ...] = ()
+    #: Adds two tensors elementwise: when both operands lie in one group it is a residual merge.
+    residual_merge: bool = False
+    #: Part of attention: groups through it scale where the heads leave, never in between.
+    is_attention: bool = False
+    #: Can recompute the equal parts of its output separately (``rewrite_fused``): a fused QKV.
+    fused_projection: bool = False
+    #: A layer with a weight that widens or narrows channels (a linear or a convolution).
+    is_layer: bool = False
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         raise NotImplementedError
@@ -87,6 +108,15 @@ class OpRule:
     def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
         """Multiply-accumulates of this node at full width (0 for cheap ops)."""
         return 0
+
+    def weight(self, node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
+        """A layer's weight tensor, when it is a parameter the graph holds (else ``None``)."""
+        return None
+
+    def is_expand(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        """Whether this node is an expand layer: a pointwise layer that widens its input, the
+        paper's site in networks without dropout (MobileNet/EfficientNet expand convs)."""
+        return False
 
 
 # --- small helpers shared by the rules ---------------------------------------------------------
@@ -112,12 +142,21 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def bind_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
-    """A functional call's arguments by parameter name (positional, keyword, then defaults)."""
-    bound = dict(defaults)
-    bound.update(zip(names, node.args, strict=False))
-    bound.update(node.kwargs)
-    return bound
+def input_of(node: fx.Node) -> Any:
+    """The main input of a call: a module's first argument, or the bound ``input``."""
+    if node.op == "call_module":
+        return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return bind(node).get("input")
+
+
+def fetch(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node names, or ``None`` for anything else."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def couple_all_dims(src: fx.Node, dst: fx.Node) -> list[tuple[Axis, Axis]]:
@@ -126,9 +165,3 @@ def couple_all_dims(src: fx.Node, dst: fx.Node) -> list[tuple[Axis, Axis]]:
     if rank is None or shape_of(src) != shape_of(dst):
         return []
     return [(Axis(src, d), Axis(dst, d)) for d in range(rank)]
-
-
-def aten_op(name: str) -> Any:
-    """``"add.Tensor"`` -> ``torch.ops.aten.add.Tensor`` (how export records calls)."""
-    packet, overload = name.split(".")
-    return getattr(getattr(torch.ops.aten, packet), overload)

@@ -1,79 +1,92 @@
-"""Ops that stop a group, with the reason reported, plus shape queries that may look at it.
+"""Shape queries that may look at a cut tensor, and ops known to stop a group.
 
-Reshapes, flattens and concatenations mix a channel axis with others, so a cut on the axis no longer
-maps to a contiguous range of the result; they block until a dedicated rule says how to carry a cut
-through them. ``x.size(d)`` / ``x.dim()`` on another axis is harmless and passes.
+``x.size(d)``, ``x.shape[d]`` and ``x.dim()`` on an axis that is not cut are harmless and pass;
+reading the width of a cut axis blocks it (code could build something of that width). ``stack``
+forms a new axis from several tensors and stops a group with its reason.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import fx, nn
+import operator
 
-from .base import Axis, AxisRelations, OpRule, rank_of
+from torch import fx
+
+from .base import Axis, AxisRelations, OpRule, bind, input_of, rank_of
+from .binding import dialects
 
 
 class BoundaryRule(OpRule):
     """An op known to mix the channel axis with others."""
 
-    def __init__(self, name: str, reason: str) -> None:
+    def __init__(self, name: str, reason: str, targets: tuple = ()) -> None:
         self.name = name
         self.reason = reason
+        self.targets = targets
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         return AxisRelations(blocks=self.reason)
 
 
+def _dims_read(node: fx.Node, rank: int) -> set[int] | None:
+    """The axes whose sizes the users of a whole-shape query read (``None``: unknown uses)."""
+    read: set[int] = set()
+    for user in node.users:
+        index = user.args[1] if user.target is operator.getitem else None
+        if not isinstance(index, int):
+            return None
+        read.add(index % rank)
+    return read
+
+
 class SizeRule(OpRule):
-    """``x.size(d)`` and ``x.dim()``: fine unless they ask for the width of a cut axis."""
+    """``x.size(d)``, ``x.size()[d]`` and ``x.dim()``: fine unless they read a cut axis's width."""
 
     name = "size"
+    targets = (*dialects("size", "dim"), *dialects("sym_size"))
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0]
+        x = input_of(node)
         rank = rank_of(x)
         if rank is None:
             return AxisRelations(blocks="size of an unknown tensor")
         if node.target == "dim":
             return AxisRelations(passive=[Axis(x, d) for d in range(rank)])
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if not isinstance(dim, int):
+        dim = bind(node).get("dim")
+        read = {dim % rank} if isinstance(dim, int) else _dims_read(node, rank)
+        if read is None:
             return AxisRelations(blocks="reads the whole shape, which would change with the cut")
-        dim %= rank
-        return AxisRelations(passive=[Axis(x, d) for d in range(rank) if d != dim])
+        return AxisRelations(
+            passive=[Axis(x, d) for d in range(rank) if d not in read],
+            blocks="reads the width of this axis, which would change with the cut",
+        )
 
 
 class AttributeRule(OpRule):
     """``x.ndim``, ``x.dtype``, ``x.device``...: width-independent attributes pass; ``x.shape``
-    does not (code could read the width of the cut axis from it)."""
+    passes on the axes its users do not index (``x.shape[0]``)."""
 
     name = "getattr"
+    targets = (getattr,)
     _HARMLESS = frozenset({"ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"})
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         x, attribute = node.args[0], node.args[1]
         rank = rank_of(x)
-        if rank is None or attribute not in self._HARMLESS:
+        if rank is None:
+            return AxisRelations(blocks=f"reads x.{attribute} of an unknown tensor")
+        if attribute in self._HARMLESS:
+            return AxisRelations(passive=[Axis(x, d) for d in range(rank)])
+        read = _dims_read(node, rank) if attribute == "shape" else None
+        if read is None:
             return AxisRelations(blocks=f"reads x.{attribute}, which would change with the cut")
-        return AxisRelations(passive=[Axis(x, d) for d in range(rank)])
+        return AxisRelations(
+            passive=[Axis(x, d) for d in range(rank) if d not in read],
+            blocks="reads the width of this axis from x.shape, which would change with the cut",
+        )
 
 
-_VIEW = BoundaryRule("reshape", "reshape/flatten mixes the channel axis with other axes")
-_CAT = BoundaryRule("concat", "concatenation: the cut would land in the middle of the result")
-_RESIDUAL = BoundaryRule("add", "residual add: both branches would need the same cut")
-
-RULES = {
-    nn.Flatten: _VIEW,
-    torch.flatten: _VIEW,
-    torch.reshape: _VIEW,
-    "method:view": _VIEW,
-    "method:reshape": _VIEW,
-    "method:flatten": _VIEW,
-    torch.cat: _CAT,
-    torch.concat: _CAT,
-    torch.stack: BoundaryRule("stack", "stack: a new axis is formed from several tensors"),
-    "method:size": SizeRule(),
-    getattr: AttributeRule(),
-    "method:dim": SizeRule(),
-    torch.ops.aten.sym_size.int: SizeRule(),
-}
+RULES = (
+    SizeRule(),
+    AttributeRule(),
+    BoundaryRule("stack", "stack: a new axis is formed from several tensors", dialects("stack")),
+)

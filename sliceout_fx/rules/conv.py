@@ -1,4 +1,4 @@
-"""``nn.Conv1d/2d/3d`` and ``F.conv1d/2d/3d``: channel SliceOut.
+"""Convolutions (``nn.Conv1d/2d/3d``, ``F.convNd``, ``aten.convNd``): channel SliceOut.
 
 A plain convolution is a source on its output channels (dim 1) and a sink on its input channels. A
 grouped convolution can only be cut in whole groups, and its input and output channels of one group
@@ -9,36 +9,35 @@ units; the depthwise convolution is the special case with one channel per group.
 from __future__ import annotations
 
 import math
+from typing import Any
 
-import torch.nn.functional as F
+import torch
 from torch import fx, nn
 
 from ..ops import sliced_conv, sliced_conv_module
-from .base import Axis, AxisRelations, OpRule, bind_args, shape_of
-
-_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
-_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-
-
-def _functional_args(node: fx.Node) -> dict:
-    return bind_args(node, _NAMES, _DEFAULTS)
+from .base import Axis, AxisRelations, OpRule, bind, fetch, input_of, shape_of
+from .binding import dialects
 
 
 class ConvRule(OpRule):
     name = "conv"
+    targets = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *dialects("conv1d", "conv2d", "conv3d"))
+    is_layer = True
 
     def _groups(self, node: fx.Node, gm: fx.GraphModule) -> int:
         if node.op == "call_module":
             return gm.get_submodule(str(node.target)).groups
-        groups = _functional_args(node)["groups"]
+        groups = bind(node)["groups"]
         return groups if isinstance(groups, int) else 0  # 0: not a constant, cannot reason
 
-    def _input(self, node: fx.Node) -> fx.Node:
-        return node.args[0] if node.args else node.kwargs["input"]
+    def _weight_shape(self, node: fx.Node, gm: fx.GraphModule) -> tuple[int, ...] | None:
+        if node.op == "call_module":
+            return tuple(gm.get_submodule(str(node.target)).weight.shape)
+        shape = shape_of(bind(node)["weight"])
+        return None if shape is None else tuple(shape)
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = self._input(node)
+        x = input_of(node)
         if shape_of(node) is None or shape_of(x) is None:
             return AxisRelations(blocks="convolution with unknown shapes")
         groups = self._groups(node, gm)
@@ -51,8 +50,8 @@ class ConvRule(OpRule):
             couplings=[(in_axis, out_axis)], unit_limits={in_axis: groups, out_axis: groups}
         )
 
-    def rewrite(self, node: fx.Node, ctx) -> fx.Node | None:
-        x = self._input(node)
+    def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
+        x = input_of(node)
         out_cut, in_cut = ctx.out_cut(node, 1), ctx.in_cut(x, 1)
         if out_cut is None and in_cut is None:
             return None
@@ -60,38 +59,28 @@ class ConvRule(OpRule):
             return ctx.call(
                 sliced_conv_module, (x, ctx.get_attr(str(node.target)), out_cut, in_cut)
             )
-        a = _functional_args(node)
-        return ctx.call(
-            sliced_conv,
-            (
-                x,
-                a["weight"],
-                a["bias"],
-                a["stride"],
-                a["padding"],
-                a["dilation"],
-                a["groups"],
-                out_cut,
-                in_cut,
-            ),
-        )
+        a = bind(node)  # a string padding ("same") is passed on as it is
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        return ctx.call(sliced_conv, (*(a[k] for k in names), out_cut, in_cut))
 
     def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
-        out, x = shape_of(node), shape_of(self._input(node))
-        groups = self._groups(node, gm) or 1
-        if out is None or x is None:
+        out, x = shape_of(node), shape_of(input_of(node))
+        weight = self._weight_shape(node, gm)
+        if out is None or x is None or weight is None:
             return 0
+        return math.prod(out) * math.prod(weight[1:])
+
+    def weight(self, node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
         if node.op == "call_module":
-            kernel = math.prod(gm.get_submodule(str(node.target)).kernel_size)
-        else:
-            weight = _functional_args(node)["weight"]
-            kernel = math.prod(shape_of(weight)[2:]) if shape_of(weight) else 1
-        return math.prod(out) * (x[1] // groups) * kernel
+            return gm.get_submodule(str(node.target)).weight
+        return fetch(gm, bind(node)["weight"])
+
+    def is_expand(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        shape = self._weight_shape(node, gm)
+        if shape is None or self._groups(node, gm) != 1:
+            return False
+        out_channels, in_channels, *kernel = shape
+        return all(k == 1 for k in kernel) and out_channels > in_channels
 
 
-RULES = {
-    nn.Conv1d: ConvRule(),
-    nn.Conv2d: ConvRule(),
-    nn.Conv3d: ConvRule(),
-    **{fn: ConvRule() for fn in _CONV_FUNCTIONS},
-}
+RULES = (ConvRule(),)

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import operator
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import Axis, AxisRelations, OpRule, aten_op, couple_all_dims, shape_of, tensor_args
+from .base import Axis, AxisRelations, OpRule, couple_all_dims, shape_of, tensor_args
+from .binding import dialects
 
 
 class ElementwiseRule(OpRule):
     name = "elementwise"
+    targets: tuple = ()  # set below, from the op names
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         tensors = tensor_args(node)
@@ -40,6 +40,17 @@ class ElementwiseRule(OpRule):
                 if shape[d] == out[d + offset]
             ]
         return AxisRelations(couplings=couplings)
+
+
+class ResidualAddRule(ElementwiseRule):
+    """``a + b`` / ``a - b``: element-wise, and a residual merge when both operands are in a group.
+
+    The groups stage asks :attr:`residual_merge` to tell a residual stream (left whole unless
+    named) from an inner width.
+    """
+
+    name = "add"
+    residual_merge = True
 
 
 _MODULES = (
@@ -64,146 +75,22 @@ _MODULES = (
     nn.Tanhshrink,
     nn.LogSigmoid,
 )
-_FUNCTIONS = (
-    F.relu,
-    F.relu_,
-    F.relu6,
-    F.gelu,
-    F.silu,
-    F.sigmoid,
-    F.tanh,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.celu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    F.mish,
-    F.softplus,
-    F.softsign,
-    F.logsigmoid,
-    torch.relu,
-    torch.relu_,
-    torch.sigmoid,
-    torch.tanh,
-    torch.clamp,
-    torch.clip,
-    torch.abs,
-    torch.exp,
-    torch.neg,
-    torch.square,
-    torch.sqrt,
-    torch.rsqrt,
-    torch.erf,
-    torch.sin,
-    torch.cos,
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.neg,
-    operator.pow,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
+# Op names: each stands for its ATen overloads, torch / F function and tensor method.
+_NAMES = (
+    *("relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_"),
+    *("tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu"),
+    *("hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_"),
+    *("mish", "mish_", "softplus", "softsign", "logsigmoid", "log_sigmoid"),
+    *("clamp", "clamp_", "clip", "clamp_min", "clamp_max", "abs", "exp", "neg", "square"),
+    *("sqrt", "rsqrt", "erf", "sin", "cos", "pow", "mul", "mul_", "div", "div_", "rsub"),
+    *("contiguous", "clone", "alias", "detach", "to", "_to_copy", "type_as", "where"),
+    *("float", "half", "bfloat16", "double"),
 )
-_METHODS = (
-    "relu",
-    "relu_",
-    "sigmoid",
-    "tanh",
-    "clamp",
-    "clamp_",
-    "clip",
-    "abs",
-    "exp",
-    "neg",
-    "pow",
-    "sqrt",
-    "rsqrt",
-    "square",
-    "erf",
-    "sin",
-    "cos",
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "contiguous",
-    "float",
-    "half",
-    "bfloat16",
-    "to",
-    "type_as",
-    "detach",
-    "clone",
-)
+_OPERATORS = (operator.mul, operator.imul, operator.truediv, operator.itruediv, operator.neg)
+_OPERATORS += (operator.pow,)
+_ADD_NAMES = ("add", "add_", "sub", "sub_")
+_ADD_OPERATORS = (operator.add, operator.iadd, operator.sub, operator.isub)
 
-# The same ops as ATen overloads, as torch.export records them.
-_ATEN_NAMES = (
-    "add.Tensor",
-    "add.Scalar",
-    "sub.Tensor",
-    "sub.Scalar",
-    "rsub.Scalar",
-    "mul.Tensor",
-    "mul.Scalar",
-    "div.Tensor",
-    "div.Scalar",
-    "neg.default",
-    "pow.Tensor_Scalar",
-    "rsqrt.default",
-    "sqrt.default",
-    "exp.default",
-    "tanh.default",
-    "sigmoid.default",
-    "relu.default",
-    "gelu.default",
-    "silu.default",
-    "erf.default",
-    "hardtanh.default",
-    "clamp.default",
-    "contiguous.default",
-    "clone.default",
-    "alias.default",
-    "detach.default",
-    "to.dtype",
-    "to.dtype_layout",
-    "_to_copy.default",
-    "type_as.default",
-    "where.self",
-    "clamp_min.default",
-    "clamp_max.default",
-    "hardswish.default",
-    "hardsigmoid.default",
-    "leaky_relu.default",
-    "elu.default",
-    "mish.default",
-    "softplus.default",
-    # in-place forms (a module built with ``inplace=True``)
-    "relu_.default",
-    "silu_.default",
-    "gelu_.default",
-    "hardswish_.default",
-    "hardsigmoid_.default",
-    "hardtanh_.default",
-    "leaky_relu_.default",
-    "elu_.default",
-    "mish_.default",
-    "sigmoid_.default",
-    "tanh_.default",
-    "add_.Tensor",
-    "mul_.Tensor",
-    "div_.Tensor",
-)
-_ATEN = tuple(aten_op(name) for name in _ATEN_NAMES)
-
-_RULE = ElementwiseRule()
-RULES = {
-    **{m: _RULE for m in _MODULES},
-    **{f: _RULE for f in _ATEN},
-    **{f: _RULE for f in _FUNCTIONS},
-    **{f"method:{name}": _RULE for name in _METHODS},
-}
+ElementwiseRule.targets = (*_MODULES, *dialects(*_NAMES), *_OPERATORS)
+ResidualAddRule.targets = (*dialects(*_ADD_NAMES), *_ADD_OPERATORS)
+RULES = (ElementwiseRule(), ResidualAddRule())

@@ -6,25 +6,25 @@ statistics of a narrower vector would differ from the full-width ones seen in ev
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import Axis, AxisRelations, OpRule, rank_of
+from .base import Axis, AxisRelations, OpRule, bind, input_of, rank_of
+from .binding import dialects
 
 
 class LayerNormRule(OpRule):
     name = "layer-norm"
+    targets = (nn.LayerNorm, nn.RMSNorm, *dialects("layer_norm", "rms_norm"))
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0] if node.args else node.kwargs["input"]
+        x = input_of(node)
         rank = rank_of(x)
         if rank is None:
             return AxisRelations(blocks="normalisation with unknown shapes")
         if node.op == "call_module":
             normalized = len(gm.get_submodule(str(node.target)).normalized_shape)
         else:
-            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            shape = bind(node).get("normalized_shape")
             normalized = len(shape) if isinstance(shape, (list, tuple)) else 1
         return AxisRelations(
             couplings=[(Axis(x, d), Axis(node, d)) for d in range(rank - normalized)],
@@ -32,12 +32,4 @@ class LayerNormRule(OpRule):
         )
 
 
-_RULE = LayerNormRule()
-RULES = {
-    nn.LayerNorm: _RULE,
-    nn.RMSNorm: _RULE,
-    F.layer_norm: _RULE,
-    F.rms_norm: _RULE,
-    torch.ops.aten.layer_norm.default: _RULE,
-    torch.ops.aten.rms_norm.default: _RULE,
-}
+RULES = (LayerNormRule(),)

@@ -1,4 +1,4 @@
-"""Layout ops of the ATen graphs ``torch.export`` records: views, transposes, slices, concat.
+"""Layout ops: views, flattens, transposes, indexing, concat and split, in both dialects.
 
 Attention code splits the projection width into heads (``view(B, T, -1, d_head)``), moves axes
 (``transpose(1, 2)``) and merges them back. A cut of the flat width that covers whole heads is a
@@ -6,6 +6,8 @@ cut of the head axis, so a reshape that splits an axis into ``(outer, inner)`` c
 with ``outer`` (``inner`` is never cut), and a merge does the reverse. The group's unit then becomes
 a whole head (the gcd of the coupled sizes), which keeps rotary embeddings and grouped-query
 attention intact. Shape arguments that name a cut axis are rewritten to its live size at run time.
+Flattening ``(N, C, 1, 1)`` after global pooling keeps the channel axis whole, so the classifier
+dropout of a CNN is a site like any other.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..ops import live_parts, live_size
-from .base import Axis, AxisRelations, OpRule, rank_of, shape_of
+from .base import Axis, AxisRelations, OpRule, bind, couple_all_dims, input_of, rank_of, shape_of
+from .binding import dialects, matches
 
 aten = torch.ops.aten
 
@@ -52,12 +55,19 @@ def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[i
 
 
 class ReshapeRule(OpRule):
-    """``view`` / ``reshape``: couples the outermost dim of each split or merged run."""
+    """``view`` / ``reshape`` / ``flatten`` / ``unflatten``: couples the outermost dim of each
+    split or merged run (only the shapes matter, so every form shares one rule)."""
 
     name = "reshape"
+    targets = (
+        nn.Flatten,
+        nn.Unflatten,
+        *dialects("view", "reshape", "_unsafe_view", "flatten", "unflatten"),
+        *dialects("view_as", "reshape_as"),
+    )
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0]
+        x = input_of(node)
         src, dst = shape_of(x), shape_of(node)
         if src is None or dst is None or 0 in src:
             return AxisRelations(blocks="reshape with unknown shapes")
@@ -67,16 +77,34 @@ class ReshapeRule(OpRule):
                 # The outer dim of a pure split or merge carries a cut in units of the inner
                 # block; a run regrouped on both sides (B, E) -> (B*H, d) couples nothing.
                 couplings.append((Axis(x, ins[0]), Axis(node, outs[0])))
+        other = _shape_source(node)
+        if other is not None:  # view_as(other): the result has other's shape, cut for cut
+            couplings += couple_all_dims(other, node)
         return AxisRelations(
             couplings=couplings,
             blocks="reshape mixes this axis into an inner position of another",
         )
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
-        return _rewrite_size_list(node, ctx, list(node.args[1]))
+        sizes = _size_list(node)
+        return None if sizes is None else _reemit_with_sizes(node, ctx, sizes)
 
 
-def _rewrite_size_list(node: fx.Node, ctx: Any, sizes: list[Any]) -> fx.Node | None:
+def _shape_source(node: fx.Node) -> fx.Node | None:
+    other = bind(node).get("other") if node.op != "call_module" else None
+    return other if isinstance(other, fx.Node) else None
+
+
+def _size_list(node: fx.Node) -> list[Any] | None:
+    """The explicit size list of a view/reshape/expand (``None`` for flatten and ``*_as``)."""
+    if node.op == "call_module":
+        return None
+    a = bind(node)
+    sizes = a.get("size", a.get("shape"))
+    return list(sizes) if isinstance(sizes, (list, tuple)) else None
+
+
+def _reemit_with_sizes(node: fx.Node, ctx: Any, sizes: list[Any]) -> fx.Node | None:
     """Re-emit a view/reshape/expand whose size list names a cut axis with its live size."""
     changed = False
     for dim in range(len(sizes)):
@@ -87,16 +115,20 @@ def _rewrite_size_list(node: fx.Node, ctx: Any, sizes: list[Any]) -> fx.Node | N
         changed = True
     if not changed:
         return None
-    return ctx.graph.call_function(node.target, (node.args[0], sizes, *node.args[2:]), node.kwargs)
+    x = input_of(node)
+    if node.op == "call_method":
+        return ctx.graph.call_method(str(node.target), (x, *sizes))
+    return ctx.graph.call_function(node.target, (x, sizes))
 
 
 class ExpandRule(OpRule):
     """``expand``: dims that keep their size are coupled; broadcast (size-1) dims are not."""
 
     name = "expand"
+    targets = dialects("expand", "expand_as")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0]
+        x = input_of(node)
         src, dst = shape_of(x), shape_of(node)
         if src is None or dst is None:
             return AxisRelations(blocks="expand with unknown shapes")
@@ -106,30 +138,43 @@ class ExpandRule(OpRule):
             for d in range(len(src))
             if src[d] == dst[d + offset]
         ]
+        other = _shape_source(node)
+        if other is not None:
+            couplings += couple_all_dims(other, node)
         return AxisRelations(couplings=couplings)
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
-        return _rewrite_size_list(node, ctx, list(node.args[1]))
+        sizes = _size_list(node)
+        return None if sizes is None else _reemit_with_sizes(node, ctx, sizes)
 
 
 class PermuteRule(OpRule):
-    """``transpose`` / ``permute`` / ``t``: each axis moves, nothing mixes."""
+    """``transpose`` / ``permute`` / ``t`` / ``swapaxes``: each axis moves, nothing mixes."""
 
     name = "permute"
+    targets = dialects("transpose", "permute", "t", "swapaxes", "movedim")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0]
+        a = bind(node)
+        x = a["input"]
         rank = rank_of(x)
         if rank is None:
             return AxisRelations(blocks="permute with unknown shapes")
         order = list(range(rank))
-        if node.target is aten.permute.default:
-            order = [d % rank for d in node.args[1]]
-        elif node.target is aten.t.default:
+        if "dims" in a:
+            order = [d % rank for d in a["dims"]]
+        elif "source" in a:  # movedim(source, destination)
+            src, dst = a["source"], a["destination"]
+            src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
+            moved = dict(zip((d % rank for d in dst), (d % rank for d in src), strict=True))
+            rest = iter(d for d in range(rank) if d not in moved.values())
+            order = [moved[d] if d in moved else next(rest) for d in range(rank)]
+        elif "dim0" in a or "axis0" in a:
+            first, second = (a.get("dim0", a.get("axis0")), a.get("dim1", a.get("axis1")))
+            first, second = first % rank, second % rank
+            order[first], order[second] = order[second], order[first]
+        else:  # t()
             order = order[::-1]
-        else:
-            a, b = (d % rank for d in node.args[1:3])
-            order[a], order[b] = order[b], order[a]
         return AxisRelations(
             couplings=[(Axis(x, src), Axis(node, d)) for d, src in enumerate(order)]
         )
@@ -139,18 +184,20 @@ class UnsqueezeRule(OpRule):
     """``unsqueeze`` / ``squeeze``: the other axes shift by one."""
 
     name = "unsqueeze"
+    targets = dialects("unsqueeze", "squeeze")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0]
+        a = bind(node)
+        x = a["input"]
         src, dst = rank_of(x), rank_of(node)
         if src is None or dst is None:
             return AxisRelations(blocks="unsqueeze with unknown shapes")
         shape = shape_of(x)
         if dst > src:  # unsqueeze(dim): every input axis survives, shifted past the new one
-            new = node.args[1] % dst
+            new = a["dim"] % dst
             kept, outs = list(range(src)), [d for d in range(dst) if d != new]
         else:  # squeeze(dims) removes the named size-1 axes (all of them without dims)
-            dims = node.args[1] if len(node.args) > 1 else None
+            dims = a.get("dim")
             named = [dims] if isinstance(dims, int) else (dims or range(src))
             gone = {d % src for d in named if shape[d % src] == 1}
             kept, outs = [d for d in range(src) if d not in gone], list(range(dst))
@@ -160,18 +207,24 @@ class UnsqueezeRule(OpRule):
 
 
 class NarrowRule(OpRule):
-    """``x[..., a:b]`` (``aten.slice``): the sliced axis cannot also be cut; the others pass."""
+    """``aten.slice`` / ``narrow`` / ``select``: the indexed axis cannot also be cut; the others
+    pass (``select`` removes its axis)."""
 
     name = "slice"
+    targets = dialects("slice", "narrow", "select")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0]
+        a = bind(node)
+        x = a["input"]
         rank = rank_of(x)
-        if rank is None:
+        if rank is None or rank_of(node) is None:
             return AxisRelations(blocks="slice with unknown shapes")
-        dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+        dim = a.get("dim", 0) % rank
+        removed = rank_of(node) < rank
+        kept = [d for d in range(rank) if d != dim]
+        outs = [d - (removed and d > dim) for d in kept]
         return AxisRelations(
-            couplings=[(Axis(x, d), Axis(node, d)) for d in range(rank) if d != dim],
+            couplings=[(Axis(x, d), Axis(node, o)) for d, o in zip(kept, outs, strict=True)],
             blocks="indexes into this axis, so its positions must stay whole",
         )
 
@@ -180,13 +233,15 @@ class CatRule(OpRule):
     """Concatenation: the other axes of every operand line up; the concatenated axis blocks."""
 
     name = "concat"
+    targets = dialects("cat", "concat", "concatenate")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        tensors = node.args[0]
+        a = bind(node)
+        tensors = a["tensors"]
         rank = rank_of(node)
         if rank is None or not all(rank_of(t) == rank for t in tensors):
             return AxisRelations(blocks="concatenation with unknown shapes")
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % rank
+        dim = a.get("dim", 0) % rank
         couplings = [(Axis(t, d), Axis(node, d)) for t in tensors for d in range(rank) if d != dim]
         return AxisRelations(
             couplings=couplings,
@@ -195,18 +250,19 @@ class CatRule(OpRule):
 
 
 class SplitRule(OpRule):
-    """``split``: produces a tuple; its items are handled by :class:`SplitItemRule`."""
+    """``split`` / ``chunk``: produces a tuple; its items are handled by :class:`GetItemRule`."""
 
     name = "split"
+    targets = dialects("split", "split_with_sizes", "chunk")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0]
+        x = input_of(node)
         rank = rank_of(x)
         if rank is None:
             return AxisRelations(blocks="split with unknown shapes")
         dim = split_dim(node)
         # The input's other axes continue in each item; the split axis is only ever cut through
-        # a fused projection (see SplitItemRule), never as a whole.
+        # a fused projection (see GetItemRule), never as a whole.
         return AxisRelations(
             passive=[Axis(x, d) for d in range(rank) if d != dim],
             blocks="split: each item covers a fixed range of this axis",
@@ -214,30 +270,37 @@ class SplitRule(OpRule):
 
 
 def split_dim(node: fx.Node) -> int:
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    return dim % rank_of(node.args[0])
+    return bind(node).get("dim", 0) % rank_of(input_of(node))
 
 
-class SplitItemRule(OpRule):
-    """``split(x)[i]``: couples the non-split axes with ``x``.
+class GetItemRule(OpRule):
+    """``items[i]`` of a split, or ``x[index]`` of a tensor.
 
-    When ``x`` is the output of a fused projection read only by the split (GPT-2's ``c_attn``
-    computes Q, K and V in one matmul), each item's split axis is also a *source*: the item is
-    recomputed from its own rows of the fused weight, which the projection rule knows how to cut.
+    An item of a split couples the non-split axes with ``x``. When ``x`` is the output of a fused
+    projection read only by the split (GPT-2's ``c_attn`` computes Q, K and V in one matmul), each
+    item's split axis is also a *source*: the item is recomputed from its own rows of the fused
+    weight, which the projection rule knows how to cut. Indexing a tensor with full slices
+    (``x[:, :, 1:-1]``) keeps the fully sliced axes, which pass; indexed axes block.
     """
 
-    name = "split-item"
+    name = "getitem"
+    targets = (operator.getitem,)
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        split = node.args[0]
-        if not _is_split(split):
-            return AxisRelations(blocks="no rule for function getitem")
-        x, dim = split.args[0], split_dim(split)
+        source, index = node.args[0], node.args[1]
+        if _is_split(source):
+            return self._split_item(node, source, gm)
+        if shape_of(source) is not None:
+            return _index_relations(node, source, index)
+        return AxisRelations(blocks="no rule for function getitem")
+
+    def _split_item(self, node: fx.Node, split: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        x, dim = input_of(split), split_dim(split)
         rank = rank_of(node)
         if rank is None:
             return AxisRelations(blocks="split with unknown shapes")
         couplings = [(Axis(x, d), Axis(node, d)) for d in range(rank) if d != dim]
-        sources = [Axis(node, dim)] if fused_projection(split) is not None else []
+        sources = [Axis(node, dim)] if fused_projection(split, gm) is not None else []
         return AxisRelations(couplings=couplings, sources=sources)
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
@@ -249,34 +312,66 @@ class SplitItemRule(OpRule):
             return None
         key = ("fused", split)
         if key not in ctx.memo:  # the first item computes every part in one matmul
-            projection = fused_projection(split)
+            projection = fused_projection(split, ctx.gm)
             parts = len(split_sizes(split))
             fused = projection.rule.rewrite_fused(projection.node, ctx, parts, out_cut)
             if projection.views:
                 width = ctx.call(operator.mul, (ctx.call(live_size, (out_cut,)), parts))
             for view in projection.views:  # the views between projection and split
-                sizes = [*view.args[1][:-1], width]
-                fused = ctx.graph.call_function(view.target, (fused, sizes))
+                sizes = [*_size_list(view)[:-1], width]
+                fused = ctx.graph.call_function(torch.reshape, (fused, sizes))
             # One split of the live parts (backward: one cat), not a narrow per part (backward:
             # a zero-filled full-size gradient per part).
             ctx.memo[key] = ctx.call(live_parts, (fused, parts, out_cut))
         return ctx.call(operator.getitem, (ctx.memo[key], node.args[1]))
 
 
-SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
-
-
-def _is_split(node: Any) -> bool:
-    return (
-        isinstance(node, fx.Node)
-        and node.op == "call_function"
-        and any(node.target is op for op in SPLITS)
+def _index_relations(node: fx.Node, x: fx.Node, index: Any) -> AxisRelations:
+    """``x[index]`` with slices, ints, ``None`` and ``...``: full slices (``:``) pass."""
+    rank, out_rank = rank_of(x), rank_of(node)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if out_rank is None or not all(
+        i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items
+    ):
+        return AxisRelations(blocks="indexes this axis with a tensor")
+    explicit = sum(i is not None and i is not Ellipsis for i in items)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (rank - explicit) + items[at + 1 :]
+    items += [slice(None)] * (rank - sum(i is not None for i in items))
+    couplings, dim, out = [], 0, 0
+    for item in items:
+        if item is None:
+            out += 1
+            continue
+        if item == slice(None):
+            couplings.append((Axis(x, dim), Axis(node, out)))
+        out += 0 if isinstance(item, int) else 1
+        dim += 1
+    return AxisRelations(
+        couplings=couplings, blocks="indexes into this axis, so its positions must stay whole"
     )
 
 
+_SPLITS = SplitRule.targets
+
+
+def _is_split(node: Any) -> bool:
+    return matches(node, _SPLITS)
+
+
 def split_sizes(split: fx.Node) -> list[int]:
-    total = shape_of(split.args[0])[split_dim(split)]
-    size = split.args[1]
+    """The sizes of a split's items along the split axis (from the recorded item shapes)."""
+    items = split.meta.get("tensor_meta")
+    dim = split_dim(split)
+    if isinstance(items, (list, tuple)) and all(hasattr(m, "shape") for m in items):
+        return [int(m.shape[dim]) for m in items]
+    a = bind(split)
+    total = shape_of(input_of(split))[split_dim(split)]
+    if "chunks" in a:
+        size = -(-total // a["chunks"])
+        return [min(size, total - start) for start in range(0, total, size)]
+    size = a.get("split_size", a.get("split_sizes"))
     if isinstance(size, int):
         return [min(size, total - start) for start in range(0, total, size)]
     return list(size)
@@ -289,48 +384,42 @@ class _Projection:
     views: list[fx.Node]  # views from the projection's output to the split, in order
 
 
-def fused_projection(split: fx.Node) -> _Projection | None:
-    """The linear/addmm whose output (through dim-preserving views) only this split reads."""
-    from . import linear
+_VIEWS = dialects("view", "reshape")
 
-    x, views = split.args[0], []
+
+def fused_projection(split: fx.Node, gm: fx.GraphModule) -> _Projection | None:
+    """The projection whose output (through dim-preserving views) only this split reads."""
+    from . import rule_for
+
+    x, views = input_of(split), []
     while (
-        isinstance(x, fx.Node)
-        and x.target in (aten.view.default, aten.reshape.default)
+        matches(x, _VIEWS)
         and len(x.users) == 1
-        and shape_of(x)[-1] == shape_of(x.args[0])[-1]
+        and shape_of(x)[-1] == shape_of(input_of(x))[-1]
     ):
         views.insert(0, x)
-        x = x.args[0]
+        x = input_of(x)
     sizes = split_sizes(split)
     if (
         not isinstance(x, fx.Node)
         or len(x.users) != 1
-        or split_dim(split) != rank_of(split.args[0]) - 1
+        or split_dim(split) != rank_of(input_of(split)) - 1
         or len(set(sizes)) != 1
     ):
         return None
-    rule = linear.RULES.get(x.target)
-    if rule is None or not hasattr(rule, "rewrite_fused"):
+    rule = rule_for(x, gm)
+    if not rule.fused_projection:
         return None
     return _Projection(x, rule, views)
 
 
-_RESHAPE = ReshapeRule()
-RULES = {
-    aten.view.default: _RESHAPE,
-    aten.reshape.default: _RESHAPE,
-    aten._unsafe_view.default: _RESHAPE,
-    aten.expand.default: ExpandRule(),
-    aten.transpose.int: PermuteRule(),
-    aten.permute.default: PermuteRule(),
-    aten.t.default: PermuteRule(),
-    aten.unsqueeze.default: UnsqueezeRule(),
-    aten.squeeze.dim: UnsqueezeRule(),
-    aten.squeeze.dims: UnsqueezeRule(),
-    aten.slice.Tensor: NarrowRule(),
-    aten.cat.default: CatRule(),
-    aten.split.Tensor: SplitRule(),
-    aten.split_with_sizes.default: SplitRule(),
-    operator.getitem: SplitItemRule(),
-}
+RULES = (
+    ReshapeRule(),
+    ExpandRule(),
+    PermuteRule(),
+    UnsqueezeRule(),
+    NarrowRule(),
+    CatRule(),
+    SplitRule(),
+    GetItemRule(),
+)

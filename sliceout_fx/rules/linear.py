@@ -1,4 +1,6 @@
-"""``nn.Linear`` / ``F.linear``: output features are a source, input features a sink.
+"""``nn.Linear`` / ``F.linear`` / ``aten.linear`` (and GPT-2's ``addmm``): features out and in.
+
+Output features are a source, input features a sink.
 
 Slicing output features narrows weight rows and the bias (true views); slicing input features
 narrows weight columns (a strided view that BLAS handles without a copy).
@@ -9,20 +11,23 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops import sliced_fused_linear, sliced_linear
-from .base import Axis, AxisRelations, OpRule, rank_of, shape_of
+from .base import Axis, AxisRelations, OpRule, bind, fetch, input_of, rank_of, shape_of
+from .binding import dialects
 
 
 class LinearRule(OpRule):
     name = "linear"
+    targets = (nn.Linear, *dialects("linear"))
+    is_layer = True
+    fused_projection = True
     #: How the weight is stored: ``(out, in)`` as in ``nn.Linear``, or ``(in, out)``.
     layout = "out_in"
 
     def _input(self, node: fx.Node) -> fx.Node:
-        return node.args[0] if node.args else node.kwargs["input"]
+        return input_of(node)
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         x = self._input(node)
@@ -37,9 +42,8 @@ class LinearRule(OpRule):
             weight = ctx.get_attr(f"{node.target}.weight")
             bias = ctx.get_attr(f"{node.target}.bias") if mod.bias is not None else None
             return weight, bias
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return weight, bias
+        a = bind(node)
+        return a["weight"], a.get("bias")
 
     def rewrite(self, node: fx.Node, ctx) -> fx.Node | None:
         x = self._input(node)
@@ -69,11 +73,17 @@ class LinearRule(OpRule):
             return 0
         return math.prod(shape) * x[-1]
 
+    def weight(self, node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
+        if node.op == "call_module":
+            return gm.get_submodule(str(node.target)).weight
+        return fetch(gm, bind(node)["weight"])
+
 
 class AddmmRule(LinearRule):
     """``addmm(bias, x, W)`` with ``W`` stored ``(in, out)``: HF's ``Conv1D`` (GPT-2)."""
 
     name = "addmm"
+    targets = dialects("addmm")
     layout = "in_out"
 
     def _input(self, node: fx.Node) -> fx.Node:
@@ -89,14 +99,12 @@ class AddmmRule(LinearRule):
     def _params(self, node: fx.Node, ctx) -> tuple[fx.Node, fx.Node | None]:
         return node.args[2], node.args[0]
 
+    def weight(self, node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
+        return fetch(gm, node.args[2])
+
     def flops(self, node: fx.Node, gm: fx.GraphModule) -> int:
         shape, x = shape_of(node), shape_of(node.args[1])
         return 0 if shape is None or x is None else math.prod(shape) * x[-1]
 
 
-RULES = {
-    nn.Linear: LinearRule(),
-    F.linear: LinearRule(),
-    torch.ops.aten.linear.default: LinearRule(),
-    torch.ops.aten.addmm.default: AddmmRule(),
-}
+RULES = (LinearRule(), AddmmRule())

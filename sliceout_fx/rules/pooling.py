@@ -7,11 +7,10 @@ every axis they keep, renumbered when ``keepdim`` is false.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import Axis, AxisRelations, OpRule, rank_of
+from .base import Axis, AxisRelations, OpRule, bind, input_of, rank_of
+from .binding import dialects
 
 
 class PoolRule(OpRule):
@@ -20,7 +19,7 @@ class PoolRule(OpRule):
     name = "pool"
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0] if node.args else node.kwargs["input"]
+        x = input_of(node)
         if rank_of(x) is None or rank_of(x) != rank_of(node) or rank_of(x) < 3:
             return AxisRelations(blocks="pooling of an unbatched or unknown tensor")
         return AxisRelations(couplings=[(Axis(x, d), Axis(node, d)) for d in (0, 1)])
@@ -32,11 +31,10 @@ class ReductionRule(OpRule):
     name = "reduction"
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = node.args[0] if node.args else node.kwargs["input"]
-        rank = rank_of(x)
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if rank is None or dims is None:
+        a = bind(node)
+        x, rank = a["input"], rank_of(a["input"])
+        dims, keepdim = a.get("dim"), a.get("keepdim", False)
+        if rank is None or dims is None or (isinstance(dims, (list, tuple)) and not dims):
             return AxisRelations(blocks="reduction over every axis")
         dims = (dims,) if isinstance(dims, int) else tuple(dims)
         if not all(isinstance(d, int) for d in dims):
@@ -52,42 +50,27 @@ class ReductionRule(OpRule):
         return AxisRelations(couplings=couplings)
 
 
-_POOL = PoolRule()
-_REDUCE = ReductionRule()
-RULES = {
-    **{
-        m: _POOL
-        for m in (
-            nn.AdaptiveAvgPool1d,
-            nn.AdaptiveAvgPool2d,
-            nn.AdaptiveAvgPool3d,
-            nn.AdaptiveMaxPool1d,
-            nn.AdaptiveMaxPool2d,
-            nn.AdaptiveMaxPool3d,
-            nn.AvgPool1d,
-            nn.AvgPool2d,
-            nn.AvgPool3d,
-            nn.MaxPool1d,
-            nn.MaxPool2d,
-            nn.MaxPool3d,
-        )
-    },
-    **{
-        f: _POOL
-        for f in (
-            F.adaptive_avg_pool1d,
-            F.adaptive_avg_pool2d,
-            F.adaptive_avg_pool3d,
-            F.avg_pool1d,
-            F.avg_pool2d,
-            F.avg_pool3d,
-        )
-    },
-    **{f"method:{m}": _REDUCE for m in ("mean", "sum", "amax", "amin")},
-    torch.mean: _REDUCE,
-    torch.sum: _REDUCE,
-    torch.amax: _REDUCE,
-    torch.ops.aten.mean.dim: _REDUCE,
-    torch.ops.aten.sum.dim_IntList: _REDUCE,
-    torch.ops.aten.amax.default: _REDUCE,
-}
+_POOL_MODULES = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+)
+_POOL_OPS = tuple(
+    f"{kind}_pool{n}d"
+    for kind in ("avg", "max", "adaptive_avg", "adaptive_max", "_adaptive_avg", "lp")
+    for n in (1, 2, 3)
+)
+PoolRule.targets = (*_POOL_MODULES, *dialects(*_POOL_OPS))
+ReductionRule.targets = dialects("mean", "sum", "amax", "amin")
+RULES = (PoolRule(), ReductionRule())
