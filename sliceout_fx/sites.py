@@ -18,6 +18,7 @@ Anything a policy wanted but could not slice becomes a :class:`SkippedSite` with
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,20 @@ def _site_name(node: fx.Node, by_node: bool = False) -> str:
             path = plain_path(path)
             return f"{path}.{node.name}" if by_node else path
     return node.name
+
+
+def _part_name(node: fx.Node, dep: DependencyGraph) -> str | None:
+    """A part of a fused projection is named after the projection (``layers.0.gate_up``)."""
+    from .rules.binding import matches
+    from .rules.layout import SplitRule, fused_projection
+
+    item_of_split = node.target is operator.getitem and matches(node.args[0], SplitRule.targets)
+    partition = node.args[0] if item_of_split else node
+    try:
+        projection = fused_projection(partition, dep.gm)
+    except (KeyError, TypeError, AttributeError):  # not a partition of a projection
+        return None
+    return None if projection is None else _site_name(projection.node)
 
 
 def _dropout_name(node: fx.Node) -> str:
@@ -204,9 +219,13 @@ def select_sites(
     inner = {g.id for g in block_inner_groups(dep, groups)} if config.sites == "auto" else set()
     fallback = config.sites == "auto" and not any(s.group.id in inner for s in sites.values())
     inner = inner if fallback else set()
+    taken: set[str] = {s.name for s in sites.values()}
     for group in groups:
         source = group.primary.node
         name = _group_name(group) or _site_name(source)
+        if name in taken:  # two groups sourced in one module's forward (a fused Q|K|V and MLP)
+            name = _part_name(source, dep) or f"{name}.{source.name}"
+        taken.add(name)
         if explicit is not None:
             if name in wanted:
                 wanted.discard(name)

@@ -104,6 +104,30 @@ class ConcatBlock(nn.Module):
         return x + self.back(self.drop(h))
 
 
+class FusedPartsBlock(nn.Module):
+    """Phi-3's layout: one Q|K|V projection with fewer key/value heads, parts taken by slices,
+    and one gate|up projection split by ``chunk``."""
+
+    def __init__(self, width: int = 32, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.d = heads, kv_heads, width // heads
+        self.qkv = nn.Linear(width, (heads + 2 * kv_heads) * self.d)
+        self.o = nn.Linear(width, width)
+        self.gate_up, self.down = nn.Linear(width, 128), nn.Linear(64, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        q_end, kv = self.heads * self.d, self.kv_heads * self.d
+        q = qkv[..., :q_end].view(b, t, self.heads, self.d).transpose(1, 2)
+        k = qkv[..., q_end : q_end + kv].view(b, t, self.kv_heads, self.d).transpose(1, 2)
+        v = qkv[..., q_end + kv :].view(b, t, self.kv_heads, self.d).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
 class Stack(nn.Module):
     def __init__(self, block: type[nn.Module], depth: int = 2) -> None:
         super().__init__()
@@ -120,6 +144,7 @@ MODELS = {
     "inverted-residual": (InvertedResidual, (2, 8, 6, 6)),
     "attention": (AttentionBlock, (2, 5, 32)),
     "concat": (ConcatBlock, (3, 16)),
+    "fused-parts": (FusedPartsBlock, (2, 5, 32)),
 }
 
 
@@ -154,6 +179,16 @@ def test_each_front_end_slices_like_its_mask_reference(name: str, capture: str) 
     assert_sliced_matches_mask(
         model, (x,), steps=2, atol=1e-10, sites="all", capture=capture, example_inputs=x
     )
+
+
+def test_unequal_fused_parts_slice_whole_key_value_groups() -> None:
+    """Q|K|V parts of different sizes are recomputed from their own rows: heads are cut in whole
+    key/value groups, and the gate|up parts by chunk are named after their projection."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    sites, _ = _sites(Stack(FusedPartsBlock), "blocks", "all", x)
+    assert ("layers.0", "group", 2, 1) in sites  # 2 KV groups of (2 query heads, 1 KV head)
+    assert ("layers.0.gate_up", "group", 64, 45) in sites
 
 
 def test_flatten_of_pooled_channels_keeps_the_classifier_dropout() -> None:

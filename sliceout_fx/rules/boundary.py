@@ -1,8 +1,8 @@
-"""Shape queries that may look at a cut tensor, and ops known to stop a group.
+"""Shape queries that may look at a cut tensor.
 
 ``x.size(d)``, ``x.shape[d]`` and ``x.dim()`` on an axis that is not cut are harmless and pass;
-reading the width of a cut axis blocks it (code could build something of that width). ``stack``
-forms a new axis from several tensors and stops a group with its reason.
+reading the width of a cut axis blocks it (code could build something of that width).
+:class:`BoundaryRule` is for user code that knows an op stops a group and wants to say why.
 """
 
 from __future__ import annotations
@@ -85,8 +85,4 @@ class AttributeRule(OpRule):
         )
 
 
-RULES = (
-    SizeRule(),
-    AttributeRule(),
-    BoundaryRule("stack", "stack: a new axis is formed from several tensors", dialects("stack")),
-)
+RULES = (SizeRule(), AttributeRule())

@@ -223,10 +223,21 @@ class NarrowRule(OpRule):
         removed = rank_of(node) < rank
         kept = [d for d in range(rank) if d != dim]
         outs = [d - (removed and d > dim) for d in kept]
+        # A slice of a fused projection's features (Phi-3's ``qkv[..., :q_size]``) is a part
+        # recomputed from its own weight rows: its sliced axis is a source.
+        part = _slice_range(node) is not None and fused_projection(node, gm) is not None
         return AxisRelations(
             couplings=[(Axis(x, d), Axis(node, o)) for d, o in zip(kept, outs, strict=True)],
+            sources=[Axis(node, dim)] if part else [],
             blocks="indexes into this axis, so its positions must stay whole",
         )
+
+    def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
+        part = _slice_range(node)
+        if part is None or ctx.out_cut(node, rank_of(node) - 1) is None:
+            return None
+        out_cut = ctx.out_cut(node, rank_of(node) - 1)
+        return _recompute_part(node, ctx, node, *part, out_cut)
 
 
 class CatRule(OpRule):
@@ -247,6 +258,26 @@ class CatRule(OpRule):
             couplings=couplings,
             blocks="concatenation: the cut would land in the middle of the result",
         )
+
+
+class StackRule(OpRule):
+    """``stack``: the operands' axes line up and shift past the new axis (rotary embeddings
+    interleave halves with ``stack(..., -1).flatten(-2)``); the new axis is never cut."""
+
+    name = "stack"
+    targets = dialects("stack")
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        a = bind(node)
+        tensors, rank = a["tensors"], rank_of(node)
+        if rank is None or not all(rank_of(t) == rank - 1 for t in tensors):
+            return AxisRelations(blocks="stack with unknown shapes")
+        new = a.get("dim", 0) % rank
+        outs = [d for d in range(rank) if d != new]
+        couplings = [
+            (Axis(t, d), Axis(node, o)) for t in tensors for d, o in enumerate(outs)
+        ]
+        return AxisRelations(couplings=couplings)
 
 
 class SplitRule(OpRule):
@@ -270,7 +301,13 @@ class SplitRule(OpRule):
 
 
 def split_dim(node: fx.Node) -> int:
-    return bind(node).get("dim", 0) % rank_of(input_of(node))
+    """The axis a split/chunk cuts (its input may have been replaced while rewriting: the
+    rank comes from the recorded item shapes then)."""
+    rank = rank_of(input_of(node))
+    if rank is None:
+        items = node.meta.get("tensor_meta")
+        rank = len(items[0].shape)
+    return bind(node).get("dim", 0) % rank
 
 
 class GetItemRule(OpRule):
@@ -291,7 +328,10 @@ class GetItemRule(OpRule):
         if _is_split(source):
             return self._split_item(node, source, gm)
         if shape_of(source) is not None:
-            return _index_relations(node, source, index)
+            relations = _index_relations(node, source, index)
+            if _slice_range(node) is not None and fused_projection(node, gm) is not None:
+                relations.sources.append(Axis(node, rank_of(node) - 1))  # see NarrowRule
+            return relations
         return AxisRelations(blocks="no rule for function getitem")
 
     def _split_item(self, node: fx.Node, split: fx.Node, gm: fx.GraphModule) -> AxisRelations:
@@ -306,14 +346,18 @@ class GetItemRule(OpRule):
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
         split = node.args[0]
         if not _is_split(split):
-            return None
+            return NarrowRule.rewrite(self, node, ctx)  # x[..., a:b] of a fused projection
         out_cut = ctx.out_cut(node, split_dim(split))
         if out_cut is None:
             return None
+        sizes = split_sizes(split)
+        if len(set(sizes)) > 1:  # unequal parts: each is recomputed from its own weight rows
+            index = node.args[1]
+            return _recompute_part(node, ctx, split, sum(sizes[:index]), sizes[index], out_cut)
         key = ("fused", split)
         if key not in ctx.memo:  # the first item computes every part in one matmul
             projection = fused_projection(split, ctx.gm)
-            parts = len(split_sizes(split))
+            parts = len(sizes)
             fused = projection.rule.rewrite_fused(projection.node, ctx, parts, out_cut)
             if projection.views:
                 width = ctx.call(operator.mul, (ctx.call(live_size, (out_cut,)), parts))
@@ -324,6 +368,18 @@ class GetItemRule(OpRule):
             # a zero-filled full-size gradient per part).
             ctx.memo[key] = ctx.call(live_parts, (fused, parts, out_cut))
         return ctx.call(operator.getitem, (ctx.memo[key], node.args[1]))
+
+
+def _recompute_part(
+    node: fx.Node, ctx: Any, partition: fx.Node, offset: int, size: int, out_cut: Any
+) -> fx.Node:
+    """One part of a fused projection, recomputed and viewed as the partition saw it."""
+    projection = fused_projection(partition, ctx.gm)
+    part = projection.rule.rewrite_part(projection.node, ctx, offset, size, out_cut)
+    for view in projection.views:  # views keep the last axis: only its width changes
+        sizes = [*_size_list(view)[:-1], ctx.call(live_size, (out_cut,))]
+        part = ctx.graph.call_function(torch.reshape, (part, sizes))
+    return part
 
 
 def _index_relations(node: fx.Node, x: fx.Node, index: Any) -> AxisRelations:
@@ -387,11 +443,12 @@ class _Projection:
 _VIEWS = dialects("view", "reshape")
 
 
-def fused_projection(split: fx.Node, gm: fx.GraphModule) -> _Projection | None:
-    """The projection whose output (through dim-preserving views) only this split reads."""
+def fused_projection(partition: fx.Node, gm: fx.GraphModule) -> _Projection | None:
+    """The projection whose output (through views that keep its last axis) is only read by
+    partitions of that axis: one ``split``/``chunk``, or ``x[..., a:b]`` slices."""
     from . import rule_for
 
-    x, views = input_of(split), []
+    x, views = input_of(partition), []
     while (
         matches(x, _VIEWS)
         and len(x.users) == 1
@@ -399,18 +456,70 @@ def fused_projection(split: fx.Node, gm: fx.GraphModule) -> _Projection | None:
     ):
         views.insert(0, x)
         x = input_of(x)
-    sizes = split_sizes(split)
+    read_by = list(input_of(partition).users)
     if (
         not isinstance(x, fx.Node)
-        or len(x.users) != 1
-        or split_dim(split) != rank_of(input_of(split)) - 1
-        or len(set(sizes)) != 1
+        or (views and len(x.users) != 1)  # the viewed output has no other reader
+        or not all(_partition_of_last_axis(user) for user in read_by)
+        or (_is_split(partition) and len(read_by) != 1)
     ):
         return None
     rule = rule_for(x, gm)
     if not rule.fused_projection:
         return None
     return _Projection(x, rule, views)
+
+
+def _partition_of_last_axis(node: fx.Node) -> bool:
+    """A split/chunk or a constant slice of the last axis of its input."""
+    rank = rank_of(input_of(node))
+    if rank is None:
+        return False
+    if _is_split(node):
+        return split_dim(node) == rank - 1
+    return _slice_range(node) is not None
+
+
+def _slice_range(node: fx.Node) -> tuple[int, int] | None:
+    """``(start, size)`` of a constant slice of the last axis only: ``aten.slice(x, -1, a, b)``
+    or ``x[..., a:b]``."""
+    x = input_of(node) if isinstance(node, fx.Node) and node.op != "placeholder" else None
+    rank = rank_of(x)
+    if rank is None:
+        return None
+    if node.target is operator.getitem:
+        last = _last_axis_slice(node.args[1], rank)
+        if last is None:
+            return None
+        start, end, step = last.start, last.stop, last.step
+    elif matches(node, _SLICES):
+        a = bind(node)
+        if a.get("dim", 0) % rank != rank - 1:
+            return None
+        start, end, step = a.get("start"), a.get("end"), a.get("step", 1)
+    else:
+        return None
+    if step not in (1, None):
+        return None
+    width = shape_of(x)[-1]
+    if not all(v is None or isinstance(v, int) for v in (start, end)):
+        return None
+    start, stop, _ = slice(start, end).indices(width)
+    return (start, stop - start) if stop > start else None
+
+
+_SLICES = dialects("slice")
+
+
+def _last_axis_slice(index: Any, rank: int) -> slice | None:
+    """The slice of ``x[index]`` when it indexes the last axis only (``[..., a:b]``)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not items or not isinstance(items[-1], slice) or items[-1] == slice(None):
+        return None
+    head = items[:-1]
+    if head == [Ellipsis] or (len(head) == rank - 1 and all(i == slice(None) for i in head)):
+        return items[-1]
+    return None
 
 
 RULES = (
@@ -420,6 +529,7 @@ RULES = (
     UnsqueezeRule(),
     NarrowRule(),
     CatRule(),
+    StackRule(),
     SplitRule(),
     GetItemRule(),
 )

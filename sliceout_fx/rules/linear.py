@@ -63,6 +63,22 @@ class LinearRule(OpRule):
         args = (x, weight, bias, parts, out_cut, in_cut)
         return ctx.graph.call_function(sliced_fused_linear, args, self._layout_kwargs())
 
+    def rewrite_part(
+        self, node: fx.Node, ctx, offset: int, size: int, out_cut
+    ) -> fx.Node:
+        """Features ``offset : offset + size`` of the projection's output, cut by ``out_cut``:
+        one part of a fused projection whose parts differ in size (Phi-3's Q|K|V with fewer
+        key/value heads), recomputed from its own rows of the weight."""
+        x = self._input(node)
+        in_cut = ctx.in_cut(x, rank_of(ctx.original(x)) - 1)
+        weight, bias = self._params(node, ctx)
+        rows = 0 if self.layout == "out_in" else 1
+        weight = ctx.graph.call_function(torch.narrow, (weight, rows, offset, size))
+        if bias is not None:
+            bias = ctx.graph.call_function(torch.narrow, (bias, 0, offset, size))
+        args = (x, weight, bias, out_cut, in_cut)
+        return ctx.graph.call_function(sliced_linear, args, self._layout_kwargs())
+
     def _layout_kwargs(self) -> dict[str, str]:
         return {} if self.layout == "out_in" else {"layout": self.layout}
 

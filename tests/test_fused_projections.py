@@ -1,0 +1,52 @@
+"""Fused projections cut into their parts: attention heads sliced in HF models that compute Q, K
+and V (or gate and up) in one matmul and take the parts apart by slicing (Phi-3), by a per-head
+view and ``chunk`` (GPT-NeoX), or with rotary code built from ``stack``/``flatten`` (GPT-J)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sliceout_fx
+
+from .helpers import assert_sliced_matches_mask
+
+transformers = pytest.importorskip("transformers")
+
+_COMMON = dict(
+    vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    intermediate_size=128,
+)  # fmt: skip
+CONFIGS = {
+    "phi3": lambda: transformers.Phi3Config(
+        **_COMMON, num_key_value_heads=2, pad_token_id=0, attention_dropout=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0,
+    ),  # fmt: skip
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        **_COMMON, attention_dropout=0.0, hidden_dropout=0.0
+    ),
+    "gptj": lambda: transformers.GPTJConfig(
+        vocab_size=100, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0,
+    ),  # fmt: skip
+}
+# The attention site of layer 0 and its units: whole KV groups (Phi-3: 2 of 4 query heads
+# each), whole heads (GPT-NeoX, GPT-J).
+ATTENTION = {
+    "phi3": ("model.layers.0.self_attn", 2),
+    "gpt_neox": ("gpt_neox.layers.0.attention.query_key_value", 4),
+    "gptj": ("transformer.h.0.attn.q_proj", 4),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_attention_heads_of_fused_projections_are_sliced_like_the_mask_reference(name: str):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]()).double()
+    batch = {"input_ids": torch.randint(1, 100, (2, 8))}
+    sliced, _ = assert_sliced_matches_mask(model, batch, steps=2, atol=1e-9, example_inputs=batch)
+    sites = {s.name: s.units for s in sliceout_fx.explain(sliced).sites}
+    site, units = ATTENTION[name]
+    assert sites.get(site) == units, sites
+    assert len(sites) == 4, sites  # attention and MLP of both layers
+    assert isinstance(sliced, type(model))
