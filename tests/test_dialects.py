@@ -286,7 +286,10 @@ def test_every_rule_serves_both_dialects() -> None:
         "flatten": (torch.flatten, torch.ops.aten.flatten.using_ints),
         "add": (torch.add, torch.ops.aten.add.Tensor),
         "softmax": (F.softmax, torch.ops.aten.softmax.int),
-        "sdpa": (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default),
+        "sdpa": (
+            F.scaled_dot_product_attention,
+            torch.ops.aten.scaled_dot_product_attention.default,
+        ),
         "max_pool2d": (F.max_pool2d, torch.ops.aten.max_pool2d.default),
         "mean": (torch.mean, torch.ops.aten.mean.dim),
     }
