@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import operator
 import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
@@ -519,14 +518,10 @@ def _hidden(graph: fx.Graph) -> set[fx.Node]:
     }
 
 
-_SIZE_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg)
-
-
 def _is_shape_arithmetic(node: fx.Node) -> bool:
-    """``sym_size`` and the integer arithmetic on it that dynamic-shape exports record."""
-    if node.op != "call_function" or "tensor_meta" in node.meta:
-        return False
-    return node.target is torch.ops.aten.sym_size.int or node.target in _SIZE_OPS
+    """``sym_size`` and the integer arithmetic on it that dynamic-shape exports record: calls
+    whose value is no tensor (shape propagation recorded none)."""
+    return node.op == "call_function" and "tensor_meta" not in node.meta
 
 
 def _is_aten(node: fx.Node) -> bool:

@@ -38,11 +38,12 @@ class PatchPlan:
         return math.prod(self.window) / math.prod(self.size)
 
 
-def _conv_module(node: fx.Node, gm: fx.GraphModule) -> nn.modules.conv._ConvNd | None:
-    if node.op != "call_module":
+def _conv_module(node: fx.Node, dep: DependencyGraph) -> nn.Module | None:
+    """The convolution module a sink calls (its rule says it is one), else ``None``."""
+    rule = dep.rule(node)
+    if node.op != "call_module" or rule is None or rule.name != "conv":
         return None
-    mod = gm.get_submodule(str(node.target))
-    return mod if isinstance(mod, nn.modules.conv._ConvNd) else None
+    return dep.gm.get_submodule(str(node.target))
 
 
 def plan_patch(site: Site, dep: DependencyGraph) -> PatchPlan | str:
@@ -50,7 +51,7 @@ def plan_patch(site: Site, dep: DependencyGraph) -> PatchPlan | str:
     sinks = tuple(dict.fromkeys(node for node, _ in site.group.exit_sinks))
     plans = set()
     for sink in sinks:
-        conv = _conv_module(sink, dep.gm)
+        conv = _conv_module(sink, dep)
         if conv is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             return f"patch slicing needs nn.ConvNd modules with numeric zero padding ({sink.name})"
         plans.add((tuple(shape_of(sink.args[0])[2:]), tuple(conv.stride)))
