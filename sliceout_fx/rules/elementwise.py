@@ -84,7 +84,7 @@ _NAMES = (
     *("clamp", "clamp_", "clip", "clamp_min", "clamp_max", "abs", "exp", "neg", "square"),
     *("sqrt", "rsqrt", "erf", "sin", "cos", "pow", "mul", "mul_", "div", "div_", "rsub"),
     *("contiguous", "clone", "alias", "detach", "to", "_to_copy", "type_as", "where"),
-    *("float", "half", "bfloat16", "double"),
+    *("float", "half", "bfloat16", "double", "addcmul", "addcdiv", "lerp", "maximum", "minimum"),
 )
 _OPERATORS = (operator.mul, operator.imul, operator.truediv, operator.itruediv, operator.neg)
 _OPERATORS += (operator.pow,)

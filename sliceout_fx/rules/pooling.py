@@ -26,7 +26,8 @@ class PoolRule(OpRule):
 
 
 class ReductionRule(OpRule):
-    """``mean``/``sum``/``amax`` over explicit dims: the kept axes pass through."""
+    """``mean``/``sum``/``amax``/``norm`` over explicit dims: the kept axes pass through (a
+    global response norm's mean over channels blocks them, with that reason)."""
 
     name = "reduction"
 
@@ -47,7 +48,10 @@ class ReductionRule(OpRule):
                 continue
             couplings.append((Axis(x, d), Axis(node, out_dim)))
             out_dim += 1
-        return AxisRelations(couplings=couplings)
+        return AxisRelations(
+            couplings=couplings,
+            blocks="reduces over this axis, so the result depends on its full width",
+        )
 
 
 _POOL_MODULES = (
@@ -72,5 +76,5 @@ _POOL_OPS = tuple(
     for n in (1, 2, 3)
 )
 PoolRule.targets = (*_POOL_MODULES, *dialects(*_POOL_OPS))
-ReductionRule.targets = dialects("mean", "sum", "amax", "amin")
+ReductionRule.targets = dialects("mean", "sum", "amax", "amin", "norm", "linalg_vector_norm")
 RULES = (PoolRule(), ReductionRule())
