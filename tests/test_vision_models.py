@@ -136,3 +136,27 @@ def test_wrn_state_dict_moves_to_the_original_class():
     fresh.load_state_dict(converted.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), converted.eval()(x))
+
+
+# name: (the sites "auto" must find without any dropout inside a block, their kinds)
+AUTO_INNER = {
+    "resnet18": (8, {"inner"}),  # conv1 of every basic block
+    "resnet50": (32, {"inner"}),  # conv1 and conv2 of every bottleneck
+    "convnext_tiny": (18, {"inner"}),  # the MLP expansion of every block
+    "squeezenet1_0": (9, {"inner"}),  # every Fire squeeze and the stem
+    # every dense layer's 1x1 bottleneck: an expand conv where it widens its input
+    "densenet121": (58, {"inner", "expand"}),
+}
+
+
+@pytest.mark.parametrize("name", AUTO_INNER)
+def test_auto_slices_the_inner_width_of_blocks_never_the_residual_stream(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    converted = _convert(model, p=0.3, example_inputs=(torch.randn(1, 3, 64, 64),))
+    report = converted.explain()
+    count, kinds = AUTO_INNER[name]
+    assert len(report.sites) == count, str(report)
+    assert {s.kind for s in report.sites} == kinds
+    for site in report.sites:
+        assert not site.group.residual_adds, f"{site.name} is a residual stream"
