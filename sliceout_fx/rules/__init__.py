@@ -134,7 +134,8 @@ def _lookup(table: dict[Any, OpRule], key: Any) -> OpRule | None:
             # A subclass inherits its base class's rule only if it keeps the base ``forward``: a
             # subclass that overrides it (a conv with its own padding, say) computes something
             # else.
-            if getattr(cls, "forward", None) is not key.forward:
+            forward = getattr(key, "forward", None)  # a namedtuple called as a function: none
+            if forward is None or getattr(cls, "forward", None) is not forward:
                 continue
             found = table.get(cls) or table.get(qualified_name(cls))
             if found is not None:

@@ -86,6 +86,12 @@ def bind(node: fx.Node) -> dict[str, Any]:
             bound = _try_bind(signature, (args[0], list(args[1:])), kwargs)
         if bound is not None:
             return bound
+    signatures = _signatures(node)
+    if signatures:
+        # A wrapper that takes more than its ATen op (F.max_pool2d's return_indices): positional
+        # arguments by the first signature's names, keywords as given.
+        names = [_SYNONYMS.get(p, p) for p in signatures[0].parameters]
+        return {**dict(zip(names, args, strict=False)), **kwargs}
     raise TypeError(f"no signature of {node.format_node()} accepts its arguments")
 
 
