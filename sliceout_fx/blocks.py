@@ -29,6 +29,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ._probe import untouched
+from .capture import example_inputs_error, module_stack
 from .capture_export import INNER, ExportedCall, call_key, export_call, fill_leaves
 from .config import SliceOutConfig
 from .errors import SliceOutConfigError, UntraceableModelError
@@ -49,7 +50,8 @@ __all__ = [
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The repeated layers: entries of a ``ModuleList``/``Sequential`` of one class with a Linear.
+    """The repeated layers: entries of a ``ModuleList``/``Sequential`` of one class with a layer
+    (a Linear or a convolution).
 
     Nested lists (a layer list inside a layer) are not searched again below a found block.
     """
@@ -62,15 +64,21 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         children = list(module.named_children())
         kinds = {type(child) for _, child in children}
-        if len(kinds) != 1 or not any(
-            isinstance(m, nn.Linear) or _is_hf_conv1d(m) for m in children[0][1].modules()
-        ):
+        if len(kinds) != 1 or not any(_is_layer(m) for m in children[0][1].modules()):
             continue
         for child_name, child in children:
             path = f"{name}.{child_name}" if name else child_name
             found.append((path, child))
             inside.append(path)
     return found
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A module whose rule is a layer (a linear or a convolution), or HF's ``Conv1D``."""
+    from .rules import module_rule
+
+    rule = module_rule(type(module))
+    return (rule is not None and rule.is_layer) or _is_hf_conv1d(module)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -90,17 +98,14 @@ def record_calls(
 
         hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with untouched(model, training=True):
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            else:
-                model(*example_inputs)
-    except Exception as error:
-        raise UntraceableModelError(
-            f"the example forward of {type(model).__name__} failed ({type(error).__name__}: "
-            f"{error}); pass example_inputs= the arguments of one training batch "
-            "(a dict of keyword arguments for a HuggingFace model)"
-        ) from error
+        with module_stack(model) as stack, untouched(model, training=True):
+            try:
+                if isinstance(example_inputs, dict):
+                    model(**example_inputs)
+                else:
+                    model(*example_inputs)
+            except Exception as error:  # noqa: BLE001 - named with its module and line
+                raise example_inputs_error(model, example_inputs, error, list(stack)) from error
     finally:
         for h in hooks:
             h.remove()
@@ -333,29 +338,99 @@ def _model_path(path: str, prefix: str) -> str:
 def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 12) -> dict[str, Any]:
     """A small batch a HuggingFace model accepts, built from its config.
 
-    Drawn from a generator of its own (converting leaves the global RNG be), in the model's
-    floating dtype.
+    The model's main input (``model.main_input_name``: token ids, ``pixel_values``, a speech
+    model's ``input_features`` or ``input_values``), floats in the model's dtype and on its
+    device; for an encoder-decoder also the decoder's token ids, which T5 and Whisper do not
+    derive from the encoder's inputs (BART does, but a training batch passes them anyway).
+    Drawn from a generator of its own: converting leaves the global RNG be.
     """
     config = getattr(model, "config", None)
     if config is None:
         raise SliceOutConfigError("pass example_inputs: the model has no config to build them from")
-    weight = next(model.parameters())
-    device, dtype = weight.device, weight.dtype if weight.is_floating_point() else torch.float32
+    names = _forward_names(model)
+    main = getattr(model, "main_input_name", None)
+    if main not in names:
+        main = "pixel_values" if "pixel_values" in names else "input_ids"
+    device, dtype = _floating_placement(model)
     generator = torch.Generator().manual_seed(0)
-    if "pixel_values" in _forward_names(model):
-        size = getattr(config, "image_size", 32)
-        channels = getattr(config, "num_channels", 3)
-        images = torch.randn(batch, channels, size, size, generator=generator)
-        return {"pixel_values": images.to(device=device, dtype=dtype)}
+
+    def floats(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    def token_ids(count: int) -> torch.Tensor:
+        return torch.randint(0, _vocab_size(model), (batch, count), generator=generator).to(device)
+
+    inputs: dict[str, Any] = {}
+    if main == "input_ids":
+        ids = token_ids(length)
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0  # padding, so that attention masks are tensors as in real batches
+        # No use_cache=: a training call (Trainer's, say) leaves it at the config's default, and
+        # the example should reach the layers with the flags a training step passes them.
+        inputs = {"input_ids": ids, "attention_mask": mask}
+    elif main == "pixel_values":
+        height, width = _pair(getattr(config, "image_size", 32))
+        inputs[main] = floats(batch, getattr(config, "num_channels", 3), height, width)
+    elif main == "input_features":
+        inputs[main] = floats(*_speech_features_shape(model, batch, length))
+    elif main == "input_values":  # raw audio: enough samples for `length` feature frames
+        ratio = getattr(config, "inputs_to_logits_ratio", 320)
+        inputs[main] = floats(batch, ratio * (length + 1))
+    else:
+        raise SliceOutConfigError(
+            f"pass example_inputs: cannot guess {type(model).__name__}'s main input {main!r}"
+        )
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:
+        limit = getattr(config, "max_target_positions", None) or length
+        inputs["decoder_input_ids"] = token_ids(min(length, limit))
+    return inputs
+
+
+def _floating_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's floating-point weights (HF's ``model.dtype``)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    first = next(model.parameters(), None)
+    return (first.device if first is not None else torch.device("cpu")), torch.float32
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = model.config
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
-        raise SliceOutConfigError("pass example_inputs: cannot tell what this model reads")
-    ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
-    mask = torch.ones_like(ids)
-    mask[0, -3:] = 0  # padding, so that attention masks are tensors as in real batches
-    # No use_cache=: a training call (Trainer's, say) leaves it at the config's default, and the
-    # example should reach the layers with the flags a training step passes them.
-    return {"input_ids": ids, "attention_mask": mask}
+        text = getattr(config, "text_config", None) or getattr(config, "decoder", None)
+        vocab = getattr(text, "vocab_size", None)
+    if vocab is None:
+        raise SliceOutConfigError(
+            f"pass example_inputs: {type(model).__name__}'s config has no vocab_size to draw "
+            "token ids from"
+        )
+    return int(vocab)
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (size, size)
+
+
+def _speech_features_shape(model: nn.Module, batch: int, length: int) -> tuple[int, ...]:
+    """The shape of a speech encoder's ``input_features``: Whisper's or Speech2Text's layout.
+
+    Whisper reads ``(batch, mel bins, frames)`` and insists on exactly two frames per encoder
+    position (its two convolutions halve the length once); Speech2Text reads ``(batch, frames,
+    features)`` and subsamples by two per convolution.
+    """
+    config = model.config
+    if hasattr(config, "num_mel_bins"):
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        return (batch, config.num_mel_bins, frames)
+    if hasattr(config, "input_feat_per_channel"):
+        features = config.input_feat_per_channel * getattr(config, "input_channels", 1)
+        convs = len(getattr(config, "conv_kernel_sizes", (5, 5)))
+        return (batch, length * 2**convs, features)
+    raise SliceOutConfigError(
+        f"pass example_inputs: cannot tell the shape of {type(model).__name__}'s input_features"
+    )
 
 
 def _forward_names(model: nn.Module) -> Sequence[str]:

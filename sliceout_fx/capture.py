@@ -8,16 +8,19 @@ the *eval* graph is what inference runs. Modules that symbolic tracing cannot se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import fx, nn
 
+from ._probe import untouched
 from .adapters import traceable_forward
-from .errors import UntraceableModelError
+from .errors import ExampleInputsError, UntraceableModelError
 
 LeafSpec = Iterable[type[nn.Module] | str]
 
@@ -130,3 +133,184 @@ def trace(
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     return gm
+
+
+# --- the example call --------------------------------------------------------------------------
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+
+
+def positional_inputs(
+    model: nn.Module, example_inputs: Any, concrete_args: Mapping[str, Any] | None = None
+) -> Any:
+    """The example inputs as ``forward``'s positional arguments, in order, for the traced graph.
+
+    A traced graph takes its inputs positionally (one placeholder per argument of ``forward``),
+    so a dict of keyword inputs is put in order, and the ``concrete_args`` the example leaves out
+    take their places with the values tracing specialised on (not the defaults, which the graph
+    asserts against). Other arguments left out get their defaults. Inputs that cannot be put in
+    order (a name ``forward`` cannot take by position, a required argument missing) are returned
+    as they are: the example call reports them.
+    """
+    params = _forward_parameters(model)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    if isinstance(example_inputs, Mapping):
+        values = dict(example_inputs)
+    elif len(example_inputs) <= len(names):
+        values = dict(zip(names, example_inputs, strict=False))
+    else:
+        return example_inputs
+    placeholder = getattr(fx._symbolic_trace, "PH", None)
+    for name, value in (concrete_args or {}).items():
+        if name not in values and value is not placeholder:
+            values[name] = value
+    if not set(values) <= set(names):
+        return example_inputs
+    last = max((names.index(k) for k in values), default=-1)
+    ordered = []
+    for param in positional[: last + 1]:
+        if param.name in values:
+            ordered.append(values[param.name])
+        elif param.default is not param.empty:
+            ordered.append(param.default)
+        else:
+            return example_inputs
+    return tuple(ordered)
+
+
+@contextlib.contextmanager
+def module_stack(model: nn.Module) -> Iterator[list[str]]:
+    """The qualified names of the submodules being called, innermost last.
+
+    After a failed call the list still holds the modules the failure happened in: their
+    forward hooks never ran. The hooks are removed when the block ends.
+    """
+    stack: list[str] = []
+    handles = []
+
+    def enter(name: str) -> Any:
+        return lambda module, args: stack.append(name)
+
+    def leave(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            while stack and stack.pop() != name:  # a failure caught inside the model
+                pass
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave(name)))
+    try:
+        yield stack
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def describe_inputs(model: nn.Module, example_inputs: Any) -> str:
+    """``"x: (2, 10) float32, mask: None"``: each example input named by ``forward``'s argument."""
+    if isinstance(example_inputs, Mapping):
+        pairs = list(example_inputs.items())
+    else:
+        inputs = tuple(example_inputs)
+        names = [p.name for p in _forward_parameters(model)]
+        names += [f"input {i}" for i in range(len(names), len(inputs))]
+        pairs = list(zip(names, inputs, strict=False))
+    return ", ".join(f"{name}: {_describe(value)}" for name, value in pairs) or "no inputs"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_describe(v) for v in value) + "]"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    return type(value).__name__
+
+
+def _user_frame(error: BaseException) -> str | None:
+    """The innermost traceback line outside torch below the probing call: the model's code.
+
+    The first frame is the one that caught ``error`` (the probe's own call of the model).
+    """
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__)[1:] if "/torch/" not in f.filename
+    ]
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno}: {frame.line}"
+
+
+def example_inputs_error(
+    model: nn.Module, example_inputs: Any, error: BaseException, stack: list[str]
+) -> ExampleInputsError:
+    """The error to raise when ``model`` fails on ``example_inputs``: shapes, where, why, fix.
+
+    ``stack`` is what :func:`module_stack` held at the failure.
+    """
+    where = ""
+    if stack:
+        module = model.get_submodule(stack[-1])
+        where = f" in module '{stack[-1]}' ({type(module).__name__}({module.extra_repr()}))"
+    line = _user_frame(error)
+    if line:
+        where += f" at {line}"
+    cause = " ".join(str(error).split())  # fx and HF messages span lines
+    name, inputs = type(model).__name__, describe_inputs(model, example_inputs)
+    return ExampleInputsError(
+        f"{name} fails on the example inputs ({inputs}){where}: {type(error).__name__}: {cause}\n"
+        "  To fix it, pass example_inputs= that the model accepts: one small training batch "
+        f"with the shapes and dtypes of real ones, as a tensor, a tuple of {name}.forward's "
+        "positional arguments or a dict of its keyword arguments."
+    )
+
+
+def check_example_call(
+    model: nn.Module, example_inputs: Any, concrete_args: Mapping[str, Any] | None = None
+) -> None:
+    """Run ``model`` once on ``example_inputs``; if it fails, say why in the model's own terms.
+
+    Shape propagation runs the *traced graph*, whose failures read as fx interpreter text about
+    graph nodes; the model's own code, run first, names the module and the line instead. The run
+    is a probe (eval mode, no autograd, buffers and RNG restored, the root's hooks not called) and
+    costs one forward of the small example. ``concrete_args`` the example does not give are
+    passed by name, as tracing specialises on them.
+
+    Raises:
+        ExampleInputsError: naming the example's shapes, the failing module and line, and the
+            underlying error.
+    """
+    args, kwargs = _example_call(model, example_inputs, concrete_args or {})
+    with module_stack(model) as stack, untouched(model, training=False):
+        try:
+            model.forward(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure here is the example call's
+            raise example_inputs_error(model, example_inputs, error, list(stack)) from error
+
+
+def _example_call(
+    model: nn.Module, example_inputs: Any, concrete_args: Mapping[str, Any]
+) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of the example call, with the concrete arguments it leaves out."""
+    if isinstance(example_inputs, Mapping):
+        given, args = set(example_inputs), ()
+        kwargs = dict(example_inputs)
+    else:
+        args = tuple(example_inputs)
+        given = {p.name for p in _forward_parameters(model)[: len(args)]}
+        kwargs = {}
+    placeholder = getattr(fx._symbolic_trace, "PH", None)
+    for name, value in concrete_args.items():
+        if name not in given and value is not placeholder:
+            kwargs[name] = value
+    return args, kwargs

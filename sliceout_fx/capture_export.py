@@ -88,7 +88,7 @@ def normalise_call(args: tuple, kwargs: dict[str, Any]) -> tuple[CallSpec, list[
 
 
 def call_key(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[torch.Tensor]]:
-    """A hashable key of the call's structure, and its tensor leaves in placeholder order.
+    """A hashable key of the call's structure (tensor ranks included), and its tensor leaves.
 
     The same information as :func:`normalise_call`, from plain tuples instead of a pytree spec:
     it is what every training step of a converted block looks up, so it must be cheap on the
@@ -100,7 +100,9 @@ def call_key(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[torch.Ten
     def walk(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             tensors.append(value)
-            return _TENSOR
+            # The rank is structure: an exported graph is specialised on it (views of the
+            # leading axes), so a batch of another rank is exported anew, not run wrongly.
+            return (_TENSOR, value.dim())
         if value is None or isinstance(value, (bool, int, float, str)):
             return (type(value).__name__, value)  # 1, 1.0 and True are distinct structures
         if isinstance(value, (tuple, list)):

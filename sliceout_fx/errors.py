@@ -15,3 +15,12 @@ class ShapeInferenceError(SliceOutError):
 
 class SliceOutConfigError(SliceOutError, ValueError):
     """An invalid rate, normalisation, mode or site specification."""
+
+
+class ExampleInputsError(ShapeInferenceError, UntraceableModelError):
+    """The model itself fails on the example inputs (a wrong shape, dtype or argument).
+
+    The message names the inputs' shapes, the module (and source line) where the model failed
+    and the underlying error. A :class:`ShapeInferenceError` (what the fx front end raised for it
+    before) and an :class:`UntraceableModelError` (what the block-wise front end raised).
+    """

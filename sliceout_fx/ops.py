@@ -121,23 +121,38 @@ class _LiveBlock(torch.autograd.Function):
         return full, None
 
 
-def _mask(cut: Cut, like: Tensor, dim: int) -> Tensor:
+def _keep(cut: Cut, like: Tensor, dim: int) -> Tensor:
+    """Where the cut's live channels are on axis ``dim`` of ``like``, broadcastable against it.
+
+    ``dim`` may count from the end: the training graph then accepts inputs of another rank than
+    the example's (a ``(B, T, F)`` batch through a model converted on ``(B, F)``).
+    """
     pos = torch.arange(cut.size, device=like.device)
     keep = (pos >= cut.index) & (pos < cut.index + cut.width)
     shape = [1] * like.dim()
     shape[dim] = cut.size
-    return keep.to(like.dtype).view(shape)
+    return keep.view(shape)
 
 
 def restrict(x: Tensor, cut: Cut, dim: int) -> Tensor:
-    """Zero the complement of the cut in mask mode; a no-op for the narrow modes."""
+    """Zero the complement of the cut in mask mode; a no-op for the narrow modes.
+
+    A select, not a multiply by a 0/1 mask: a dropped channel may hold ``inf`` or ``NaN`` at full
+    width (per-head RMSNorm: the masked ``mean(x^2) + eps`` is zeroed, ``rsqrt`` gives ``inf``, and
+    ``0 * inf`` is ``NaN``). ``where`` outputs 0 there whatever ``x`` holds, and its backward
+    selects 0 for ``x``'s gradient whatever the incoming gradient holds, so such values never
+    leave the dropped channels, forward or backward, as they never exist in slice mode.
+    """
     if cut.mode != "mask":
         return x
-    return x * _mask(cut, x, dim)
+    return torch.where(_keep(cut, x, dim), x, 0)
 
 
 def normalise(x: Tensor, cut: Cut, dim: int, inv_keep_prob: Tensor | None) -> Tensor:
-    """Rescale live activations: flow (``size / width``) or per-unit ``1 / P(keep)``."""
+    """Rescale live activations: flow (``size / width``) or per-unit ``1 / P(keep)``.
+
+    ``dim`` may count from the end (see :func:`_keep`).
+    """
     if inv_keep_prob is None:
         return x * (cut.size / cut.width)
     scale = take(inv_keep_prob, 0, cut)

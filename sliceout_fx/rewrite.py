@@ -167,7 +167,7 @@ class _Rewriter:
         dim = _sliced_dim(self.ctx, value)
         site, axis = self.ctx.site_of(value, dim)
         key = (site.group.id, site.group.size(axis) // site.units)
-        return self.ctx.cut_nodes[key], dim, self.scale_buffers.get(key)
+        return self.ctx.cut_nodes[key], _from_end(self.ctx, value, dim), self.scale_buffers.get(key)
 
     def _scale_sliced_inputs_of_sink(self, node: fx.Node) -> None:
         """Delayed placement: scale each sliced input of an exit sink once, where it is made."""
@@ -201,7 +201,10 @@ class _Rewriter:
         appended: list[fx.Node] = []
         steps: list[tuple[Callable, tuple]] = []
         if self.config.mode == "mask" and node not in self.replaced_dropouts:
-            steps += [(restrict, (ctx.cut_for(node, d), d)) for d in _sliced_dims(ctx, node)]
+            steps += [
+                (restrict, (ctx.cut_for(node, d), _from_end(ctx, node, d)))
+                for d in _sliced_dims(ctx, node)
+            ]
         if node in self.immediate_dropouts or node in self.bare_sources:
             steps.append((normalise, self._normalise_args(node)))
         for fn, args in steps:
@@ -257,6 +260,17 @@ def _has_attention(dep: DependencyGraph, site: Site) -> bool:
 
 def _sliced_dims(ctx: RewriteContext, node: fx.Node) -> list[int]:
     return sorted(a.dim for a in ctx.axis_site if a.node is ctx.original(node))
+
+
+def _from_end(ctx: RewriteContext, node: fx.Node, dim: int) -> int:
+    """``dim`` of ``node``'s tensor counted from the end, as the runtime ops take it.
+
+    The analysis numbers axes in the example input's rank; leading (batch) axes are what a
+    training batch adds or drops (``(B, F)`` vs ``(B, T, F)``, a batched vs an unbatched image),
+    and counting from the end names the same channel axis in either.
+    """
+    shape = getattr(ctx.original(node).meta.get("tensor_meta"), "shape", None)
+    return dim if shape is None else dim - len(shape)
 
 
 def _sliced_dim(ctx: RewriteContext, node: fx.Node) -> int:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
+from .capture import check_example_call, positional_inputs
 from .config import SliceOutConfig
 from .errors import SliceOutError
 from .module import Conversion, hooked_modules, own_hook, replaced_modules
@@ -57,6 +58,10 @@ class WholeModelConversion(Conversion):
 
         from_call = bool(args) and not kwargs  # re-analysed on a training batch
         inputs = args if from_call else self.example_inputs
+        if inputs is not None:
+            # A failure is the model's own error on these inputs, not fx interpreter text.
+            check_example_call(module, inputs, self.concrete_args)
+            inputs = positional_inputs(module, inputs, self.concrete_args)  # the graph's order
         config = self.config
         analysis = analyse(module, config, inputs, concrete_args=self.concrete_args)
         if not from_call or self.example_inputs is None:

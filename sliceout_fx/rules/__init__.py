@@ -41,6 +41,7 @@ __all__ = [
     "UnknownOp",
     "dialects",
     "register_rule",
+    "module_rule",
     "registered_rules",
     "rule_for",
     "rule_table",
@@ -150,6 +151,11 @@ def _lookup(table: dict[Any, OpRule], key: Any) -> OpRule | None:
     if found is None and not isinstance(key, str):
         found = table.get(qualified_name(key))
     return found
+
+
+def module_rule(cls: type) -> OpRule | None:
+    """The registered rule of a module class (inherited as :func:`rule_for` inherits it)."""
+    return _lookup(_REGISTRY, cls)
 
 
 def rule_for(
