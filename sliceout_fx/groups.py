@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 from torch import fx
 
+from .adapters import is_adapter_path
 from .depgraph import DependencyGraph
 from .rules import Axis
 from .rules.base import shape_of
@@ -134,10 +135,23 @@ def _residual_adds(dep: DependencyGraph, axes: set[Axis]) -> list[fx.Node]:
         operands = [a for a in node.all_input_nodes if a in by_node]
         if rule is None or not rule.residual_merge or len(operands) < 2:
             continue
-        origins = {frozenset(_origins(op, by_node, sources)) for op in operands}
-        if len(origins) > 1:
+        origins = [frozenset(_origins(op, by_node, sources)) for op in operands]
+        if len(set(origins)) > 1 and not any(map(_is_adapter_update, origins)):
             found.append(node)
     return found
+
+
+def _is_adapter_update(origins: frozenset[fx.Node]) -> bool:
+    """Whether an operand comes from PEFT adapter layers only: LoRA adds ``B(A(x))`` to its
+    base layer's output, which is one layer's output, not a residual merge."""
+    return bool(origins) and all(is_adapter_path(_module_path(n)) for n in origins)
+
+
+def _module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()), ("", None))[0]
 
 
 def _origins(node: fx.Node, members: set[fx.Node], sources: set[fx.Node]) -> set[fx.Node]:
