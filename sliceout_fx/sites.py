@@ -140,11 +140,6 @@ def _is_expand(node: fx.Node, dep: DependencyGraph) -> bool:
     return rule is not None and rule.is_expand(node, dep.gm)
 
 
-def _is_conv_group(group: AlignmentGroup, dep: DependencyGraph) -> bool:
-    """Whether a convolution (a spatial layer, not a linear) sources the group."""
-    return any(getattr(dep.rule(a.node), "name", None) == "conv" for a in group.sources)
-
-
 def _units(group: AlignmentGroup, multiple: int | None, name: str) -> int:
     if multiple is None:
         return group.units
