@@ -77,8 +77,9 @@ def _is_layer(module: nn.Module) -> bool:
     """A module whose rule is a layer (a linear or a convolution), or HF's ``Conv1D``."""
     from .rules import module_rule
 
-    rule = module_rule(type(module))
-    return (rule is not None and rule.is_layer) or _is_hf_conv1d(module)
+    # A subclass with its own forward (Falcon's FalconLinear) still marks a block of layers.
+    rules = (module_rule(c) for c in type(module).__mro__ if issubclass(c, nn.Module))
+    return any(r is not None and r.is_layer for r in rules) or _is_hf_conv1d(module)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
