@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch import fx
 
 from .base import Axis, AxisRelations, OpRule, bind, rank_of, shape_of
 from .binding import dialects
-
-aten = torch.ops.aten
 
 
 class AttentionRule(OpRule):

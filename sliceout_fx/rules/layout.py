@@ -23,8 +23,6 @@ from ..ops import live_parts, live_size
 from .base import Axis, AxisRelations, OpRule, bind, couple_all_dims, input_of, rank_of, shape_of
 from .binding import dialects, matches
 
-aten = torch.ops.aten
-
 
 def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
     """Pair runs of input and output dims with equal products (size-1 dims stand alone)."""
