@@ -359,9 +359,7 @@ class GetItemRule(OpRule):
             fused = projection.rule.rewrite_fused(projection.node, ctx, parts, out_cut)
             if projection.views:
                 width = ctx.call(operator.mul, (ctx.call(live_size, (out_cut,)), parts))
-            for view in projection.views:  # the views between projection and split
-                sizes = [*_size_list(view)[:-1], width]
-                fused = ctx.graph.call_function(torch.reshape, (fused, sizes))
+                fused = _replay_views(projection.views, fused, width, ctx)
             # One split of the live parts (backward: one cat), not a narrow per part (backward:
             # a zero-filled full-size gradient per part).
             ctx.memo[key] = ctx.call(live_parts, (fused, parts, out_cut))
@@ -374,10 +372,17 @@ def _recompute_part(
     """One part of a fused projection, recomputed and viewed as the partition saw it."""
     projection = fused_projection(partition, ctx.gm)
     part = projection.rule.rewrite_part(projection.node, ctx, offset, size, out_cut)
-    for view in projection.views:  # views keep the last axis: only its width changes
-        sizes = [*_size_list(view)[:-1], ctx.call(live_size, (out_cut,))]
-        part = ctx.graph.call_function(torch.reshape, (part, sizes))
-    return part
+    if not projection.views:
+        return part
+    return _replay_views(projection.views, part, ctx.call(live_size, (out_cut,)), ctx)
+
+
+def _replay_views(views: list[fx.Node], x: fx.Node, width: Any, ctx: Any) -> fx.Node:
+    """The views between a projection and its partition, on a narrower last axis (``width``):
+    they keep that axis, so only its size changes."""
+    for view in views:
+        x = ctx.graph.call_function(torch.reshape, (x, [*_size_list(view)[:-1], width]))
+    return x
 
 
 def _index_relations(node: fx.Node, x: fx.Node, index: Any) -> AxisRelations:
