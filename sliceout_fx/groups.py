@@ -10,6 +10,7 @@ else is a *blocker*, recorded with its reason so that ``explain`` can say why a 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -36,6 +37,9 @@ class AlignmentGroup:
     exit_sinks: list[tuple[fx.Node, Axis]] = field(default_factory=list)
     # Adds that merge two tensors of the group: the group carries a residual stream.
     residual_adds: list[fx.Node] = field(default_factory=list)
+    # Full-width operands the group reads without computing them (a position bias, a mask, a
+    # layer scale): ``(op, operand, operand's dim)``; the rewrite narrows them where ``op`` reads.
+    entries: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)
 
     @property
     def sliceable(self) -> bool:
@@ -73,6 +77,12 @@ def _unit_limits(dep: DependencyGraph) -> dict[Axis, int]:
 
 
 def _blockers(dep: DependencyGraph, axes: set[Axis]) -> tuple[list[str], list[tuple]]:
+    # Attention heads may reach an output (the attention weights a layer returns beside its
+    # hidden states): the rewrite widens them back, dropped heads zero. Other widths may not:
+    # a caller would see the channels a step dropped.
+    widens_outputs = any(
+        dep.rule(a.node) is not None and dep.rule(a.node).is_attention for a in axes
+    )
     blockers: list[str] = []
     sinks: list[tuple[fx.Node, Axis]] = []
     for axis in sorted(axes, key=dep.position):
@@ -84,7 +94,10 @@ def _blockers(dep: DependencyGraph, axes: set[Axis]) -> tuple[list[str], list[tu
             blockers.append(f"{axis} is produced by {node.name} ({dep.rule(node).name}): {why}")
         for user in node.users:
             if user.op == "output":
-                blockers.append(f"{axis} reaches the model output (its full width is observable)")
+                if not widens_outputs:
+                    blockers.append(
+                        f"{axis} reaches the model output (its full width is observable)"
+                    )
                 continue
             rel = dep.relation(user)
             if axis in rel.sinks:
@@ -99,6 +112,65 @@ def _blockers(dep: DependencyGraph, axes: set[Axis]) -> tuple[list[str], list[tu
         if count > 1:
             blockers.append(f"{node.name} would be cut along {count} axes at once")
     return list(dict.fromkeys(blockers)), sinks
+
+
+def _split_entries(
+    dep: DependencyGraph, component: set[Axis], sources: list[Axis], flow: dict[Axis, list[Axis]]
+) -> tuple[set[Axis], list[tuple[fx.Node, fx.Node, int]]]:
+    """Split a component into the axes its sources compute and the *entries* read at full width.
+
+    An attention score plus a relative-position bias, a masked fill, a layer-scale parameter, the
+    one key head that multi-query attention broadcasts to every query head: the group's slice
+    does not flow into them, so slicing their chain (a parameter, an embedding lookup, an index,
+    an expand) is neither possible nor needed. Where every such operand meets the group at an op
+    that can read a narrowed operand (element-wise ops, attention: see
+    :attr:`~.rules.OpRule.narrows_operands`), the chain stays whole and the rewrite narrows it at
+    that op. Otherwise the component is returned whole, and its input or attribute blocks it.
+    """
+    live, frontier = set(sources), list(sources)
+    while frontier:  # the axes the cut flows into, op by op, from the sources
+        for axis in flow.get(frontier.pop(), ()):
+            if axis in component and axis not in live:
+                live.add(axis)
+                frontier.append(axis)
+    if len(live) == len(component):
+        return component, []
+    entries = []
+    live_nodes = {a.node for a in live}
+    for axis in component - live:
+        if axis.node in live_nodes:  # a tensor cut along one axis and read whole along another
+            return component, []
+        for user in axis.node.users:
+            if not any(inp == axis and out in live for inp, out in dep.relation(user).couplings):
+                continue  # read by the chain itself, or outside the group
+            rule = dep.rule(user)
+            in_place = _is_in_place(user) and user.args[:1] == (axis.node,)
+            if rule is None or not rule.narrows_operands or in_place:
+                return component, []
+            entries.append((user, axis.node, axis.dim))
+    return live, sorted(set(entries), key=lambda e: (dep.order[e[0]], dep.order[e[1]], e[2]))
+
+
+def _flow(dep: DependencyGraph) -> dict[Axis, list[Axis]]:
+    """``input axis -> output axes`` of every coupling: the direction a cut travels in."""
+    flow: dict[Axis, list[Axis]] = {}
+    for node, rel in dep.relations.items():
+        for inp, out in rel.couplings:
+            if out.node is node:
+                flow.setdefault(inp, []).append(out)
+    return flow
+
+
+def _is_in_place(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x += y``, ``aten.mul_.Tensor``: the op writes into its first operand."""
+    if node.target in _IN_PLACE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    name = name.split(".")[0]
+    return name.endswith("_") and not name.startswith("_")
+
+
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 def _exit_sinks(dep: DependencyGraph, axes: set[Axis], sinks: list[tuple]) -> list[tuple]:
@@ -122,7 +194,7 @@ def _exit_sinks(dep: DependencyGraph, axes: set[Axis], sinks: list[tuple]) -> li
 
 def _residual_adds(dep: DependencyGraph, axes: set[Axis]) -> list[fx.Node]:
     """Residual merges in the group: adds (rules with ``residual_merge``) of two operands in the
-    group that come from different sources.
+    group that come from different sources, or of the group's output and the input its layers read.
 
     ``x + branch(x)`` merges the stream with a layer's output; ``x + 0.04 * x ** 3`` inside a
     GELU adds two functions of one source and is not a residual merge.
@@ -136,7 +208,17 @@ def _residual_adds(dep: DependencyGraph, axes: set[Axis]) -> list[fx.Node]:
         if rule is None or not rule.residual_merge or len(operands) < 2:
             continue
         origins = [frozenset(_origins(op, by_node, sources)) for op in operands]
-        if len(set(origins)) > 1 and not any(map(_is_adapter_update, origins)):
+        if any(map(_is_adapter_update, origins)):
+            continue
+        computed = [o for o in origins if o]
+        # An operand the group does not compute (no origin) is a stream entering the block when
+        # the block's layers read it (``x + f(x)``); a bias or a mask is read by nothing else.
+        entering = [
+            op
+            for op, o in zip(operands, origins, strict=True)
+            if not o and any(_depends_on(src, op) for c in computed for src in c)
+        ]
+        if len(set(computed)) > 1 or entering:
             found.append(node)
     return found
 
@@ -182,26 +264,31 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
     Components without a source (the batch axis, spatial axes) can never be cut and are dropped.
     """
     limits = _unit_limits(dep)
+    flow = _flow(dep)
     order = dep.position
     groups: list[AlignmentGroup] = []
     for component in nx.connected_components(dep.graph):
         sources = sorted((a for a in component if a in dep.relation(a.node).sources), key=order)
         if not sources:
             continue
-        blockers, sinks = _blockers(dep, component)
+        live, entries = _split_entries(dep, component, sources, flow)
+        blockers, sinks = _blockers(dep, live)
         units = 0
         for axis in component:
             units = math.gcd(units, int(shape_of(axis.node)[axis.dim]), limits.get(axis, 0))
         groups.append(
             AlignmentGroup(
                 id=-1,
-                axes=sorted(component, key=order),
+                axes=sorted(live, key=order),
                 sources=sources,
                 sinks=sorted(sinks, key=lambda s: order(Axis(s[0], 0))),
                 units=units,
                 blockers=blockers,
-                exit_sinks=_exit_sinks(dep, component, sinks),
+                exit_sinks=_exit_sinks(dep, live, sinks),
+                # On the whole component: ``x + branch`` is a residual merge even when the
+                # stream ``x`` enters as a block input.
                 residual_adds=sorted(_residual_adds(dep, component), key=dep.order.__getitem__),
+                entries=entries,
             )
         )
     groups.sort(key=lambda g: order(g.primary))
@@ -235,7 +322,7 @@ def block_inner_groups(dep: DependencyGraph, groups: list[AlignmentGroup]) -> li
     for group in groups:
         if not group.sliceable or group.residual_adds:
             continue
-        if not all(getattr(dep.rule(a.node), "is_layer", False) for a in group.sources):
+        if not all(dep.rule(a.node).is_layer_output(a.node, dep.gm) for a in group.sources):
             continue
         if _is_gate_width(group):
             continue

@@ -148,6 +148,23 @@ def restrict(x: Tensor, cut: Cut, dim: int) -> Tensor:
     return torch.where(_keep(cut, x, dim), x, 0)
 
 
+def widen(x: Tensor, cut: Cut, dim: int) -> Tensor:
+    """``x`` back at full width along ``dim``: its live channels in place, zeros elsewhere.
+
+    What a graph output of a sliced group returns (the attention weights a layer hands back next
+    to its hidden states): the shape the caller expects, with dropped heads zero, as dropout
+    zeroes what it drops. The identity in mask mode, where ``x`` is already full width.
+    """
+    if cut.mode == "mask":
+        return x
+    shape = list(x.shape)
+    shape[dim] = cut.size
+    full = x.new_zeros(shape)
+    if cut.mode in INDEXED:
+        return full.index_copy(dim, cut.index.to(x.device), x)
+    return full.slice_scatter(x, dim, cut.index, cut.index + cut.width)
+
+
 def normalise(x: Tensor, cut: Cut, dim: int, inv_keep_prob: Tensor | None) -> Tensor:
     """Rescale live activations: flow (``size / width``) or per-unit ``1 / P(keep)``.
 

@@ -19,9 +19,19 @@ from torch import fx
 
 from .config import SliceOutConfig
 from .depgraph import DependencyGraph
-from .ops import make_cut, normalise, restrict, sliced_conv, sliced_conv_module, sliced_linear
+from .ops import (
+    make_cut,
+    normalise,
+    restrict,
+    sliced_conv,
+    sliced_conv_module,
+    sliced_linear,
+    take,
+    widen,
+)
 from .patch import rewrite_patch_sites
 from .rules import Axis
+from .rules.base import rank_of
 from .sampling import SAMPLER_NAME, DrawSpec, SliceSampler, keep_probabilities
 from .sites import Site
 
@@ -135,6 +145,10 @@ class _Rewriter:
         self.immediate_dropouts = {d for s in immediate for d in s.dropouts}
         self.sink_sites = {(n, site) for site in delayed for n, _ in site.group.exit_sinks}
         self.scaled_inputs: dict[fx.Node, fx.Node] = {}  # delayed placement: value -> scaled
+        self.entries: dict[fx.Node, list[tuple[fx.Node, int]]] = {}  # op -> full-width operands
+        for site in sites:
+            for op, operand, dim in site.group.entries:
+                self.entries.setdefault(op, []).append((operand, dim))
         self.scale_buffers: dict[tuple[int, int], fx.Node] = {}
 
     def run(self) -> None:
@@ -146,7 +160,11 @@ class _Rewriter:
             if node.op in ("call_module", "call_function", "call_method"):
                 if self.sink_sites:
                     self._scale_sliced_inputs_of_sink(node)
+                if node in self.entries and self.config.mode != "mask":
+                    self._narrow_entries(node)
                 self._rewrite(node)
+            elif node.op == "output":
+                self._widen_outputs(node)
 
     def _insert_draws_and_cuts(self) -> None:
         graph, config = self.graph, self.config
@@ -184,6 +202,38 @@ class _Rewriter:
                 ctx.alias[scaled] = ctx.original(arg)
                 self.scaled_inputs[arg] = scaled
             node.replace_input_with(arg, self.scaled_inputs[arg])
+
+    def _widen_outputs(self, output: fx.Node) -> None:
+        """Return sliced outputs (attention weights, see the groups stage) at full width."""
+        ctx = self.ctx
+        for value in list(output.all_input_nodes):
+            dims = _sliced_dims(ctx, value)
+            if not dims:
+                continue
+            widened = value
+            with self.graph.inserting_before(output):
+                for dim in dims:
+                    cut = ctx.cut_for(value, dim)
+                    widened = self.graph.call_function(
+                        widen, (widened, cut, _from_end(ctx, value, dim))
+                    )
+            output.replace_input_with(value, widened)
+
+    def _narrow_entries(self, node: fx.Node) -> None:
+        """Narrow the full-width operands of ``node`` that its group reads, where it reads them.
+
+        Mask mode keeps them whole: the masking after ``node`` zeroes what lies outside the cut.
+        """
+        for operand, dim in self.entries[node]:
+            out_dim = next(
+                out.dim
+                for inp, out in self.dep.relation(node).couplings
+                if inp == Axis(operand, dim) and out.node is node
+            )
+            cut = self.ctx.cut_for(node, out_dim)
+            with self.graph.inserting_before(node):
+                narrowed = self.graph.call_function(take, (operand, dim - rank_of(operand), cut))
+            node.replace_input_with(operand, narrowed)
 
     def _rewrite(self, node: fx.Node) -> None:
         """Replace ``node`` by its sliced op, then mask (mask mode) and scale (immediate)."""

@@ -1,6 +1,8 @@
 """Fused projections cut into their parts: attention heads sliced in HF models that compute Q, K
 and V (or gate and up) in one matmul and take the parts apart by slicing (Phi-3), by a per-head
-view and ``chunk`` (GPT-NeoX), or with rotary code built from ``stack``/``flatten`` (GPT-J)."""
+view and ``chunk`` (GPT-NeoX), or with rotary code built from ``stack``/``flatten`` (GPT-J); and
+multi-query attention (GPT-BigCode), whose one key/value head is broadcast to every query head:
+the query heads are cut, the key and value are read whole."""
 
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ CONFIGS = {
         vocab_size=100, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0,
     ),  # fmt: skip
+    "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(
+        vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_inner=128, multi_query=True,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    ),  # fmt: skip
 }
 # The attention site of layer 0 and its units: whole KV groups (Phi-3: 2 of 4 query heads
 # each), whole heads (GPT-NeoX, GPT-J).
@@ -36,6 +42,7 @@ ATTENTION = {
     "phi3": ("model.layers.0.self_attn", 2),
     "gpt_neox": ("gpt_neox.layers.0.attention.query_key_value", 4),
     "gptj": ("transformer.h.0.attn.q_proj", 4),
+    "gpt_bigcode": ("transformer.h.0.attn", 4),
 }
 
 

@@ -24,14 +24,17 @@ class AttentionRule(OpRule):
     name = "attention"
     targets = dialects("scaled_dot_product_attention")
     is_attention = True
+    narrows_operands = True  # each head reads the same head of q, k, v and mask
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         bound = bind(node)
         q, k, v, mask = bound["query"], bound["key"], bound["value"], bound["attn_mask"]
         if any(rank_of(t) != 4 for t in (q, k, v, node)):
             return AxisRelations(blocks="attention on tensors that are not (B, H, T, d)")
-        couplings = [(Axis(q, 1), Axis(node, 1)), (Axis(k, 1), Axis(node, 1))]
-        couplings += [(Axis(v, 1), Axis(node, 1))]
+        # One key/value head shared by every query head (multi-query attention) is broadcast,
+        # as a size-1 operand of an element-wise op: the query heads are cut, it is read whole.
+        couplings = [(Axis(q, 1), Axis(node, 1))]
+        couplings += [(Axis(t, 1), Axis(node, 1)) for t in (k, v) if shape_of(t)[1] != 1]
         if isinstance(mask, fx.Node) and rank_of(mask) == 4 and shape_of(mask)[1] != 1:
             couplings.append((Axis(mask, 1), Axis(node, 1)))  # a per-head mask is cut too
         # Sequence and head-dim axes are not mentioned: they are never cut.
@@ -48,6 +51,7 @@ class MatmulRule(OpRule):
     name = "matmul"
     targets = (*dialects("matmul", "bmm"), operator.matmul)
     is_attention = True
+    narrows_operands = True  # rows, columns and batch axes of the result read the same of a, b
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         a, b = node.args[0], node.args[1]

@@ -97,6 +97,10 @@ class OpRule:
     fused_projection: bool = False
     #: A layer with a weight that widens or narrows channels (a linear or a convolution).
     is_layer: bool = False
+    #: Computes each coupled output channel from the same channel of each operand and needs no
+    #: rewrite for it, so an operand the group does not compute (a bias, a mask, a cached key)
+    #: can be read narrowed to the cut (element-wise ops, attention).
+    narrows_operands: bool = False
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         raise NotImplementedError
@@ -112,6 +116,11 @@ class OpRule:
     def weight(self, node: fx.Node, gm: fx.GraphModule) -> torch.Tensor | None:
         """A layer's weight tensor, when it is a parameter the graph holds (else ``None``)."""
         return None
+
+    def is_layer_output(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        """Whether ``node`` is a layer's output: a linear's or a convolution's, or one part of a
+        fused projection. Only such widths are a block's inner width (``sites="auto"``)."""
+        return self.is_layer
 
     def is_expand(self, node: fx.Node, gm: fx.GraphModule) -> bool:
         """Whether this node is an expand layer: a pointwise layer that widens its input, the

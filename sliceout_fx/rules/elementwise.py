@@ -20,6 +20,7 @@ from .binding import dialects
 class ElementwiseRule(OpRule):
     name = "elementwise"
     targets: tuple = ()  # set below, from the op names
+    narrows_operands = True
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         tensors = tensor_args(node)
@@ -85,6 +86,7 @@ _NAMES = (
     *("sqrt", "rsqrt", "erf", "sin", "cos", "pow", "mul", "mul_", "div", "div_", "rsub"),
     *("contiguous", "clone", "alias", "detach", "to", "_to_copy", "type_as", "where"),
     *("float", "half", "bfloat16", "double", "addcmul", "addcdiv", "lerp", "maximum", "minimum"),
+    *("masked_fill", "masked_fill_"),
 )
 _OPERATORS = (operator.mul, operator.imul, operator.truediv, operator.itruediv, operator.neg)
 _OPERATORS += (operator.pow,)

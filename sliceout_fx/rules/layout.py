@@ -223,12 +223,15 @@ class NarrowRule(OpRule):
         outs = [d - (removed and d > dim) for d in kept]
         # A slice of a fused projection's features (Phi-3's ``qkv[..., :q_size]``) is a part
         # recomputed from its own weight rows: its sliced axis is a source.
-        part = _slice_range(node) is not None and fused_projection(node, gm) is not None
+        part = self.is_layer_output(node, gm)
         return AxisRelations(
             couplings=[(Axis(x, d), Axis(node, o)) for d, o in zip(kept, outs, strict=True)],
             sources=[Axis(node, dim)] if part else [],
             blocks="indexes into this axis, so its positions must stay whole",
         )
+
+    def is_layer_output(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return _slice_range(node) is not None and fused_projection(node, gm) is not None
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
         part = _slice_range(node)
@@ -327,7 +330,7 @@ class GetItemRule(OpRule):
             return self._split_item(node, source, gm)
         if shape_of(source) is not None:
             relations = _index_relations(node, source, index)
-            if _slice_range(node) is not None and fused_projection(node, gm) is not None:
+            if self.is_layer_output(node, gm):
                 relations.sources.append(Axis(node, rank_of(node) - 1))  # see NarrowRule
             return relations
         return AxisRelations(blocks="no rule for function getitem")
@@ -338,18 +341,26 @@ class GetItemRule(OpRule):
         if rank is None:
             return AxisRelations(blocks="split with unknown shapes")
         couplings = [(Axis(x, d), Axis(node, d)) for d in range(rank) if d != dim]
-        sources = [Axis(node, dim)] if fused_projection(split, gm) is not None else []
+        sources = [Axis(node, dim)] if self.is_layer_output(node, gm) else []
         return AxisRelations(couplings=couplings, sources=sources)
+
+    def is_layer_output(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        """An item of a fused projection's split, or a fused projection's ``[..., a:b]``."""
+        source = node.args[0]
+        if _is_split(source):
+            return fused_projection(source, gm) is not None
+        return _slice_range(node) is not None and fused_projection(node, gm) is not None
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
         split = node.args[0]
         if not _is_split(split):
             return NarrowRule.rewrite(self, node, ctx)  # x[..., a:b] of a fused projection
-        out_cut = ctx.out_cut(node, split_dim(split))
-        if out_cut is None:
+        dim, sizes = split_dim(split), split_sizes(split)
+        out_cut = ctx.out_cut(node, dim)
+        unequal = len(set(sizes)) > 1 and _any_part_is_cut(split, dim, ctx)
+        if out_cut is None and not unequal:
             return None
-        sizes = split_sizes(split)
-        if len(set(sizes)) > 1:  # unequal parts: each is recomputed from its own weight rows
+        if unequal:  # each part is recomputed from its own weight rows, the uncut ones too
             index = node.args[1]
             return _recompute_part(node, ctx, split, sum(sizes[:index]), sizes[index], out_cut)
         key = ("fused", split)
@@ -366,22 +377,42 @@ class GetItemRule(OpRule):
         return ctx.call(operator.getitem, (ctx.memo[key], node.args[1]))
 
 
+def _any_part_is_cut(split: fx.Node, dim: int, ctx: Any) -> bool:
+    """Whether an item of ``split`` is cut: its projection is then recomputed part by
+    part, and an uncut part (multi-query attention's single key head) gets its own matmul
+    instead of keeping the full-width one alive for it."""
+    key = ("cut parts", split)
+    if key not in ctx.memo:  # at the first item, before any item is replaced
+        ctx.memo[key] = any(
+            ctx.out_cut(user, dim) is not None
+            for user in split.users
+            if user.target is operator.getitem
+        )
+    return ctx.memo[key]
+
+
 def _recompute_part(
     node: fx.Node, ctx: Any, partition: fx.Node, offset: int, size: int, out_cut: Any
 ) -> fx.Node:
-    """One part of a fused projection, recomputed and viewed as the partition saw it."""
+    """One part of a fused projection (cut by ``out_cut``, or whole when it is ``None``),
+    recomputed and viewed as the partition saw it."""
     projection = fused_projection(partition, ctx.gm)
     part = projection.rule.rewrite_part(projection.node, ctx, offset, size, out_cut)
     if not projection.views:
         return part
-    return _replay_views(projection.views, part, ctx.call(live_size, (out_cut,)), ctx)
+    width = size if out_cut is None else ctx.call(live_size, (out_cut,))
+    return _replay_views(projection.views, part, width, ctx)
 
 
 def _replay_views(views: list[fx.Node], x: fx.Node, width: Any, ctx: Any) -> fx.Node:
     """The views between a projection and its partition, on a narrower last axis (``width``):
     they keep that axis, so only its size changes."""
     for view in views:
-        x = ctx.graph.call_function(torch.reshape, (x, [*_size_list(view)[:-1], width]))
+        if _is_unsqueeze(view):
+            dim = bind(view)["dim"] % rank_of(view)
+            x = ctx.graph.call_function(torch.unsqueeze, (x, dim - rank_of(view)))
+        else:
+            x = ctx.graph.call_function(torch.reshape, (x, [*_size_list(view)[:-1], width]))
     return x
 
 
@@ -444,6 +475,12 @@ class _Projection:
 
 
 _VIEWS = dialects("view", "reshape")
+_UNSQUEEZES = dialects("unsqueeze")
+
+
+def _is_unsqueeze(node: Any) -> bool:
+    """``x.unsqueeze(d)`` before a split (GPT-BigCode's ``c_attn(x).unsqueeze(1)``)."""
+    return matches(node, _UNSQUEEZES) and rank_of(node) is not None
 
 
 def fused_projection(partition: fx.Node, gm: fx.GraphModule) -> _Projection | None:
@@ -453,7 +490,7 @@ def fused_projection(partition: fx.Node, gm: fx.GraphModule) -> _Projection | No
 
     x, views = input_of(partition), []
     while (
-        matches(x, _VIEWS)
+        (matches(x, _VIEWS) or _is_unsqueeze(x))
         and len(x.users) == 1
         and shape_of(x)[-1] == shape_of(input_of(x))[-1]
     ):
