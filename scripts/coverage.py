@@ -233,9 +233,21 @@ def _flops_cell(r: zoo.ZooResult) -> str:
     return "–" if r.flops_ratio is None else f"{r.flops_ratio:.2f}"
 
 
+#: Blockers that say slicing would be wrong: a statistic over the full width of the heads.
+_STATISTICS = ("reduces over this axis", "normalises over this axis")
+
+
+def heads_cannot_be_cut(r: zoo.ZooResult) -> bool:
+    """Heads left whole because a statistic spans all of them (OLMo-2's q/k RMSNorm over the
+    whole projection): cutting them would change what the model computes."""
+    return bool(r.head_blockers) and all(any(s in b for s in _STATISTICS) for b in r.head_blockers)
+
+
 def _heads_cell(r: zoo.ZooResult) -> str:
     if r.has_attention is False:
         return "no attention"
+    if r.heads_sliced is False and heads_cannot_be_cut(r):
+        return "cannot be cut: " + _markdown(short_reasons(r.head_blockers[0])[0])
     if r.heads_sliced is False and r.head_blockers:
         reasons = collections.Counter(c for b in r.head_blockers for c in short_reasons(b))
         return "**no**: " + _markdown("; ".join(text for text, _ in reasons.most_common(2)))
@@ -324,10 +336,17 @@ def summary(results: Sequence[zoo.ZooResult]) -> list[str]:
             kept = [n for n in converts if all(r.class_kept for r in models[n])]
             attending = [n for n in converts if any(r.has_attention for r in models[n])]
             heads = [n for n in attending if any(r.heads_sliced for r in models[n])]
+            whole = [
+                n
+                for n in attending
+                if n not in heads and all(heads_cannot_be_cut(r) for r in models[n])
+            ]
+            cuttable = len(attending) - len(whole)
             lines.append(f"- convert and keep their class: {_percent(len(kept), len(models))}")
             lines.append(
-                f"- attention heads sliced: {_percent(len(heads), len(attending))} of the families "
-                "that convert and compute attention"
+                f"- attention heads sliced: {_percent(len(heads), cuttable)} of the families "
+                "that convert and compute attention with heads that can be cut"
+                + (f" (cannot be cut: {', '.join(f'`{n}`' for n in whole)})" if whole else "")
             )
         lines.append("")
     return lines

@@ -696,12 +696,31 @@ def _record_report(result: ZooResult, converted: nn.Module) -> None:
     # per exported layer, so groups are told apart by identity).
     taken = {id(s.group) for s in report.sites}
     blockers = (
-        b
-        for g in report.groups
-        if id(g) not in taken and any(_is_attention(n) for n in g.nodes)
-        for b in g.blockers
+        b for g in report.groups if id(g) not in taken and _feeds_attention(g) for b in g.blockers
     )
     result.head_blockers = list(dict.fromkeys(blockers))
+
+
+def _feeds_attention(group: Any) -> bool:
+    """Whether a group computes attention or feeds it without passing a layer: a Q/K/V width
+    blocked before the attention op (BLOOM merges its heads into the batch axis first)."""
+    from sliceout_fx.rules import rule_for
+
+    frontier, seen = [a.node for a in group.axes], set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_attention(node):
+            return True
+        try:
+            layer = rule_for(node, node.graph.owning_module).is_layer
+        except Exception:  # a rule lookup that needs more than the node (see _is_attention)
+            layer = False
+        if not layer:
+            frontier.extend(node.users)
+    return False
 
 
 def _fail(result: ZooResult, stage: str, exc: BaseException) -> ZooResult:
