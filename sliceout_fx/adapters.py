@@ -65,15 +65,3 @@ def lora_linear_forward(layer: nn.Module, x: Any) -> Any:
         inner = layer.lora_dropout[name](x.to(lora_a.weight.dtype))
         result = result + lora_b(lora_a(inner)) * layer.scaling[name]
     return result
-
-
-#: Traced forwards of modules whose own forward ``torch.fx`` cannot trace (capture uses them).
-TRACEABLE_FORWARDS = ((is_lora_linear, lora_linear_forward),)
-
-
-def traceable_forward(module: nn.Module) -> Any | None:
-    """The traceable replacement of ``module.forward``, or ``None`` to trace the module itself."""
-    for matches, forward in TRACEABLE_FORWARDS:
-        if matches(module):
-            return forward
-    return None

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from . import blocks
 from .blocks import convert_blocks, example_inputs_for
-from .capture import specialised_defaults, trace
+from .capture import KEPT_WHOLE, specialised_defaults, trace
 from .config import (
     BatchNormStats,
     Capture,
@@ -79,6 +79,15 @@ def analyse_graph(
     dep = build_dependency_graph(train_gm, config.rules)
     groups = find_groups(dep)
     sites, skipped = select_sites(dep, groups, config)
+    skipped += [
+        SkippedSite(
+            name,
+            f"{cls} is called with a mask or the causal hint, whose dtype torch.fx cannot read, "
+            "so it is kept whole with its heads and units; convert with capture='blocks' to "
+            "slice it",
+        )
+        for name, cls in train_gm.meta.get(KEPT_WHOLE, {}).items()
+    ]
     if config.scheme == "patch":
         sites, not_patchable = assign_patches(sites, dep)
         skipped += not_patchable

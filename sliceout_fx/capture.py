@@ -12,17 +12,50 @@ import contextlib
 import functools
 import inspect
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from . import mha
 from ._probe import untouched
-from .adapters import traceable_forward
+from .adapters import is_lora_linear, lora_linear_forward
 from .errors import ExampleInputsError, UntraceableModelError
 
 LeafSpec = Iterable[type[nn.Module] | str]
+#: ``GraphModule.meta`` key: the modules a traced call kept whole, though they can be spelt out.
+KEPT_WHOLE = "sliceout_kept_whole"
+
+
+@dataclass(frozen=True)
+class TraceableForward:
+    """A forward traced in place of a module's own (the module is passed first)."""
+
+    matches: Callable[[nn.Module], bool]
+    forward: Callable[..., Any]
+    #: Whether one call (its proxies and constants) can be traced this way; else the module is
+    #: kept whole for that call.
+    accepts: Callable[[tuple, dict], bool] = lambda args, kwargs: True
+
+
+#: Code ``torch.fx`` cannot trace (PEFT's LoRA layer reads dtypes) or keeps whole as a ``torch.nn``
+#: leaf (``nn.MultiheadAttention`` and the ``nn.TransformerEncoder`` built of it, whose heads are
+#: then cut; see :mod:`sliceout_fx.mha`).
+TRACEABLE_FORWARDS = (
+    TraceableForward(is_lora_linear, lora_linear_forward),
+    TraceableForward(mha.is_decomposable, mha.multihead_attention_forward, mha.accepts_traced_call),
+    TraceableForward(
+        mha.is_encoder_layer, mha.encoder_layer_forward, mha.accepts_traced_layer_call
+    ),
+    TraceableForward(mha.is_encoder, mha.encoder_forward, mha.accepts_traced_encoder_call),
+)
+
+
+def traceable_forward(module: nn.Module) -> TraceableForward | None:
+    """The forward traced in place of ``module``'s, or ``None`` to trace the module itself."""
+    return next((t for t in TRACEABLE_FORWARDS if t.matches(module)), None)
 
 
 class SliceOutTracer(fx.Tracer):
@@ -38,17 +71,26 @@ class SliceOutTracer(fx.Tracer):
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
         self.entered: list[tuple[str, type[nn.Module]]] = []  # modules being traced, innermost last
+        self.kept_whole: dict[str, str] = {}  # module path -> class, of calls no forward accepted
+
+    def _named_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+        if self._named_leaf(m, module_qualified_name):
             return True
+        if traceable_forward(m) is not None:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         name = self.path_of_module(m)
-        replacement = traceable_forward(m)
-        if replacement is not None and not self.is_leaf_module(m, name):
-            forward = functools.partial(replacement, m)
+        replacement = None if self._named_leaf(m, name) else traceable_forward(m)
+        if replacement is not None:
+            if not replacement.accepts(args, kwargs):  # this call keeps the module whole
+                self.kept_whole[name] = type(m).__name__
+                return self.create_proxy("call_module", name, args, kwargs)
+            forward = functools.partial(replacement.forward, m)
         self.entered.append((name, type(m)))
         result = super().call_module(m, forward, args, kwargs)
         self.entered.pop()
@@ -132,6 +174,7 @@ def trace(
         model.train(was_training)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
+    gm.meta[KEPT_WHOLE] = dict(tracer.kept_whole)
     return gm
 
 

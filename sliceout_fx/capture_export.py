@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from ._probe import training_mode
 from .errors import UntraceableModelError
+from .mha import spelt_out_attention
 
 __all__ = ["CallSpec", "ExportedCall", "call_key", "export_call", "normalise_call"]
 
@@ -152,6 +153,7 @@ def export_call(
             warnings.catch_warnings(),
             _quiet_export_logs(),
             _outside_checkpointing(),
+            spelt_out_attention() if training else contextlib.nullcontext(),
         ):
             warnings.simplefilter("ignore")
             exported = torch.export.export(

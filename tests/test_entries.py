@@ -10,6 +10,7 @@ stream that enters a block as its input is still a residual stream.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -190,3 +191,24 @@ def test_an_operand_read_by_an_op_that_cannot_narrow_it_still_blocks() -> None:
     assert report.sites == []
     [group] = [g for g in report.groups if g.primary.node.name == "proj"]
     assert any("model input or attribute" in b for b in group.blockers), group.blockers
+
+
+@pytest.mark.parametrize("options", [{"capturable": True}, {"mode": "gather"}], ids=str)
+def test_index_cuts_narrow_the_bias_and_widen_the_weights(options: dict) -> None:
+    """Device-side offsets (capturable) and gathered heads (controlled dropout) narrow the bias
+    and widen the returned weights by index: the first layer's kept heads attend exactly as the
+    original's heads do (same input, same bias rows), the dropped ones are zero."""
+    torch.manual_seed(0)
+    model, x = Stack().double(), _inputs()
+    converted = sliceout_fx.convert(
+        copy.deepcopy(model), p=0.5, sites="all", example_inputs=x, seed=3, **options
+    )
+    width = sliceout_fx.explain(converted).sites[0].width
+    with torch.no_grad():
+        want = model.train()(x)[1]
+        for _ in range(3):  # three draws
+            got = converted.train()(x)[1]
+            assert got.shape == want.shape
+            kept = (got != 0).flatten(2).any(-1).all(0)
+            assert int(kept.sum()) == width
+            torch.testing.assert_close(got[:, kept], want[:, kept], atol=1e-12, rtol=0)
