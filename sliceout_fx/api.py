@@ -31,7 +31,7 @@ from .module import conversions_in, converted_parts, install, uninstall
 from .options import check_example_inputs, resolve, traced_root
 from .patch import assign_patches
 from .report import Report, combine_reports, expected_ratios
-from .rules import OpRule
+from .rules import OpRule, conversion_rules
 from .shapes import propagate_shapes
 from .sites import Site, SkippedSite, select_sites
 from .whole import WholeModelConversion
@@ -75,10 +75,11 @@ def analyse_graph(
 
     ``model`` is what the graph was captured from (default: the graph module itself).
     """
-    used = propagate_shapes(train_gm, example_inputs)
-    dep = build_dependency_graph(train_gm, config.rules)
-    groups = find_groups(dep)
-    sites, skipped = select_sites(dep, groups, config)
+    with conversion_rules(config.rules):
+        used = propagate_shapes(train_gm, example_inputs)
+        dep = build_dependency_graph(train_gm)
+        groups = find_groups(dep)
+        sites, skipped = select_sites(dep, groups, config)
     skipped += [
         SkippedSite(
             name,

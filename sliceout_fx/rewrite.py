@@ -30,7 +30,7 @@ from .ops import (
     widen,
 )
 from .patch import rewrite_patch_sites
-from .rules import Axis
+from .rules import Axis, conversion_rules
 from .rules.base import rank_of
 from .sampling import SAMPLER_NAME, DrawSpec, SliceSampler, keep_probabilities
 from .sites import Site
@@ -117,7 +117,8 @@ def rewrite_training_graph(
     if config.scheme == "patch":
         rewrite_patch_sites(gm, sites, config.mode)
     else:
-        _Rewriter(gm, dep, sites, config).run()
+        with conversion_rules(config.rules):  # rules that look up another node's rule
+            _Rewriter(gm, dep, sites, config).run()
         _fold_scales_into_sinks(gm.graph)
         # A fused projection recomputed part by part leaves its full-width matmul unused.
         gm.graph.eliminate_dead_code()

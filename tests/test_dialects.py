@@ -19,6 +19,7 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx.rules import AxisRelations, OpRule, register_rule, registered_rules, rule_for
+from sliceout_fx.rules.linear import LinearRule
 
 from .helpers import assert_sliced_matches_mask
 
@@ -247,6 +248,49 @@ def test_rules_passed_to_convert_apply_to_that_conversion_only() -> None:
     )
     assert [s.name for s in sliced.report.sites] == ["2"]
     assert not _sites_of_scaled_mlp(), "a conversion's own rules must not stay registered"
+
+
+class Projection(nn.Module):
+    """A linear layer of the user's own, which no built-in rule knows."""
+
+    def __init__(self, features: int, out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out, features) / features**0.5)
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class ProjectionRule(LinearRule):
+    targets = (Projection,)
+
+
+class GatedMLP(nn.Module):
+    """``Projection`` computing gate | up at once, split by ``chunk``: a fused projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up, self.down = Projection(8, 32), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def test_a_conversion_rule_is_seen_where_another_rule_looks_a_rule_up() -> None:
+    """The split asks for the rule of what it splits (is it a fused projection?): a rule given
+    to ``convert`` answers there too, not only for the node it is registered for."""
+    torch.manual_seed(0)
+    model, x = GatedMLP().double(), torch.randn(4, 8, dtype=torch.float64)
+    options = dict(sites="all", leaf_modules=[Projection], example_inputs=x)
+    sliced, _ = assert_sliced_matches_mask(
+        model, (x,), atol=1e-10, rules=[ProjectionRule()], **options
+    )
+    [site] = sliced.report.sites  # gate and up cut alike, each from its own weight rows
+    assert site.units == 16 and len(site.group.sources) == 2
+    without = sliceout_fx.convert(model, p=0.5, **options)
+    assert not sliceout_fx.explain(without).sites
 
 
 def test_registered_rules_are_scoped_to_the_with_block() -> None:

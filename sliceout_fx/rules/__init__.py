@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from torch import fx
@@ -39,6 +40,7 @@ __all__ = [
     "OpRule",
     "SiteHint",
     "UnknownOp",
+    "conversion_rules",
     "dialects",
     "register_rule",
     "module_rule",
@@ -158,14 +160,31 @@ def module_rule(cls: type) -> OpRule | None:
     return _lookup(_REGISTRY, cls)
 
 
+#: The rules one conversion was given (``convert(rules=...)``), while it is analysed and rewritten.
+_CONVERSION_RULES: ContextVar[dict[Any, OpRule] | None] = ContextVar("sliceout_rules", default=None)
+
+
+@contextlib.contextmanager
+def conversion_rules(rules: Iterable[OpRule]) -> Iterator[None]:
+    """Within the block, :func:`rule_for` sees ``rules`` first: a conversion's own rules reach
+    every stage that looks a rule up (shapes, the dependency graph, a rule asking about its
+    input, the rewrite), not only the one they were passed to."""
+    token = _CONVERSION_RULES.set({**(_CONVERSION_RULES.get() or {}), **rule_table(rules)})
+    try:
+        yield
+    finally:
+        _CONVERSION_RULES.reset(token)
+
+
 def rule_for(
     node: fx.Node, gm: fx.GraphModule, extra: dict[Any, OpRule] | None = None
 ) -> OpRule:
-    """The rule of a node (``extra`` first, then the registry), or :class:`UnknownOp`."""
+    """The rule of a node (``extra`` first, then the conversion's rules, then the registry), or
+    :class:`UnknownOp`."""
     key, what = _describe(node, gm)
     if key is None:
         return UnknownOp(what)
-    for table in (extra or {}, _REGISTRY):
+    for table in (extra or {}, _CONVERSION_RULES.get() or {}, _REGISTRY):
         found = _lookup(table, key)
         if found is not None:
             return found
