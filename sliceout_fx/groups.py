@@ -40,6 +40,8 @@ class AlignmentGroup:
     # Full-width operands the group reads without computing them (a position bias, a mask, a
     # layer scale): ``(op, operand, operand's dim)``; the rewrite narrows them where ``op`` reads.
     entries: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)
+    # Whether the group passes through attention (it is cut in whole heads, scaled at the values).
+    attention: bool = False
 
     @property
     def sliceable(self) -> bool:
@@ -80,9 +82,7 @@ def _blockers(dep: DependencyGraph, axes: set[Axis]) -> tuple[list[str], list[tu
     # Attention heads may reach an output (the attention weights a layer returns beside its
     # hidden states): the rewrite widens them back, dropped heads zero. Other widths may not:
     # a caller would see the channels a step dropped.
-    widens_outputs = any(
-        dep.rule(a.node) is not None and dep.rule(a.node).is_attention for a in axes
-    )
+    widens_outputs = any(getattr(dep.rule(a.node), "is_attention", False) for a in axes)
     blockers: list[str] = []
     sinks: list[tuple[fx.Node, Axis]] = []
     for axis in sorted(axes, key=dep.position):
@@ -289,6 +289,7 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
                 # stream ``x`` enters as a block input.
                 residual_adds=sorted(_residual_adds(dep, component), key=dep.order.__getitem__),
                 entries=entries,
+                attention=any(getattr(dep.rule(a.node), "is_attention", False) for a in live),
             )
         )
     groups.sort(key=lambda g: order(g.primary))

@@ -138,7 +138,7 @@ class _Rewriter:
         self.ctx = RewriteContext(gm, axis_site)
         self.replaced_dropouts = {d for site in sites for d in site.dropouts}
         # Attention groups always scale where the heads leave (the values), never the queries.
-        delayed = [s for s in sites if config.placement == "delayed" or _has_attention(dep, s)]
+        delayed = [s for s in sites if config.placement == "delayed" or s.group.attention]
         immediate = [s for s in sites if s not in delayed]
         # Sites without a dropout get their immediate scale right after their primary source
         # (not after a squeeze-excite expand conv, which also sources the group).
@@ -303,10 +303,6 @@ def _fold_scales_into_sinks(graph: fx.Graph) -> None:
 
 
 _CONV_SINKS = (sliced_conv, sliced_conv_module)
-
-
-def _has_attention(dep: DependencyGraph, site: Site) -> bool:
-    return any(getattr(dep.rule(n), "is_attention", False) for n in site.group.nodes)
 
 
 def _sliced_dims(ctx: RewriteContext, node: fx.Node) -> list[int]:

@@ -129,6 +129,25 @@ class FusedPartsBlock(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+class MatmulLinear(nn.Linear):
+    """A linear layer with its own forward, ``x @ W.T + b`` (HF Falcon's ``FalconLinear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+class ParameterMatmulBlock(nn.Module):
+    """Linear layers written as matmuls by parameters, ``(out, in)`` and ``(in, out)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = MatmulLinear(32, 64)
+        self.w_down = nn.Parameter(torch.randn(64, 32) / 8)  # (in, out): x @ W
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.gelu(self.up(x)) @ self.w_down
+
+
 class Stack(nn.Module):
     def __init__(self, block: type[nn.Module], depth: int = 2) -> None:
         super().__init__()
@@ -146,6 +165,7 @@ MODELS = {
     "attention": (AttentionBlock, (2, 5, 32)),
     "concat": (ConcatBlock, (3, 16)),
     "fused-parts": (FusedPartsBlock, (2, 5, 32)),
+    "matmul-by-parameter": (ParameterMatmulBlock, (2, 5, 32)),
 }
 
 

@@ -689,7 +689,7 @@ def _record_report(result: ZooResult, converted: nn.Module) -> None:
     result.flops_ratio = float(report.flops_ratio)
     # A site cuts heads when its group passes through attention; a model has heads to cut when
     # any captured graph (the whole model, or each exported layer) computes attention.
-    result.heads_sliced = any(_is_attention(n) for s in report.sites for n in s.group.nodes)
+    result.heads_sliced = any(s.group.attention for s in report.sites)
     graphs = {n.graph for g in report.groups for n in g.nodes}
     result.has_attention = any(_is_attention(n) for graph in graphs for n in graph.nodes)
     # Why heads were not cut: the blockers of the attention groups no site took (group ids are
@@ -706,6 +706,8 @@ def _feeds_attention(group: Any) -> bool:
     blocked before the attention op (BLOOM merges its heads into the batch axis first)."""
     from sliceout_fx.rules import rule_for
 
+    if group.attention:
+        return True
     frontier, seen = [a.node for a in group.axes], set()
     while frontier:
         node = frontier.pop()

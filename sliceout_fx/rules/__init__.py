@@ -187,5 +187,5 @@ def rule_for(
     for table in (extra or {}, _CONVERSION_RULES.get() or {}, _REGISTRY):
         found = _lookup(table, key)
         if found is not None:
-            return found
+            return found.specialise(node, gm)
     return UnknownOp(what)

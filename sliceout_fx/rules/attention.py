@@ -16,6 +16,7 @@ from torch import fx
 
 from .base import Axis, AxisRelations, OpRule, bind, rank_of, shape_of
 from .binding import dialects
+from .linear import PARAMETER_MATMULS, parameter_operand
 
 
 class AttentionRule(OpRule):
@@ -52,6 +53,10 @@ class MatmulRule(OpRule):
     targets = (*dialects("matmul", "bmm"), operator.matmul)
     is_attention = True
     narrows_operands = True  # rows, columns and batch axes of the result read the same of a, b
+
+    def specialise(self, node: fx.Node, gm: fx.GraphModule) -> OpRule:
+        found = parameter_operand(node, gm)  # x @ W.T: a linear layer, not attention
+        return self if found is None else PARAMETER_MATMULS[found[1]]
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         a, b = node.args[0], node.args[1]

@@ -105,6 +105,12 @@ class OpRule:
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         raise NotImplementedError
 
+    def specialise(self, node: fx.Node, gm: fx.GraphModule) -> OpRule:
+        """The rule that serves this particular call: ``self``, or a more specific rule when one
+        op covers two families (``x @ W.T`` with a parameter ``W`` is a linear layer, ``q @ k``
+        is attention)."""
+        return self
+
     def rewrite(self, node: fx.Node, ctx: RewriteContext) -> fx.Node | None:
         """Emit the sliced op and return it, or ``None`` if the node runs unchanged."""
         return None
