@@ -78,11 +78,15 @@ def _unit_limits(dep: DependencyGraph) -> dict[Axis, int]:
     return limits
 
 
-def _blockers(dep: DependencyGraph, axes: set[Axis]) -> tuple[list[str], list[tuple]]:
-    # Attention heads may reach an output (the attention weights a layer returns beside its
-    # hidden states): the rewrite widens them back, dropped heads zero. Other widths may not:
-    # a caller would see the channels a step dropped.
-    widens_outputs = any(getattr(dep.rule(a.node), "is_attention", False) for a in axes)
+def _blockers(
+    dep: DependencyGraph, axes: set[Axis], widens_outputs: bool = False
+) -> tuple[list[str], list[tuple]]:
+    """The reasons ``axes`` cannot be cut, and the sinks that absorb them.
+
+    ``widens_outputs``: the group is attention heads, which may reach an output (the attention
+    weights a layer returns beside its hidden states): the rewrite widens them back, dropped
+    heads zero. Other widths may not: a caller would see the channels a step dropped.
+    """
     blockers: list[str] = []
     sinks: list[tuple[fx.Node, Axis]] = []
     for axis in sorted(axes, key=dep.position):
@@ -213,14 +217,26 @@ def _residual_adds(dep: DependencyGraph, axes: set[Axis]) -> list[fx.Node]:
         computed = [o for o in origins if o]
         # An operand the group does not compute (no origin) is a stream entering the block when
         # the block's layers read it (``x + f(x)``); a bias or a mask is read by nothing else.
+        layers = {src for c in computed for src in c}
         entering = [
-            op
-            for op, o in zip(operands, origins, strict=True)
-            if not o and any(_depends_on(src, op) for c in computed for src in c)
+            op for op, o in zip(operands, origins, strict=True) if not o and _feeds(op, layers)
         ]
         if len(set(computed)) > 1 or entering:
             found.append(node)
     return found
+
+
+def _feeds(node: fx.Node, targets: set[fx.Node]) -> bool:
+    """Whether any of ``targets`` is computed from ``node``."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        current = frontier.pop()
+        if current in targets:
+            return True
+        if current not in seen:
+            seen.add(current)
+            frontier.extend(current.users)
+    return False
 
 
 def _is_adapter_update(origins: frozenset[fx.Node]) -> bool:
@@ -272,7 +288,8 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
         if not sources:
             continue
         live, entries = _split_entries(dep, component, sources, flow)
-        blockers, sinks = _blockers(dep, live)
+        attention = any(getattr(dep.rule(a.node), "is_attention", False) for a in live)
+        blockers, sinks = _blockers(dep, live, widens_outputs=attention)
         units = 0
         for axis in component:
             units = math.gcd(units, int(shape_of(axis.node)[axis.dim]), limits.get(axis, 0))
@@ -289,7 +306,7 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
                 # stream ``x`` enters as a block input.
                 residual_adds=sorted(_residual_adds(dep, component), key=dep.order.__getitem__),
                 entries=entries,
-                attention=any(getattr(dep.rule(a.node), "is_attention", False) for a in live),
+                attention=attention,
             )
         )
     groups.sort(key=lambda g: order(g.primary))

@@ -194,8 +194,8 @@ def test_llama_other_layer_part_of_a_layer_and_a_converted_model(tmp_path: Path)
 
 
 def test_pytorch_encoder_layer_with_capture_blocks(tmp_path: Path) -> None:
-    """nn.TransformerEncoder: the FFN is sliced; the packed in-projection of nn.MultiheadAttention
-    stops the heads' group, and the legend says where."""
+    """nn.TransformerEncoder: whole heads of nn.MultiheadAttention (captured from its spelt-out
+    forward: packed in-projection split into Q, K, V) and the FFN, in two colours."""
     encoder = torch.nn.TransformerEncoder(
         torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.2, batch_first=True),
         2,
@@ -207,11 +207,11 @@ def test_pytorch_encoder_layer_with_capture_blocks(tmp_path: Path) -> None:
     ).read_text()  # fmt: skip
     texts = _texts(svg)
     assert "TransformerEncoder, layers.0 (TransformerEncoderLayer)" in svg
-    assert any(t.startswith("layers.0.dropout (dropout site, group 2): keeps") for t in texts)
+    assert any(t.startswith("layers.0.self_attn (group site, group 1): keeps 32/64") for t in texts)
+    assert any(t.startswith("layers.0.dropout (dropout site, group 3): keeps") for t in texts)
     assert "linear · 7×64/128" in texts and "from src" in texts
-    # the packed in-projection unflattens into (3, E) and is indexed part by part
-    assert any(t.startswith("select stops a group") for t in texts)
-    assert _group_fills(svg) == {PALETTE[0][0]}
+    assert "scaled_dot_product_attention · 2/4×7×16" in texts  # 2 of the 4 heads
+    assert _group_fills(svg) == {PALETTE[0][0], PALETTE[1][0]}
 
 
 # ---------------------------------------------------------------------------------------- CLI

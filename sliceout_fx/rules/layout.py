@@ -349,7 +349,7 @@ class GetItemRule(OpRule):
         source = node.args[0]
         if _is_split(source):
             return fused_projection(source, gm) is not None
-        return _slice_range(node) is not None and fused_projection(node, gm) is not None
+        return NarrowRule.is_layer_output(self, node, gm)
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
         split = node.args[0]
