@@ -1,9 +1,11 @@
-"""Stage 1, capture: turn a model into fx graphs, once per training mode.
+"""Stage 1, capture: turn a model into its training fx graph.
 
 Python code that reads ``self.training`` (``F.dropout(x, p, self.training)``, stochastic depth) is
-frozen into the graph at trace time, so we trace twice: the *train* graph is analysed and rewritten,
-the *eval* graph is what inference runs. Modules that symbolic tracing cannot see through, or whose
-``training``-dependent behaviour must stay live, can be kept as leaves (called as a whole).
+frozen into the graph at trace time, so the model is traced in training mode: that graph is
+analysed and rewritten, and eval runs the model's own forward. Modules that symbolic tracing
+cannot see through, or whose ``training``-dependent behaviour must stay live, can be kept as
+leaves (called as a whole); a few are traced through a spelt-out forward instead
+(:data:`TRACEABLE_FORWARDS`).
 """
 
 from __future__ import annotations
