@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -228,14 +229,21 @@ def _residual_adds(dep: DependencyGraph, axes: set[Axis]) -> list[fx.Node]:
 
 def _feeds(node: fx.Node, targets: set[fx.Node]) -> bool:
     """Whether any of ``targets`` is computed from ``node``."""
-    frontier, seen = list(node.users), set()
+    return _reaches(list(node.users), targets, lambda n: n.users)
+
+
+def _reaches(
+    frontier: list[fx.Node], targets: set[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]
+) -> bool:
+    """Whether a walk from ``frontier`` by ``step`` (to users, or to inputs) meets ``targets``."""
+    seen: set[fx.Node] = set()
     while frontier:
         current = frontier.pop()
         if current in targets:
             return True
         if current not in seen:
             seen.add(current)
-            frontier.extend(current.users)
+            frontier.extend(step(current))
     return False
 
 
@@ -366,15 +374,7 @@ def _inside_one_branch(source: fx.Node, merge: fx.Node, residual: bool) -> bool:
 
 
 def _depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
-    frontier, seen = [node], set()
-    while frontier:
-        current = frontier.pop()
-        if current is ancestor:
-            return True
-        if current not in seen:
-            seen.add(current)
-            frontier.extend(current.all_input_nodes)
-    return False
+    return _reaches([node], {ancestor}, lambda n: n.all_input_nodes)
 
 
 def _is_gate_width(group: AlignmentGroup) -> bool:
