@@ -2,13 +2,12 @@
 
 The guess reads the model's main input (token ids, ``pixel_values``, Whisper's
 ``input_features``), makes floats in the model's dtype, and gives an encoder-decoder its decoder
-token ids (T5 and Whisper need them). Each model is a tiny random-init config in float64, checked
-as every converted model is: eval equals the original, sliced training equals the mask reference.
+token ids (T5 and Whisper need them). Each model is the zoo catalogue's small config in float64,
+checked as every converted model is: eval equals the original, sliced training equals the mask
+reference.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,75 +15,19 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx.blocks import example_inputs_for
+from tests import zoo
 from tests.helpers import assert_pair_matches, call, convert_pair, main_output
 
 transformers = pytest.importorskip("transformers")
 
-
-def _t5() -> nn.Module:
-    config = transformers.T5Config(
-        vocab_size=100,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-    )
-    return transformers.T5ForConditionalGeneration(config)
-
-
-def _bart() -> nn.Module:
-    config = transformers.BartConfig(
-        vocab_size=100,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    return transformers.BartForConditionalGeneration(config)
-
-
-def _whisper() -> nn.Module:
-    config = transformers.WhisperConfig(
-        vocab_size=100,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=16,
-        max_source_positions=16,
-        max_target_positions=32,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    return transformers.WhisperForConditionalGeneration(config)
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {"t5": _t5, "bart": _bart, "whisper": _whisper}
+#: Encoder-decoders of the zoo's catalogue, whose guess needs decoder inputs (and Whisper's
+#: ``input_features``).
+MODELS = ("t5", "bart", "whisper")
 
 
 def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return MODELS[name]().double()
+    return zoo.hf_model(name).double()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -97,7 +40,9 @@ def test_the_guess_has_the_main_input_in_the_models_dtype_and_decoder_ids(name):
         if value.is_floating_point():
             assert value.dtype == torch.float64
     if name == "whisper":  # (batch, mel bins, two frames per encoder position)
-        assert inputs["input_features"].shape == (2, 16, 32)
+        config = model.config
+        expected = (2, config.num_mel_bins, 2 * config.max_source_positions)
+        assert inputs["input_features"].shape == expected
     # the global RNG is left alone
     state = torch.random.get_rng_state()
     example_inputs_for(model)

@@ -532,6 +532,12 @@ def without_dropout(config: Any) -> Any:
     return config
 
 
+def hf_model(family: str) -> nn.Module:
+    """A catalogue HuggingFace model (random init, every dropout probability 0), for tests that
+    need one of the sweep's small configs without its example inputs."""
+    return _hf(family, *_HF_MODELS[family]).build()
+
+
 def _hf(family: str, config_cls: str, model_cls: str, options: dict, kind: str) -> ZooEntry:
     def build() -> nn.Module:
         import transformers
