@@ -10,7 +10,6 @@ else is a *blocker*, recorded with its reason so that ``explain`` can say why a 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from .adapters import is_adapter_path
 from .depgraph import DependencyGraph
 from .rules import Axis
 from .rules.base import shape_of
+from .rules.binding import is_in_place
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _split_entries(
             if not any(inp == axis and out in live for inp, out in dep.relation(user).couplings):
                 continue  # read by the chain itself, or outside the group
             rule = dep.rule(user)
-            in_place = _is_in_place(user) and user.args[:1] == (axis.node,)
+            in_place = is_in_place(user) and user.args[:1] == (axis.node,)
             if rule is None or not rule.narrows_operands or in_place:
                 return component, []
             entries.append((user, axis.node, axis.dim))
@@ -164,18 +164,6 @@ def _flow(dep: DependencyGraph) -> dict[Axis, list[Axis]]:
             if out.node is node:
                 flow.setdefault(inp, []).append(out)
     return flow
-
-
-def _is_in_place(node: fx.Node) -> bool:
-    """``x.add_(y)``, ``x += y``, ``aten.mul_.Tensor``: the op writes into its first operand."""
-    if node.target in _IN_PLACE_OPERATORS:
-        return True
-    name = getattr(node.target, "__name__", None) or str(node.target)
-    name = name.split(".")[0]
-    return name.endswith("_") and not name.startswith("_")
-
-
-_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 def _exit_sinks(dep: DependencyGraph, axes: set[Axis], sinks: list[tuple]) -> list[tuple]:

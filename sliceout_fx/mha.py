@@ -39,11 +39,11 @@ def is_decomposable(module: nn.Module) -> bool:
     )
 
 
-def _without_masks(*names: str) -> Callable[[tuple, dict[str, Any]], bool]:
-    """Whether a symbolically traced call passes no mask and no causal hint. ``torch.fx`` cannot
-    read a mask's dtype (a bool mask means "masked out", a float mask is added), so such calls
-    keep the module whole, as before; ``torch.export`` sees dtypes and spells out every call."""
-    inputs = 3 if names[0] == "key_padding_mask" else 1  # attention: query, key, value
+def _without_masks(inputs: int, *names: str) -> Callable[[tuple, dict[str, Any]], bool]:
+    """Whether a symbolically traced call passes no mask and no causal hint; ``names`` are the
+    forward's arguments after its ``inputs`` tensors. ``torch.fx`` cannot read a mask's dtype (a
+    bool mask means "masked out", a float mask is added), so such calls keep the module whole, as
+    before; ``torch.export`` sees dtypes and spells out every call."""
 
     def accepts(args: tuple, kwargs: dict[str, Any]) -> bool:
         bound = dict(zip(names, args[inputs:], strict=False)) | kwargs
@@ -53,13 +53,13 @@ def _without_masks(*names: str) -> Callable[[tuple, dict[str, Any]], bool]:
     return accepts
 
 
-#: ``nn.MultiheadAttention.forward``'s arguments after query, key and value.
+#: ``nn.MultiheadAttention.forward(query, key, value, ...)``.
 accepts_traced_call = _without_masks(
-    "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal"
+    3, "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal"
 )
-#: ``nn.TransformerEncoderLayer.forward`` / ``nn.TransformerEncoder.forward`` after the input.
-accepts_traced_layer_call = _without_masks("src_mask", "src_key_padding_mask", "is_causal")
-accepts_traced_encoder_call = _without_masks("mask", "src_key_padding_mask", "is_causal")
+#: ``nn.TransformerEncoderLayer.forward(src, ...)`` / ``nn.TransformerEncoder.forward(src, ...)``.
+accepts_traced_layer_call = _without_masks(1, "src_mask", "src_key_padding_mask", "is_causal")
+accepts_traced_encoder_call = _without_masks(1, "mask", "src_key_padding_mask", "is_causal")
 
 
 def is_encoder_layer(module: nn.Module) -> bool:

@@ -72,6 +72,18 @@ def matches(node: Any, targets: tuple[Any, ...]) -> bool:
     return key in targets or (fallback_key(key) or key) in targets
 
 
+def is_in_place(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x += y``, ``aten.mul_.Tensor``: the call writes into its first operand."""
+    if node.target in _IN_PLACE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    name = name.split(".")[0]
+    return name.endswith("_") and not name.startswith("_")
+
+
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
 def bind(node: fx.Node) -> dict[str, Any]:
     """``node``'s arguments by parameter name, defaults filled in, in either dialect.
 
