@@ -43,13 +43,19 @@ class AlignmentGroup:
     entries: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)
     # Whether the group passes through attention (it is cut in whole heads, scaled at the values).
     attention: bool = False
+    # Axes that hold the cut once per outer index (heads folded into the batch axis, ``B*H``):
+    # axis -> period, the size one copy of the cut lives in (see :func:`_through_merged_axes`).
+    periods: dict[Axis, int] = field(default_factory=dict)
+    # Axes made by a periodic coupling (the merge into such an axis, the split out of it).
+    via_periodic: set[Axis] = field(default_factory=set)
 
     @property
     def sliceable(self) -> bool:
         return not self.blockers
 
     def size(self, axis: Axis) -> int:
-        return int(shape_of(axis.node)[axis.dim])
+        """The channels ``axis`` is cut in: its size, or its period when it holds several."""
+        return self.periods.get(axis) or int(shape_of(axis.node)[axis.dim])
 
     def scale(self, axis: Axis) -> int:
         """Channels per unit on ``axis``."""
@@ -80,13 +86,17 @@ def _unit_limits(dep: DependencyGraph) -> dict[Axis, int]:
 
 
 def _blockers(
-    dep: DependencyGraph, axes: set[Axis], widens_outputs: bool = False
+    dep: DependencyGraph,
+    axes: set[Axis],
+    widens_outputs: bool = False,
+    via_periodic: frozenset[Axis] | set[Axis] = frozenset(),
 ) -> tuple[list[str], list[tuple]]:
     """The reasons ``axes`` cannot be cut, and the sinks that absorb them.
 
     ``widens_outputs``: the group is attention heads, which may reach an output (the attention
     weights a layer returns beside its hidden states): the rewrite widens them back, dropped
     heads zero. Other widths may not: a caller would see the channels a step dropped.
+    ``via_periodic``: axes whose producer makes them by a periodic coupling from the group.
     """
     blockers: list[str] = []
     sinks: list[tuple[fx.Node, Axis]] = []
@@ -94,7 +104,7 @@ def _blockers(
         node = axis.node
         if node.op in ("placeholder", "get_attr"):
             blockers.append(f"{axis} is a model input or attribute, which cannot be cut")
-        elif not dep.relation(node).produces(axis):
+        elif axis not in via_periodic and not dep.relation(node).produces(axis):
             why = dep.relation(node).blocks or "no rule for this axis"
             blockers.append(f"{axis} is produced by {node.name} ({dep.rule(node).name}): {why}")
         for user in node.users:
@@ -153,7 +163,124 @@ def _split_entries(
             if rule is None or not rule.narrows_operands or in_place:
                 return component, []
             entries.append((user, axis.node, axis.dim))
-    return live, sorted(set(entries), key=lambda e: (dep.order[e[0]], dep.order[e[1]], e[2]))
+    return live, sorted(set(entries), key=_entry_order(dep))
+
+
+def _entry_order(dep: DependencyGraph) -> Callable[[tuple], tuple[int, int, int]]:
+    return lambda e: (dep.order[e[0]], dep.order[e[1]], e[2])
+
+
+@dataclass
+class _Periodic:
+    """What :func:`_through_merged_axes` adds to a group."""
+
+    axes: set[Axis] = field(default_factory=set)  # contiguous axes it joins after a period ends
+    periods: dict[Axis, int] = field(default_factory=dict)
+    via_periodic: set[Axis] = field(default_factory=set)
+    entries: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)
+    blockers: list[str] = field(default_factory=list)
+    components: list[set[Axis]] = field(default_factory=list)  # the components it joins
+
+
+def _through_merged_axes(
+    dep: DependencyGraph, live: set[Axis], flow: dict[Axis, list[Axis]]
+) -> _Periodic:
+    """Follow the group's cut through axes that hold it periodically.
+
+    BLOOM and DeBERTa-v2 fold the heads into the batch axis, ``(B, H, T, d) -> (B*H, T, d)``,
+    for ``bmm``. With ``H`` cut, the merged axis holds ``B`` copies of the cut, one per period of
+    ``H`` channels: ops that keep that axis (``bmm``'s batch axis, element-wise ops) pass it on,
+    an operand the group does not compute (BLOOM's ALiBi bias, ``(B*H, 1, T)``) is narrowed
+    period by period, and the split back to ``(B, H, ...)`` ends the period, joining the
+    component that continues from there. Anything else that reads a periodic axis (a layer, a
+    reduction over it, another merge) blocks the group.
+    """
+    found = _Periodic()
+    size = _axis_size
+    stack = [
+        (merged, size(axis))
+        for axis in live
+        for user in axis.node.users
+        for inp, merged in dep.relation(user).periodic
+        if inp == axis and size(merged) > size(axis)
+    ]
+    joined = set(live)
+    while stack:
+        axis, period = stack.pop()
+        if axis in joined or found.periods.get(axis, period) != period:
+            found.blockers.append(f"{axis} would hold the cut in two layouts")
+            continue
+        if axis in found.periods:
+            continue
+        found.periods[axis] = period
+        found.via_periodic.add(axis)
+        for user in axis.node.users:
+            rel = dep.relation(user)
+            ends = [out for inp, out in rel.periodic if inp == axis and size(out) == period]
+            keeps = [o for i, o in rel.couplings if i == axis and size(o) == size(axis)]
+            if user.op == "output" or axis in rel.sinks or axis in rel.sources:
+                found.blockers.append(
+                    f"{axis} holds the cut once per period and is read whole by {user.name}"
+                )
+            elif ends:  # the split back to (outer, period): a contiguous cut again
+                for out in ends:
+                    found.via_periodic.add(out)
+                    live_part = _join_component(dep, out, flow, found)
+                    joined |= live_part
+                    stack += [
+                        (merged, size(a))
+                        for a in live_part
+                        for u in a.node.users
+                        for inp, merged in dep.relation(u).periodic
+                        if inp == a and size(merged) > size(a)
+                    ]
+            elif keeps:
+                stack += [(out, period) for out in keeps]
+            elif axis not in rel.passive:
+                why = rel.blocks or "no rule for this axis"
+                found.blockers.append(
+                    f"{axis} holds the cut once per period and is used by {user.name} "
+                    f"({dep.rule(user).name if dep.rule(user) else 'no rule'}): {why}"
+                )
+    _periodic_entries(dep, found, joined | found.axes)
+    return found
+
+
+def _join_component(
+    dep: DependencyGraph, start: Axis, flow: dict[Axis, list[Axis]], found: _Periodic
+) -> set[Axis]:
+    """The part of ``start``'s component the cut flows into from ``start`` (see
+    :func:`_split_entries`); a component with sources of its own is another group."""
+    component = nx.node_connected_component(dep.graph, start) if start in dep.graph else {start}
+    if any(a in dep.relation(a.node).sources for a in component):
+        found.blockers.append(f"{start} joins another channel group")
+        return set()
+    live, entries = _split_entries(dep, component, [start], flow)
+    found.axes |= live
+    found.entries += entries
+    found.components.append(component)
+    return live
+
+
+def _periodic_entries(dep: DependencyGraph, found: _Periodic, others: set[Axis]) -> None:
+    """Operands an op on a periodic axis reads whole (BLOOM's ALiBi bias): narrowed period by
+    period where the op reads them, if it can read a narrowed operand."""
+    for axis in found.periods:
+        node = axis.node
+        for inp, out in dep.relation(node).couplings:
+            if out != axis or inp in found.periods or inp in others:
+                continue
+            if _axis_size(inp) != _axis_size(out):  # the merge's outer dim: not the cut
+                continue
+            rule = dep.rule(node)
+            if rule is None or not rule.narrows_operands or is_in_place(node):
+                found.blockers.append(f"{inp} would be read whole by {node.name}")
+            else:
+                found.entries.append((node, inp.node, inp.dim))
+
+
+def _axis_size(axis: Axis) -> int:
+    return int(shape_of(axis.node)[axis.dim])
 
 
 def _flow(dep: DependencyGraph) -> dict[Axis, list[Axis]]:
@@ -274,41 +401,85 @@ def find_groups(dep: DependencyGraph) -> list[AlignmentGroup]:
     """The channel groups of the model: components that contain at least one source.
 
     Components without a source (the batch axis, spatial axes) can never be cut and are dropped.
+    Two components whose cuts meet on an axis that holds them periodically (DeBERTa's queries
+    and its position keys, both folded into the batch axis for one ``bmm``) are one group.
     """
     limits = _unit_limits(dep)
     flow = _flow(dep)
-    order = dep.position
-    groups: list[AlignmentGroup] = []
-    for component in nx.connected_components(dep.graph):
-        sources = sorted((a for a in component if a in dep.relation(a.node).sources), key=order)
-        if not sources:
-            continue
-        live, entries = _split_entries(dep, component, sources, flow)
-        attention = any(getattr(dep.rule(a.node), "is_attention", False) for a in live)
-        blockers, sinks = _blockers(dep, live, widens_outputs=attention)
-        units = 0
-        for axis in component:
-            units = math.gcd(units, int(shape_of(axis.node)[axis.dim]), limits.get(axis, 0))
-        groups.append(
-            AlignmentGroup(
-                id=-1,
-                axes=sorted(live, key=order),
-                sources=sources,
-                sinks=sorted(sinks, key=lambda s: order(Axis(s[0], 0))),
-                units=units,
-                blockers=blockers,
-                exit_sinks=_exit_sinks(dep, live, sinks),
-                # On the whole component: ``x + branch`` is a residual merge even when the
-                # stream ``x`` enters as a block input.
-                residual_adds=sorted(_residual_adds(dep, component), key=dep.order.__getitem__),
-                entries=entries,
-                attention=attention,
-            )
-        )
-    groups.sort(key=lambda g: order(g.primary))
+    components = [
+        frozenset(c)
+        for c in nx.connected_components(dep.graph)
+        if any(a in dep.relation(a.node).sources for a in c)
+    ]
+    built: dict[frozenset[Axis], AlignmentGroup] = {}
+    while True:
+        for component in components:
+            if component not in built:
+                built[component] = _build_group(dep, component, flow, limits)
+        pair = _meeting(components, built)
+        if pair is None:
+            break
+        first, second = pair
+        components = [c for c in components if c not in pair] + [first | second]
+    groups = sorted((built[c] for c in components), key=lambda g: dep.position(g.primary))
     for i, group in enumerate(groups):
         group.id = i
     return groups
+
+
+def _meeting(
+    components: list[frozenset[Axis]], built: dict[frozenset[Axis], AlignmentGroup]
+) -> tuple[frozenset[Axis], frozenset[Axis]] | None:
+    """Two components whose groups claim one axis: as their own, or one's as the other's entry
+    (an operand read whole and narrowed: it must be the other group's cut, not a copy)."""
+    owner: dict[Axis, frozenset[Axis]] = {}
+    for component in components:
+        for axis in built[component].axes:
+            if owner.setdefault(axis, component) is not component:
+                return owner[axis], component
+    for component in components:
+        for _, operand, dim in built[component].entries:
+            other = owner.get(Axis(operand, dim))
+            if other is not None and other is not component:
+                return other, component
+    return None
+
+
+def _build_group(
+    dep: DependencyGraph,
+    component: frozenset[Axis],
+    flow: dict[Axis, list[Axis]],
+    limits: dict[Axis, int],
+) -> AlignmentGroup:
+    order = dep.position
+    sources = sorted((a for a in component if a in dep.relation(a.node).sources), key=order)
+    live, entries = _split_entries(dep, set(component), sources, flow)
+    merged = _through_merged_axes(dep, live, flow)
+    live |= merged.axes | set(merged.periods)
+    attention = any(getattr(dep.rule(a.node), "is_attention", False) for a in live)
+    blockers, sinks = _blockers(dep, live, attention, merged.via_periodic)
+    whole = set().union(component, *merged.components)
+    units = 0
+    for axis in whole:
+        units = math.gcd(units, _axis_size(axis), limits.get(axis, 0))
+    for period in merged.periods.values():
+        units = math.gcd(units, period)
+    return AlignmentGroup(
+        id=-1,
+        axes=sorted(live, key=order),
+        sources=sources,
+        sinks=sorted(sinks, key=lambda s: order(Axis(s[0], 0))),
+        units=units,
+        blockers=blockers + list(dict.fromkeys(merged.blockers)),
+        exit_sinks=_exit_sinks(dep, live, sinks),
+        # On the whole component: ``x + branch`` is a residual merge even when the stream ``x``
+        # enters as a block input.
+        residual_adds=sorted(_residual_adds(dep, whole), key=dep.order.__getitem__),
+        entries=sorted(set(entries + merged.entries), key=_entry_order(dep)),
+        attention=attention,
+        periods=merged.periods,
+        via_periodic=merged.via_periodic,
+    )
 
 
 def block_inner_groups(dep: DependencyGraph, groups: list[AlignmentGroup]) -> list[AlignmentGroup]:

@@ -15,12 +15,17 @@ sliced axis. A cut says which units of an axis are alive this step, and how:
   zeroed, so tests can compare the sliced graph against a plain dense computation with the same
   draws.
 
+An axis of ``k * size`` channels holds ``k`` *periods* of the cut (heads folded into the batch
+axis, ``(B*H, T, d)``): its live channels are the cut's in every period, and :func:`take`,
+:func:`restrict`, :func:`normalise` and :func:`widen` treat it period by period.
+
 Keeping the mode inside the cut (instead of three sets of ops) means one rewrite serves all three
 modes, and the mask reference exercises exactly the same graph positions as the sliced variant.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -34,6 +39,7 @@ __all__ = [
     "restrict",
     "normalise",
     "live_size",
+    "live_extent",
     "live_parts",
     "sliced_linear",
     "sliced_fused_linear",
@@ -76,8 +82,26 @@ def make_cut(unit_index: int | Tensor, width: int, size: int, scale: int, mode: 
 
 
 def take(t: Tensor | None, dim: int, cut: Cut | None) -> Tensor | None:
-    """The live part of a parameter or buffer along ``dim`` (identity in mask mode)."""
+    """The live part of a parameter or buffer along ``dim`` (identity in mask mode).
+
+    An operand with several periods of the cut along ``dim`` (BLOOM's ALiBi bias, ``(B*H, 1,
+    T)``) gives the live part of every period.
+    """
+    if t is not None and cut is not None and cut.mode != "mask" and t.shape[dim] != cut.size:
+        return _per_period(t, dim, cut.size, lambda x, d: take_block(x, ((d, cut),)))
     return take_block(t, ((dim, cut),))
+
+
+def _per_period(x: Tensor, dim: int, period: int, fn: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """``fn(view, d)`` on ``x`` viewed with ``dim`` split into ``(periods, period)``, where ``d``
+    is the axis within a period, merged back afterwards."""
+    dim %= x.dim()
+    if x.shape[dim] % period:
+        raise ValueError(
+            f"axis {dim} of a {tuple(x.shape)} tensor is not a whole number of periods of "
+            f"{period} channels, the size its cut was drawn for"
+        )
+    return fn(x.unflatten(dim, (-1, period)), dim + 1).flatten(dim, dim + 1)
 
 
 def take_block(t: Tensor | None, cuts: tuple[tuple[int, Cut | None], ...]) -> Tensor | None:
@@ -130,8 +154,8 @@ def _keep(cut: Cut, like: Tensor, dim: int) -> Tensor:
     pos = torch.arange(cut.size, device=like.device)
     keep = (pos >= cut.index) & (pos < cut.index + cut.width)
     shape = [1] * like.dim()
-    shape[dim] = cut.size
-    return keep.view(shape)
+    shape[dim] = like.shape[dim]
+    return keep.repeat(like.shape[dim] // cut.size).view(shape)  # one copy per period
 
 
 def restrict(x: Tensor, cut: Cut, dim: int) -> Tensor:
@@ -157,6 +181,8 @@ def widen(x: Tensor, cut: Cut, dim: int) -> Tensor:
     """
     if cut.mode == "mask":
         return x
+    if x.shape[dim] != cut.width:
+        return _per_period(x, dim, cut.width, lambda v, d: widen(v, cut, d))
     shape = list(x.shape)
     shape[dim] = cut.size
     full = x.new_zeros(shape)
@@ -174,8 +200,8 @@ def normalise(x: Tensor, cut: Cut, dim: int, inv_keep_prob: Tensor | None) -> Te
         return x * (cut.size / cut.width)
     scale = take(inv_keep_prob, 0, cut)
     shape = [1] * x.dim()
-    shape[dim] = scale.shape[0]
-    return x * scale.to(x.dtype).view(shape)
+    shape[dim] = x.shape[dim]
+    return x * scale.to(x.dtype).repeat(x.shape[dim] // scale.shape[0]).view(shape)
 
 
 def sliced_linear(
@@ -464,6 +490,12 @@ def _fused_rows(weight: Tensor, parts: int, start: int, width: int, out_dim: int
 def live_size(cut: Cut) -> int:
     """The size a cut axis has in the rewritten graph (its full size in mask mode)."""
     return cut.size if cut.mode == "mask" else cut.width
+
+
+def live_extent(full: int, cut: Cut) -> int:
+    """The live size of an axis of ``full`` channels that holds whole periods of ``cut`` (a
+    shape argument of a view: ``B * H`` heads folded into the batch keep ``B * width``)."""
+    return full if cut.mode == "mask" else full // cut.size * cut.width
 
 
 def live_parts(fused: Tensor, parts: int, cut: Cut) -> tuple[Tensor, ...]:

@@ -24,6 +24,7 @@ from . import (
     conv,
     dropout,
     elementwise,
+    gather,
     layernorm,
     layout,
     linear,
@@ -60,6 +61,7 @@ _FAMILIES = (
     dropout,
     attention,
     layout,
+    gather,
     boundary,
     stochastic_depth,
 )

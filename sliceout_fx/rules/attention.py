@@ -77,6 +77,33 @@ class MatmulRule(OpRule):
         )
 
 
+class BatchMatmulAddRule(OpRule):
+    """``baddbmm(bias, a, b) = beta * bias + alpha * (a @ b)`` on ``(B, n, m) @ (B, m, p)``: BLOOM
+    adds its ALiBi bias to the attention scores in the same call. The product's axes are a batched
+    matmul's; the bias's axes line up with the result where they are not broadcast."""
+
+    name = "baddbmm"
+    targets = dialects("baddbmm")
+    is_attention = True
+    narrows_operands = True
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        bound = bind(node)
+        bias, a, b = bound["input"], bound["batch1"], bound["batch2"]
+        if any(rank_of(t) != 3 for t in (a, b, node)) or rank_of(bias) is None:
+            return AxisRelations(blocks="baddbmm with unknown shapes")
+        out = shape_of(node)
+        couplings = [(Axis(a, 0), Axis(node, 0)), (Axis(b, 0), Axis(node, 0))]
+        couplings += [(Axis(a, 1), Axis(node, 1)), (Axis(b, 2), Axis(node, 2))]
+        offset = 3 - rank_of(bias)
+        couplings += [
+            (Axis(bias, d), Axis(node, d + offset))
+            for d, size in enumerate(shape_of(bias))
+            if size == out[d + offset]
+        ]
+        return AxisRelations(couplings=couplings, blocks="baddbmm contracts over this axis")
+
+
 class SoftmaxRule(OpRule):
     """``softmax(x, dim)``: normalises along ``dim``, which must stay whole; others pass."""
 
@@ -101,4 +128,4 @@ class SoftmaxRule(OpRule):
 #: Targets of softmax in torch-level and ATen graphs (the dropout rule looks for them too).
 SOFTMAX_TARGETS = SoftmaxRule.targets
 
-RULES = (AttentionRule(), MatmulRule(), SoftmaxRule())
+RULES = (AttentionRule(), MatmulRule(), BatchMatmulAddRule(), SoftmaxRule())

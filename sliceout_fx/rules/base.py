@@ -6,6 +6,9 @@ A rule answers two questions about an fx node:
   it can make narrower by slicing its own parameters (*sources*), which input axes it can absorb by
   slicing its parameters (*sinks*), and which input axes it merely looks at without caring about
   their width (*passive*). Anything a rule does not mention blocks slicing of that axis.
+  A reshape that merges a cut axis into the inner position of another (attention heads folded
+  into the batch, ``(B, H, T, d) -> (B*H, T, d)``) states it as a *periodic* coupling: the merged
+  axis then holds one copy of the cut per outer index (see :mod:`sliceout_fx.groups`).
 * :meth:`OpRule.rewrite` - given the cuts of its sliced axes, emit the sliced computation. The
   same code serves the three modes: the ops it emits take a :class:`~sliceout_fx.ops.Cut` whose
   mode is "slice" (narrow views), "gather" (index vectors, for compiled steps) or "mask" (full
@@ -63,6 +66,9 @@ class AxisRelations:
     sources: list[Axis] = field(default_factory=list)
     sinks: list[Axis] = field(default_factory=list)
     passive: list[Axis] = field(default_factory=list)
+    # (a, merged): the merged axis holds ``a`` as its innermost factor, ``outer x a`` (a merge),
+    # or the reverse (a split). A cut of ``a`` repeats in every period of ``merged``.
+    periodic: list[tuple[Axis, Axis]] = field(default_factory=list)
     # Axis -> the largest number of equal units it may be cut into (e.g. conv groups).
     unit_limits: dict[Axis, int] = field(default_factory=dict)
     # Why this op blocks its input axes, when it knowingly does (view, concat, residual add...).
@@ -74,7 +80,7 @@ class AxisRelations:
         return (
             axis in self.sinks
             or axis in self.passive
-            or any(inp == axis for inp, _ in self.couplings)
+            or any(inp == axis for inp, _ in (*self.couplings, *self.periodic))
         )
 
     def produces(self, axis: Axis) -> bool:

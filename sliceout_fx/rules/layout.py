@@ -5,7 +5,10 @@ Attention code splits the projection width into heads (``view(B, T, -1, d_head)`
 cut of the head axis, so a reshape that splits an axis into ``(outer, inner)`` couples the flat axis
 with ``outer`` (``inner`` is never cut), and a merge does the reverse. The group's unit then becomes
 a whole head (the gcd of the coupled sizes), which keeps rotary embeddings and grouped-query
-attention intact. Shape arguments that name a cut axis are rewritten to its live size at run time.
+attention intact. A merge whose cut dim is the *inner* one, ``(B, H, T, d) -> (B*H, T, d)`` (BLOOM
+and DeBERTa-v2 fold the heads into the batch for ``bmm``), is a *periodic* coupling: the merged
+axis holds the cut once per batch index, and the split back to ``(B, H, ...)`` ends the period.
+Shape arguments that name a cut axis are rewritten to its live size at run time.
 Flattening ``(N, C, 1, 1)`` after global pooling keeps the channel axis whole, so the classifier
 dropout of a CNN is a site like any other.
 """
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..ops import live_parts, live_size
+from ..ops import live_extent, live_parts, live_size
 from .base import Axis, AxisRelations, OpRule, bind, couple_all_dims, input_of, rank_of, shape_of
 from .binding import dialects, matches
 
@@ -69,17 +72,23 @@ class ReshapeRule(OpRule):
         src, dst = shape_of(x), shape_of(node)
         if src is None or dst is None or 0 in src:
             return AxisRelations(blocks="reshape with unknown shapes")
-        couplings = []
+        couplings, periodic = [], []
         for ins, outs in _dim_groups(tuple(src), tuple(dst)):
             if ins and outs and (len(ins) == 1 or len(outs) == 1):
                 # The outer dim of a pure split or merge carries a cut in units of the inner
                 # block; a run regrouped on both sides (B, E) -> (B*H, d) couples nothing.
                 couplings.append((Axis(x, ins[0]), Axis(node, outs[0])))
+                # Its innermost dim is merged periodically: heads folded into the batch axis.
+                if len(ins) > 1:
+                    periodic.append((Axis(x, ins[-1]), Axis(node, outs[0])))
+                elif len(outs) > 1:
+                    periodic.append((Axis(x, ins[0]), Axis(node, outs[-1])))
         other = _shape_source(node)
         if other is not None:  # view_as(other): the result has other's shape, cut for cut
             couplings += couple_all_dims(other, node)
         return AxisRelations(
             couplings=couplings,
+            periodic=periodic,
             blocks="reshape mixes this axis into an inner position of another",
         )
 
@@ -109,7 +118,7 @@ def _reemit_with_sizes(node: fx.Node, ctx: Any, sizes: list[Any]) -> fx.Node | N
         cut = ctx.out_cut(node, dim)
         if cut is None or (isinstance(sizes[dim], int) and sizes[dim] == -1):
             continue
-        sizes[dim] = ctx.call(live_size, (cut,))
+        sizes[dim] = ctx.call(live_extent, (sizes[dim], cut))
         changed = True
     if not changed:
         return None
