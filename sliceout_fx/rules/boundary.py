@@ -32,9 +32,12 @@ def _dims_read(node: fx.Node, rank: int) -> set[int] | None:
     read: set[int] = set()
     for user in node.users:
         index = user.args[1] if user.target is operator.getitem else None
-        if not isinstance(index, int):
+        if isinstance(index, int):
+            read.add(index % rank)
+        elif isinstance(index, slice):  # ``b, t = x.shape[:2]``
+            read.update(range(rank)[index])
+        else:
             return None
-        read.add(index % rank)
     return read
 
 
@@ -63,7 +66,7 @@ class SizeRule(OpRule):
 
 class AttributeRule(OpRule):
     """``x.ndim``, ``x.dtype``, ``x.device``...: width-independent attributes pass; ``x.shape``
-    passes on the axes its users do not index (``x.shape[0]``)."""
+    passes on the axes its users do not index (``x.shape[0]``, ``x.shape[:2]``)."""
 
     name = "getattr"
     targets = (getattr,)
