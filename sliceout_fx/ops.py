@@ -35,6 +35,7 @@ from torch import Tensor, nn
 __all__ = [
     "Cut",
     "make_cut",
+    "scale_cut",
     "take",
     "restrict",
     "normalise",
@@ -79,6 +80,16 @@ def make_cut(unit_index: int | Tensor, width: int, size: int, scale: int, mode: 
         index = unit_index * scale + torch.arange(width, device=unit_index.device)
         return Cut(index, width, size, "offset")
     return Cut(unit_index * scale, width, size, mode)
+
+
+def scale_cut(cut: Cut, factor: int) -> Cut:
+    """The same cut on an axis with ``factor`` channels per channel of ``cut``'s axis: heads to
+    their features (Falcon takes its query heads from a fused projection's rows)."""
+    if cut.mode in INDEXED:
+        offsets = torch.arange(factor, device=cut.index.device)
+        index = (cut.index[:, None] * factor + offsets).flatten()
+        return Cut(index, cut.width * factor, cut.size * factor, cut.mode)
+    return Cut(cut.index * factor, cut.width * factor, cut.size * factor, cut.mode)
 
 
 def take(t: Tensor | None, dim: int, cut: Cut | None) -> Tensor | None:

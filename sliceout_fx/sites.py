@@ -87,10 +87,9 @@ def _site_name(node: fx.Node, by_node: bool = False) -> str:
 
 def _part_name(node: fx.Node, dep: DependencyGraph) -> str | None:
     """A part of a fused projection is named after the projection (``layers.0.gate_up``)."""
-    from .rules.binding import matches
-    from .rules.layout import SplitRule, fused_projection
+    from .rules.fused import fused_projection, is_split
 
-    item_of_split = node.target is operator.getitem and matches(node.args[0], SplitRule.targets)
+    item_of_split = node.target is operator.getitem and is_split(node.args[0])
     partition = node.args[0] if item_of_split else node
     try:
         projection = fused_projection(partition, dep.gm)

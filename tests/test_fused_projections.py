@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sliceout_fx
 
@@ -31,6 +32,10 @@ CONFIGS = {
         vocab_size=100, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0,
     ),  # fmt: skip
+    "falcon": lambda: transformers.FalconConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        attention_dropout=0.0, hidden_dropout=0.0,
+    ),  # fmt: skip
     "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(
         vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_inner=128, multi_query=True,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -42,6 +47,7 @@ ATTENTION = {
     "phi3": ("model.layers.0.self_attn", 2),
     "gpt_neox": ("gpt_neox.layers.0.attention.query_key_value", 4),
     "gptj": ("transformer.h.0.attn.q_proj", 4),
+    "falcon": ("transformer.h.0.self_attention", 4),
     "gpt_bigcode": ("transformer.h.0.attn", 4),
 }
 
@@ -57,3 +63,53 @@ def test_attention_heads_of_fused_projections_are_sliced_like_the_mask_reference
     assert sites.get(site) == units, sites
     assert len(sites) == 4, sites  # attention and MLP of both layers
     assert isinstance(sliced, type(model))
+
+
+DIM, HEADS = 32, 4
+D_HEAD = DIM // HEADS
+
+
+class HeadIndexedQKV(torch.nn.Module):
+    """Falcon's multi-query layout: one projection viewed as ``H + 2`` heads, the query heads
+    taken by a slice and the one key and one value head by index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(DIM, (HEADS + 2) * D_HEAD)
+        self.o = torch.nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        fused = self.qkv(x).view(b, t, HEADS + 2, D_HEAD)
+        q, k, v = fused[..., :-2, :], fused[..., [-2], :], fused[..., [-1], :]
+        y = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k, v)))
+        return x + self.o(y.transpose(1, 2).reshape(b, t, DIM))
+
+
+class Layers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(HeadIndexedQKV() for _ in range(2))
+        self.head = torch.nn.Linear(DIM, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "blocks"])
+def test_query_heads_taken_by_slice_and_index_are_cut_and_recomputed(capture: str) -> None:
+    """The query heads are cut; the key and value heads are recomputed from their own rows, so
+    no full-width product of the fused projection is left in the training graph."""
+    torch.manual_seed(0)
+    model, x = Layers().double(), torch.randn(2, 6, DIM, dtype=torch.float64)
+    options = dict(p=0.5, sites="all", capture=capture, example_inputs=x)
+    sliced, _ = assert_sliced_matches_mask(model, (x,), steps=2, atol=1e-10, **options)
+    report = sliceout_fx.explain(sliced)
+    assert [(s.name, s.units) for s in report.sites] == [("layers.0", HEADS), ("layers.1", HEADS)]
+    if capture == "fx":
+        graph = sliced.sliced_graph.graph
+        assert not [n for n in graph.nodes if n.op == "call_module" and "qkv" in str(n.target)]
+        rows = [n.args[1:] for n in graph.nodes if n.target is torch.narrow]
+        assert sorted(rows) == sorted([(0, 0, 32), (0, 32, 8), (0, 40, 8)] * 2 * 2), rows

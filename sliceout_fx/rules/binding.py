@@ -239,3 +239,12 @@ _OPERATOR_SIGNATURES = {
     operator.neg: _binary("input"),
     operator.getitem: _binary("input", "index"),
 }
+
+
+def size_list(node: fx.Node) -> list[Any] | None:
+    """The explicit size list of a view/reshape/expand (``None`` for flatten and ``*_as``)."""
+    if node.op == "call_module":
+        return None
+    a = bind(node)
+    sizes = a.get("size", a.get("shape"))
+    return list(sizes) if isinstance(sizes, (list, tuple)) else None

@@ -16,7 +16,6 @@ dropout of a CNN is a site like any other.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +23,18 @@ from torch import fx, nn
 
 from ..ops import live_extent, live_parts, live_size
 from .base import Axis, AxisRelations, OpRule, bind, couple_all_dims, input_of, rank_of, shape_of
-from .binding import dialects, matches
+from .binding import dialects, size_list
+from .fused import (
+    SPLITS,
+    any_part_is_cut,
+    constant_part,
+    fused_projection,
+    is_split,
+    recompute_part,
+    replay_views,
+    split_dim,
+    split_sizes,
+)
 
 
 def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -93,22 +103,13 @@ class ReshapeRule(OpRule):
         )
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
-        sizes = _size_list(node)
+        sizes = size_list(node)
         return None if sizes is None else _reemit_with_sizes(node, ctx, sizes)
 
 
 def _shape_source(node: fx.Node) -> fx.Node | None:
     other = bind(node).get("other") if node.op != "call_module" else None
     return other if isinstance(other, fx.Node) else None
-
-
-def _size_list(node: fx.Node) -> list[Any] | None:
-    """The explicit size list of a view/reshape/expand (``None`` for flatten and ``*_as``)."""
-    if node.op == "call_module":
-        return None
-    a = bind(node)
-    sizes = a.get("size", a.get("shape"))
-    return list(sizes) if isinstance(sizes, (list, tuple)) else None
 
 
 def _reemit_with_sizes(node: fx.Node, ctx: Any, sizes: list[Any]) -> fx.Node | None:
@@ -151,7 +152,7 @@ class ExpandRule(OpRule):
         return AxisRelations(couplings=couplings)
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
-        sizes = _size_list(node)
+        sizes = size_list(node)
         return None if sizes is None else _reemit_with_sizes(node, ctx, sizes)
 
 
@@ -240,14 +241,49 @@ class NarrowRule(OpRule):
         )
 
     def is_layer_output(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        return _slice_range(node) is not None and fused_projection(node, gm) is not None
+        return constant_part(node, gm) is not None and fused_projection(node, gm) is not None
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
-        part = _slice_range(node)
-        if part is None or ctx.out_cut(node, rank_of(node) - 1) is None:
-            return None
-        out_cut = ctx.out_cut(node, rank_of(node) - 1)
-        return _recompute_part(node, ctx, node, *part, out_cut)
+        return _rewrite_constant_part(node, ctx)
+
+
+def _rewrite_constant_part(node: fx.Node, ctx: Any) -> fx.Node | None:
+    """A slice or index of a fused projection, recomputed from its own weight rows when it or a
+    part beside it is cut."""
+    found = constant_part(node, ctx.gm)
+    projection = None if found is None else fused_projection(node, ctx.gm)
+    if projection is None:
+        return None
+    dim, start, size = found
+    out_cut = ctx.out_cut(node, dim)
+    cut_beside = any_part_is_cut(node, projection, ctx)  # asked at the first part, while all are
+    if out_cut is None and not cut_beside:
+        return None
+    return recompute_part(ctx, projection, start, size, out_cut)
+
+
+class IndexRule(OpRule):
+    """``aten.index(x, [None, ..., t])``, the ATen form of ``x[..., t]``: by one constant tensor
+    of consecutive positions it takes a part like a slice (Falcon's key head); any other index
+    tensor blocks the axes it indexes."""
+
+    name = "index"
+    targets = (torch.ops.aten.index,)
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        found = constant_part(node, gm)
+        x, rank = input_of(node), rank_of(node)
+        if found is None or rank is None:
+            return AxisRelations(blocks="indexes this axis with a tensor")
+        dim = found[0]
+        return AxisRelations(
+            couplings=[(Axis(x, d), Axis(node, d)) for d in range(rank) if d != dim],
+            sources=[Axis(node, dim)] if self.is_layer_output(node, gm) else [],
+            blocks="indexes into this axis, so its positions must stay whole",
+        )
+
+    is_layer_output = NarrowRule.is_layer_output
+    rewrite = NarrowRule.rewrite
 
 
 class CatRule(OpRule):
@@ -294,7 +330,7 @@ class SplitRule(OpRule):
     """``split`` / ``chunk``: produces a tuple; its items are handled by :class:`GetItemRule`."""
 
     name = "split"
-    targets = dialects("split", "split_with_sizes", "chunk")
+    targets = SPLITS
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         x = input_of(node)
@@ -308,16 +344,6 @@ class SplitRule(OpRule):
             passive=[Axis(x, d) for d in range(rank) if d != dim],
             blocks="split: each item covers a fixed range of this axis",
         )
-
-
-def split_dim(node: fx.Node) -> int:
-    """The axis a split/chunk cuts (its input may have been replaced while rewriting: the
-    rank comes from the recorded item shapes then)."""
-    rank = rank_of(input_of(node))
-    if rank is None:
-        items = node.meta.get("tensor_meta")
-        rank = len(items[0].shape)
-    return bind(node).get("dim", 0) % rank
 
 
 class GetItemRule(OpRule):
@@ -335,12 +361,12 @@ class GetItemRule(OpRule):
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
         source, index = node.args[0], node.args[1]
-        if _is_split(source):
+        if is_split(source):
             return self._split_item(node, source, gm)
         if shape_of(source) is not None:
             relations = _index_relations(node, source, index)
-            if self.is_layer_output(node, gm):
-                relations.sources.append(Axis(node, rank_of(node) - 1))  # see NarrowRule
+            if self.is_layer_output(node, gm):  # see NarrowRule
+                relations.sources.append(Axis(node, constant_part(node, gm)[0]))
             return relations
         return AxisRelations(blocks="no rule for function getitem")
 
@@ -356,81 +382,44 @@ class GetItemRule(OpRule):
     def is_layer_output(self, node: fx.Node, gm: fx.GraphModule) -> bool:
         """An item of a fused projection's split, or a fused projection's ``[..., a:b]``."""
         source = node.args[0]
-        if _is_split(source):
+        if is_split(source):
             return fused_projection(source, gm) is not None
         return NarrowRule.is_layer_output(self, node, gm)
 
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
         split = node.args[0]
-        if not _is_split(split):
-            return NarrowRule.rewrite(self, node, ctx)  # x[..., a:b] of a fused projection
+        if not is_split(split):
+            return _rewrite_constant_part(node, ctx)  # x[..., a:b] of a fused projection
         dim, sizes = split_dim(split), split_sizes(split)
         out_cut = ctx.out_cut(node, dim)
-        unequal = len(set(sizes)) > 1 and _any_part_is_cut(split, dim, ctx)
-        if out_cut is None and not unequal:
+        unequal = len(set(sizes)) > 1
+        projection = None if out_cut is None and not unequal else fused_projection(split, ctx.gm)
+        if projection is None or (unequal and not any_part_is_cut(node, projection, ctx)):
             return None
         if unequal:  # each part is recomputed from its own weight rows, the uncut ones too
             index = node.args[1]
-            return _recompute_part(node, ctx, split, sum(sizes[:index]), sizes[index], out_cut)
+            return recompute_part(ctx, projection, sum(sizes[:index]), sizes[index], out_cut)
         key = ("fused", split)
         if key not in ctx.memo:  # the first item computes every part in one matmul
-            projection = fused_projection(split, ctx.gm)
             parts = len(sizes)
             fused = projection.rule.rewrite_fused(projection.node, ctx, parts, out_cut)
             if projection.views:
                 width = ctx.call(operator.mul, (ctx.call(live_size, (out_cut,)), parts))
-                fused = _replay_views(projection.views, fused, width, ctx)
+                fused = replay_views(projection.views, fused, width, ctx)
             # One split of the live parts (backward: one cat), not a narrow per part (backward:
             # a zero-filled full-size gradient per part).
             ctx.memo[key] = ctx.call(live_parts, (fused, parts, out_cut))
         return ctx.call(operator.getitem, (ctx.memo[key], node.args[1]))
 
 
-def _any_part_is_cut(split: fx.Node, dim: int, ctx: Any) -> bool:
-    """Whether an item of ``split`` is cut: its projection is then recomputed part by
-    part, and an uncut part (multi-query attention's single key head) gets its own matmul
-    instead of keeping the full-width one alive for it."""
-    key = ("cut parts", split)
-    if key not in ctx.memo:  # at the first item, before any item is replaced
-        ctx.memo[key] = any(
-            ctx.out_cut(user, dim) is not None
-            for user in split.users
-            if user.target is operator.getitem
-        )
-    return ctx.memo[key]
-
-
-def _recompute_part(
-    node: fx.Node, ctx: Any, partition: fx.Node, offset: int, size: int, out_cut: Any
-) -> fx.Node:
-    """One part of a fused projection (cut by ``out_cut``, or whole when it is ``None``),
-    recomputed and viewed as the partition saw it."""
-    projection = fused_projection(partition, ctx.gm)
-    part = projection.rule.rewrite_part(projection.node, ctx, offset, size, out_cut)
-    if not projection.views:
-        return part
-    width = size if out_cut is None else ctx.call(live_size, (out_cut,))
-    return _replay_views(projection.views, part, width, ctx)
-
-
-def _replay_views(views: list[fx.Node], x: fx.Node, width: Any, ctx: Any) -> fx.Node:
-    """The views between a projection and its partition, on a narrower last axis (``width``):
-    they keep that axis, so only its size changes."""
-    for view in views:
-        if _is_unsqueeze(view):
-            dim = bind(view)["dim"] % rank_of(view)
-            x = ctx.graph.call_function(torch.unsqueeze, (x, dim - rank_of(view)))
-        else:
-            x = ctx.graph.call_function(torch.reshape, (x, [*_size_list(view)[:-1], width]))
-    return x
-
-
 def _index_relations(node: fx.Node, x: fx.Node, index: Any) -> AxisRelations:
-    """``x[index]`` with slices, ints, ``None`` and ``...``: full slices (``:``) pass."""
+    """``x[index]`` with slices, ints, ``None``, ``...`` and one list of ints (which keeps its
+    axis, as a slice does): full slices (``:``) pass."""
     rank, out_rank = rank_of(x), rank_of(node)
     items = list(index) if isinstance(index, tuple) else [index]
-    if out_rank is None or not all(
-        i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items
+    positions = [i for i in items if isinstance(i, list) and all(isinstance(p, int) for p in i)]
+    if out_rank is None or len(positions) > 1 or not all(
+        i is None or i is Ellipsis or isinstance(i, (int, slice)) or i in positions for i in items
     ):
         return AxisRelations(blocks="indexes this axis with a tensor")
     explicit = sum(i is not None and i is not Ellipsis for i in items)
@@ -452,125 +441,6 @@ def _index_relations(node: fx.Node, x: fx.Node, index: Any) -> AxisRelations:
     )
 
 
-_SPLITS = SplitRule.targets
-
-
-def _is_split(node: Any) -> bool:
-    return matches(node, _SPLITS)
-
-
-def split_sizes(split: fx.Node) -> list[int]:
-    """The sizes of a split's items along the split axis (from the recorded item shapes)."""
-    items = split.meta.get("tensor_meta")
-    dim = split_dim(split)
-    if isinstance(items, (list, tuple)) and all(hasattr(m, "shape") for m in items):
-        return [int(m.shape[dim]) for m in items]
-    a = bind(split)
-    total = shape_of(input_of(split))[split_dim(split)]
-    if "chunks" in a:
-        size = -(-total // a["chunks"])
-        return [min(size, total - start) for start in range(0, total, size)]
-    size = a.get("split_size", a.get("split_sizes"))
-    if isinstance(size, int):
-        return [min(size, total - start) for start in range(0, total, size)]
-    return list(size)
-
-
-@dataclass
-class _Projection:
-    node: fx.Node
-    rule: Any
-    views: list[fx.Node]  # views from the projection's output to the split, in order
-
-
-_VIEWS = dialects("view", "reshape")
-_UNSQUEEZES = dialects("unsqueeze")
-
-
-def _is_unsqueeze(node: Any) -> bool:
-    """``x.unsqueeze(d)`` before a split (GPT-BigCode's ``c_attn(x).unsqueeze(1)``)."""
-    return matches(node, _UNSQUEEZES) and rank_of(node) is not None
-
-
-def fused_projection(partition: fx.Node, gm: fx.GraphModule) -> _Projection | None:
-    """The projection whose output (through views that keep its last axis) is only read by
-    partitions of that axis: one ``split``/``chunk``, or ``x[..., a:b]`` slices."""
-    from . import rule_for
-
-    x, views = input_of(partition), []
-    while (
-        (matches(x, _VIEWS) or _is_unsqueeze(x))
-        and len(x.users) == 1
-        and shape_of(x)[-1] == shape_of(input_of(x))[-1]
-    ):
-        views.insert(0, x)
-        x = input_of(x)
-    read_by = list(input_of(partition).users)
-    if (
-        not isinstance(x, fx.Node)
-        or (views and len(x.users) != 1)  # the viewed output has no other reader
-        or not all(_partition_of_last_axis(user) for user in read_by)
-        or (_is_split(partition) and len(read_by) != 1)
-    ):
-        return None
-    rule = rule_for(x, gm)
-    if not rule.fused_projection:
-        return None
-    return _Projection(x, rule, views)
-
-
-def _partition_of_last_axis(node: fx.Node) -> bool:
-    """A split/chunk or a constant slice of the last axis of its input."""
-    rank = rank_of(input_of(node))
-    if rank is None:
-        return False
-    if _is_split(node):
-        return split_dim(node) == rank - 1
-    return _slice_range(node) is not None
-
-
-def _slice_range(node: fx.Node) -> tuple[int, int] | None:
-    """``(start, size)`` of a constant slice of the last axis only: ``aten.slice(x, -1, a, b)``
-    or ``x[..., a:b]``."""
-    x = input_of(node) if isinstance(node, fx.Node) and node.op != "placeholder" else None
-    rank = rank_of(x)
-    if rank is None:
-        return None
-    if node.target is operator.getitem:
-        last = _last_axis_slice(node.args[1], rank)
-        if last is None:
-            return None
-        start, end, step = last.start, last.stop, last.step
-    elif matches(node, _SLICES):
-        a = bind(node)
-        if a.get("dim", 0) % rank != rank - 1:
-            return None
-        start, end, step = a.get("start"), a.get("end"), a.get("step", 1)
-    else:
-        return None
-    if step not in (1, None):
-        return None
-    width = shape_of(x)[-1]
-    if not all(v is None or isinstance(v, int) for v in (start, end)):
-        return None
-    start, stop, _ = slice(start, end).indices(width)
-    return (start, stop - start) if stop > start else None
-
-
-_SLICES = dialects("slice")
-
-
-def _last_axis_slice(index: Any, rank: int) -> slice | None:
-    """The slice of ``x[index]`` when it indexes the last axis only (``[..., a:b]``)."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    if not items or not isinstance(items[-1], slice) or items[-1] == slice(None):
-        return None
-    head = items[:-1]
-    if head == [Ellipsis] or (len(head) == rank - 1 and all(i == slice(None) for i in head)):
-        return items[-1]
-    return None
-
-
 RULES = (
     ReshapeRule(),
     ExpandRule(),
@@ -581,4 +451,5 @@ RULES = (
     StackRule(),
     SplitRule(),
     GetItemRule(),
+    IndexRule(),
 )
