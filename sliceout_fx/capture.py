@@ -43,7 +43,7 @@ class TraceableForward:
 
 
 #: Code ``torch.fx`` cannot trace (PEFT's LoRA layer reads dtypes) or keeps whole as a ``torch.nn``
-#: leaf (``nn.MultiheadAttention`` and the ``nn.TransformerEncoder`` built of it, whose heads are
+#: leaf (``nn.MultiheadAttention`` and the ``nn.Transformer`` modules built of it, whose heads are
 #: then cut; see :mod:`sliceout_fx.mha`).
 TRACEABLE_FORWARDS = (
     TraceableForward(is_lora_linear, lora_linear_forward),
@@ -52,6 +52,11 @@ TRACEABLE_FORWARDS = (
         mha.is_encoder_layer, mha.encoder_layer_forward, mha.accepts_traced_layer_call
     ),
     TraceableForward(mha.is_encoder, mha.encoder_forward, mha.accepts_traced_encoder_call),
+    TraceableForward(mha.is_decoder_layer, mha.decoder_layer_forward),
+    TraceableForward(mha.is_decoder, mha.decoder_forward, mha.accepts_traced_decoder_call),
+    TraceableForward(
+        mha.is_transformer, mha.transformer_forward, mha.accepts_traced_transformer_call
+    ),
 )
 
 

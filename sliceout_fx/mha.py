@@ -1,6 +1,7 @@
 """Stage 1, capture: ``nn.MultiheadAttention`` spelt out, so that its heads can be cut.
 
-(And ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``, which ``torch.fx`` keeps whole.)
+(And the ``nn.Transformer`` modules built of it, which ``torch.fx`` keeps whole: the encoder and
+decoder, their layers, and ``nn.Transformer`` itself.)
 
 ``torch.fx`` keeps ``nn.MultiheadAttention`` whole (a ``torch.nn`` leaf), and what
 ``torch.export`` records of its forward merges the batch and head axes (``(L, B*H, d)``), where
@@ -100,6 +101,69 @@ def encoder_forward(
     for layer in encoder.layers:
         output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
     return output if encoder.norm is None else encoder.norm(output)
+
+
+def is_decoder_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.TransformerDecoderLayer)
+
+
+def decoder_layer_forward(layer: nn.TransformerDecoderLayer, *args: Any, **kwargs: Any) -> Any:
+    """``nn.TransformerDecoderLayer``'s own forward (it has no fused fast path): traced through
+    instead of kept whole, each attention call then decides for itself (masks keep it whole)."""
+    return nn.TransformerDecoderLayer.forward(layer, *args, **kwargs)
+
+
+def is_decoder(module: nn.Module) -> bool:
+    return isinstance(module, nn.TransformerDecoder)
+
+
+#: ``nn.TransformerDecoder.forward(tgt, memory, ...)``: its causal-mask detection compares a given
+#: mask's values, which a symbolic trace cannot.
+accepts_traced_decoder_call = _without_masks(
+    2,
+    "tgt_mask",
+    "memory_mask",
+    "tgt_key_padding_mask",
+    "memory_key_padding_mask",
+    "tgt_is_causal",
+    "memory_is_causal",
+)
+
+
+def decoder_forward(
+    decoder: nn.TransformerDecoder, tgt: torch.Tensor, memory: torch.Tensor, **unused: Any
+) -> torch.Tensor:
+    """``nn.TransformerDecoder.forward`` for a call without masks: its layers, then its norm."""
+    output = tgt
+    for layer in decoder.layers:
+        output = layer(output, memory)
+    return output if decoder.norm is None else decoder.norm(output)
+
+
+def is_transformer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Transformer)
+
+
+accepts_traced_transformer_call = _without_masks(
+    2,
+    "src_mask",
+    "tgt_mask",
+    "memory_mask",
+    "src_key_padding_mask",
+    "tgt_key_padding_mask",
+    "memory_key_padding_mask",
+    "src_is_causal",
+    "tgt_is_causal",
+    "memory_is_causal",
+)
+
+
+def transformer_forward(
+    model: nn.Transformer, src: torch.Tensor, tgt: torch.Tensor, **unused: Any
+) -> torch.Tensor:
+    """``nn.Transformer.forward`` for a call without masks (its shape checks branch on sizes,
+    which a symbolic trace cannot): the encoder on ``src``, the decoder on ``tgt`` and memory."""
+    return model.decoder(tgt, model.encoder(src))
 
 
 def multihead_attention_forward(

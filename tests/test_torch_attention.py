@@ -1,4 +1,4 @@
-"""``nn.MultiheadAttention`` and the ``torch.nn`` transformer encoder: heads cut in both front ends.
+"""``nn.MultiheadAttention`` and the ``torch.nn`` transformer modules: heads cut in both front ends.
 
 ``torch.fx`` keeps these ``torch.nn`` modules whole and ``torch.export`` records heads merged into
 the batch axis; the training graph is captured from :mod:`sliceout_fx.mha`'s spelt-out forward
@@ -89,6 +89,47 @@ def test_transformer_encoder_gets_the_same_head_and_ffn_sites_in_both_front_ends
     for capture in ("fx", "blocks"):
         assert sorted(_sites(model, x, sites="all", capture=capture)) == sorted(expected)
         _check(model, x, sites="all", capture=capture)
+
+
+class Seq2Seq(nn.Module):
+    """``nn.TransformerDecoder`` over a memory, or a whole ``nn.Transformer``, and a classifier;
+    attention dropout 0 so that no other draw differs between slicing and its reference."""
+
+    def __init__(self, whole: bool) -> None:
+        super().__init__()
+        options = dict(dim_feedforward=64, dropout=0.1, batch_first=True)
+        if whole:
+            self.body = nn.Transformer(32, 4, 1, 2, **options)
+        else:
+            self.body = nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 4, **options), 2)
+        for module in self.body.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                module.dropout = 0.0
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.body, nn.Transformer):
+            return self.head(self.body(memory, tgt))
+        return self.head(self.body(tgt, memory))
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["decoder", "transformer"])
+def test_decoder_self_and_cross_attention_heads_and_ffn_are_cut(whole: bool) -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq(whole).double()
+    inputs = tuple(torch.randn(2, n, 32, dtype=torch.float64) for n in (6, 5))
+    prefix = "body.decoder.layers" if whole else "body.layers"
+    expected = [
+        (f"{prefix}.{i}.{name}", units, units // 2)
+        for i in range(2)
+        for name, units in (("self_attn", 4), ("multihead_attn", 4), ("dropout", 64))
+    ]
+    if whole:
+        encoder = "body.encoder.layers.0"
+        expected += [(f"{encoder}.self_attn", 4, 2), (f"{encoder}.dropout", 64, 32)]
+    for capture in ("fx", "blocks"):
+        assert sorted(_sites(model, inputs, sites="all", capture=capture)) == sorted(expected)
+        _check(model, inputs, sites="all", capture=capture)
 
 
 def test_a_key_padding_mask_is_sliced_by_export_and_kept_whole_with_its_reason_by_fx() -> None:
