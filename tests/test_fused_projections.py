@@ -113,3 +113,29 @@ def test_query_heads_taken_by_slice_and_index_are_cut_and_recomputed(capture: st
         assert not [n for n in graph.nodes if n.op == "call_module" and "qkv" in str(n.target)]
         rows = [n.args[1:] for n in graph.nodes if n.target is torch.narrow]
         assert sorted(rows) == sorted([(0, 0, 32), (0, 32, 8), (0, 40, 8)] * 2 * 2), rows
+
+
+class SlicedTokens(torch.nn.Module):
+    """A layer's output sliced along the tokens and read by ``.shape`` and ``.ndim`` (XCiT's
+    class-attention, CoaT): not a partition of features, which the analysis must tell without
+    binding the shape reads as calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(DIM, 64), torch.nn.Linear(64, 3)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        first, rest = y[:, 0:1], y[:, 1:]
+        scale = y.shape[1] * y.ndim
+        return self.out(self.drop(torch.relu(first + rest.mean(1, keepdim=True)))) / scale
+
+
+def test_a_slice_of_tokens_read_beside_shape_queries_is_no_fused_part() -> None:
+    torch.manual_seed(0)
+    model, x = SlicedTokens().double(), torch.randn(2, 5, DIM, dtype=torch.float64)
+    options = dict(p=0.5, sites="all", example_inputs=x)
+    report = sliceout_fx.explain(model, **options)
+    assert [s.name for s in report.sites] == ["drop"]
+    assert_sliced_matches_mask(model, (x,), steps=2, atol=1e-10, **options)

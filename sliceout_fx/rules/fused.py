@@ -83,7 +83,11 @@ def constant_part(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int, int] | N
     of one axis of its input and keeps every other axis and the rank: ``aten.slice``,
     ``narrow``, ``x[..., a:b, :]``, and an index by consecutive constants (``x[..., [4], :]``,
     ``aten.index`` with a constant tensor)."""
-    x = input_of(node) if isinstance(node, fx.Node) and node.op != "placeholder" else None
+    if not isinstance(node, fx.Node) or not (
+        node.target is operator.getitem or matches(node, (*_SLICES, *_INDEX))
+    ):
+        return None
+    x = input_of(node)
     rank = rank_of(x)
     if rank is None or rank_of(node) != rank:
         return None
