@@ -234,19 +234,10 @@ def _flops_cell(r: zoo.ZooResult) -> str:
 
 
 #: Blockers that say slicing would be wrong: a statistic over the full width of the heads.
-_STATISTICS = ("reduces over this axis", "normalises over this axis")
-
-
-def heads_cannot_be_cut(r: zoo.ZooResult) -> bool:
-    """Heads left whole because a statistic spans all of them (OLMo-2's q/k RMSNorm over the
-    whole projection): cutting them would change what the model computes."""
-    return bool(r.head_blockers) and all(any(s in b for s in _STATISTICS) for b in r.head_blockers)
-
-
 def _heads_cell(r: zoo.ZooResult) -> str:
     if r.has_attention is False:
         return "no attention"
-    if r.heads_sliced is False and heads_cannot_be_cut(r):
+    if r.heads_sliced is False and zoo.heads_cannot_be_cut(r):
         return "cannot be cut: " + _markdown(short_reasons(r.head_blockers[0])[0])
     if r.heads_sliced is False and r.head_blockers:
         reasons = collections.Counter(c for b in r.head_blockers for c in short_reasons(b))
@@ -339,7 +330,7 @@ def summary(results: Sequence[zoo.ZooResult]) -> list[str]:
             whole = [
                 n
                 for n in attending
-                if n not in heads and all(heads_cannot_be_cut(r) for r in models[n])
+                if n not in heads and all(zoo.heads_cannot_be_cut(r) for r in models[n])
             ]
             cuttable = len(attending) - len(whole)
             lines.append(f"- convert and keep their class: {_percent(len(kept), len(models))}")

@@ -592,8 +592,8 @@ def catalogue() -> list[ZooEntry]:
 
 
 #: A fast, varied subset for the default test run: residual, depthwise, squeeze-excite, fire
-#: modules, a segmentation head, a vision transformer, an encoder, decoders and an
-#: encoder-decoder.
+#: modules, a segmentation head, a vision transformer, an encoder, decoders, an encoder-decoder,
+#: heads folded into the batch axis (BLOOM, DeBERTa-v2) and heads taken by index (Falcon).
 FAST = (
     "resnet18",
     "mobilenet_v3_small",
@@ -606,6 +606,9 @@ FAST = (
     "gpt2",
     "llama",
     "whisper",
+    "bloom",
+    "deberta-v2",
+    "falcon",
 )
 
 #: Failures measured by the sweep: (model, site policy) -> what fails. The tests mark these
@@ -653,6 +656,8 @@ class ZooResult:
             found.append("eval output differs from the original's")
         if self.sliced_matches_mask is False:
             found.append(f"sliced != mask reference: {self.mismatch}")
+        if self.source == "hf" and self.heads_sliced is False and not heads_cannot_be_cut(self):
+            found.append("attention heads left whole: " + "; ".join(self.head_blockers[:2]))
         return found
 
 
@@ -705,6 +710,15 @@ def _record_report(result: ZooResult, converted: nn.Module) -> None:
         b for g in report.groups if id(g) not in taken and _feeds_attention(g) for b in g.blockers
     )
     result.head_blockers = list(dict.fromkeys(blockers))
+
+
+_STATISTICS = ("reduces over this axis", "normalises over this axis")
+
+
+def heads_cannot_be_cut(r: ZooResult) -> bool:
+    """Heads left whole because a statistic spans all of them (OLMo-2's q/k RMSNorm over the
+    whole projection): cutting them would change what the model computes."""
+    return bool(r.head_blockers) and all(any(s in b for s in _STATISTICS) for b in r.head_blockers)
 
 
 def _feeds_attention(group: Any) -> bool:
