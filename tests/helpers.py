@@ -190,6 +190,24 @@ def assert_eval_equal(model: nn.Module, inputs: Inputs, **options) -> nn.Module:
     return converted
 
 
+def assert_kept_heads_attend_as_at_full_width(
+    model: nn.Module, x: torch.Tensor, draws: int = 3, **options
+) -> None:
+    """``model(x)[1]`` is the first layer's attention weights ``(B, H, T, T)``: converted with
+    ``options``, each step's kept heads equal the original's (same input to the first layer)
+    and the dropped heads are zero, the site's width of them kept."""
+    converted = sliceout_fx.convert(copy.deepcopy(model), example_inputs=x, **options)
+    width = sliceout_fx.explain(converted).sites[0].width
+    with torch.no_grad():
+        want = model.train()(x)[1]
+        for _ in range(draws):
+            got = converted.train()(x)[1]
+            assert got.shape == want.shape
+            kept = (got != 0).flatten(2).any(-1).all(0)
+            assert int(kept.sum()) == width
+            torch.testing.assert_close(got[:, kept], want[:, kept], atol=1e-12, rtol=0)
+
+
 def free_port() -> int:
     """A free local TCP port for a two-process gloo rendezvous."""
     import socket

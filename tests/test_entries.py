@@ -10,7 +10,6 @@ stream that enters a block as its input is still a residual stream.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -19,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import sliceout_fx
-from tests.helpers import assert_eval_equal, assert_sliced_matches_mask, convert_pair
+from tests.helpers import (
+    assert_eval_equal,
+    assert_kept_heads_attend_as_at_full_width,
+    assert_sliced_matches_mask,
+    convert_pair,
+)
 
 DIM, HEADS, SEQ = 32, 4, 6
 
@@ -199,16 +203,6 @@ def test_index_cuts_narrow_the_bias_and_widen_the_weights(options: dict) -> None
     and widen the returned weights by index: the first layer's kept heads attend exactly as the
     original's heads do (same input, same bias rows), the dropped ones are zero."""
     torch.manual_seed(0)
-    model, x = Stack().double(), _inputs()
-    converted = sliceout_fx.convert(
-        copy.deepcopy(model), p=0.5, sites="all", example_inputs=x, seed=3, **options
-    )
-    width = sliceout_fx.explain(converted).sites[0].width
-    with torch.no_grad():
-        want = model.train()(x)[1]
-        for _ in range(3):  # three draws
-            got = converted.train()(x)[1]
-            assert got.shape == want.shape
-            kept = (got != 0).flatten(2).any(-1).all(0)
-            assert int(kept.sum()) == width
-            torch.testing.assert_close(got[:, kept], want[:, kept], atol=1e-12, rtol=0)
+    model = Stack().double()
+    options = dict(p=0.5, sites="all", seed=3, **options)
+    assert_kept_heads_attend_as_at_full_width(model, _inputs(), **options)

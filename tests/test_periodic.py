@@ -11,7 +11,6 @@ loop over periods.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -20,7 +19,11 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx.ops import Cut, live_extent, normalise, restrict, take, widen
-from tests.helpers import assert_eval_equal, assert_sliced_matches_mask
+from tests.helpers import (
+    assert_eval_equal,
+    assert_kept_heads_attend_as_at_full_width,
+    assert_sliced_matches_mask,
+)
 
 DIM, HEADS, SEQ, BATCH = 32, 4, 6, 2
 D_HEAD = DIM // HEADS
@@ -142,19 +145,9 @@ def test_index_cuts_hold_the_heads_per_period(block: type[nn.Module], options: d
     of the first block attends exactly as at full width (its own bias, its own positions), and
     the dropped heads come back zero."""
     torch.manual_seed(0)
-    model, x = Stack(block).double(), _inputs()
-    converted = sliceout_fx.convert(
-        copy.deepcopy(model), p=0.5, sites="all", example_inputs=x, seed=3, **options
-    )
-    width = sliceout_fx.explain(converted).sites[0].width
-    with torch.no_grad():
-        want = model.train()(x)[1]
-        for _ in range(3):  # three draws
-            got = converted.train()(x)[1]
-            assert got.shape == want.shape
-            kept = (got != 0).flatten(2).any(-1).all(0)
-            assert int(kept.sum()) == width
-            torch.testing.assert_close(got[:, kept], want[:, kept], atol=1e-12, rtol=0)
+    model = Stack(block).double()
+    options = dict(p=0.5, sites="all", seed=3, **options)
+    assert_kept_heads_attend_as_at_full_width(model, _inputs(), **options)
 
 
 def test_a_layer_reading_a_periodic_axis_blocks_the_group() -> None:
