@@ -197,13 +197,7 @@ def _through_merged_axes(
     """
     found = _Periodic()
     size = _axis_size
-    stack = [
-        (merged, size(axis))
-        for axis in live
-        for user in axis.node.users
-        for inp, merged in dep.relation(user).periodic
-        if inp == axis and size(merged) > size(axis)
-    ]
+    stack = _merges_from(dep, live)
     joined = set(live)
     while stack:
         axis, period = stack.pop()
@@ -227,13 +221,7 @@ def _through_merged_axes(
                     found.via_periodic.add(out)
                     live_part = _join_component(dep, out, flow, found)
                     joined |= live_part
-                    stack += [
-                        (merged, size(a))
-                        for a in live_part
-                        for u in a.node.users
-                        for inp, merged in dep.relation(u).periodic
-                        if inp == a and size(merged) > size(a)
-                    ]
+                    stack += _merges_from(dep, live_part)
             elif keeps:
                 stack += [(out, period) for out in keeps]
             elif axis not in rel.passive:
@@ -244,6 +232,18 @@ def _through_merged_axes(
                 )
     _periodic_entries(dep, found, joined | found.axes)
     return found
+
+
+def _merges_from(dep: DependencyGraph, axes: set[Axis]) -> list[tuple[Axis, int]]:
+    """``(merged axis, period)`` where a reshape or repeat merges one of ``axes`` (cut as a
+    whole) into the inner position of a larger axis."""
+    return [
+        (merged, _axis_size(axis))
+        for axis in axes
+        for user in axis.node.users
+        for inp, merged in dep.relation(user).periodic
+        if inp == axis and _axis_size(merged) > _axis_size(axis)
+    ]
 
 
 def _join_component(

@@ -132,6 +132,24 @@ def test_decoder_self_and_cross_attention_heads_and_ffn_are_cut(whole: bool) -> 
         _check(model, inputs, sites="all", capture=capture)
 
 
+class CausalDecoder(Seq2Seq):
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=tgt.dtype)
+        return self.head(self.body(tgt, memory, tgt_mask=mask, tgt_is_causal=True))
+
+
+def test_a_causal_decoder_is_sliced_by_export_and_kept_whole_with_its_reason_by_fx() -> None:
+    torch.manual_seed(0)
+    model = CausalDecoder(whole=False).double()
+    inputs = tuple(torch.randn(2, n, 32, dtype=torch.float64) for n in (6, 5))
+    report = sliceout_fx.explain(model, p=0.5, capture="fx", example_inputs=inputs)
+    assert report.sites == []
+    assert [(s.name, "capture='blocks'" in s.reason) for s in report.skipped] == [("body", True)]
+    sites = _sites(model, inputs, sites="all", capture="blocks")
+    assert {("body.layers.0.self_attn", 4, 2), ("body.layers.1.multihead_attn", 4, 2)} <= set(sites)
+    _check(model, inputs, sites="all", capture="blocks")
+
+
 def test_a_key_padding_mask_is_sliced_by_export_and_kept_whole_with_its_reason_by_fx() -> None:
     torch.manual_seed(0)
     model = Encoder().double()
