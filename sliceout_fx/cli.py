@@ -107,11 +107,19 @@ EXPLAIN_EPILOG = f"""\
 Prints what convert() would do with the model: the alignment groups it found, which are sliced
 (and their widths at rate p), and why the others are left full width.
 
+MODEL is a built-in workload or your own model: package.module:factory (a callable that builds
+it with no arguments), timm:NAME, or a local HuggingFace folder (save_pretrained output). Weights
+are random (seeded by --seed); --input-shape gives one sample's shape, else convert() guesses a
+small batch from the model.
+
 examples:
   {PROG} explain mlp
   {PROG} explain mlp --p 0.3 --hidden 512
   {PROG} explain wrn --p 0.5
   {PROG} explain efficientnet_b0 --p 0.3
+  {PROG} explain torchvision.models:resnet50 --input-shape 3,224,224 --sites all
+  {PROG} explain timm:convnext_tiny --p 0.2
+  {PROG} explain ./my-finetuned-bert       # a save_pretrained() folder, loaded offline
 """
 
 DRAW_EPILOG = f"""\
@@ -129,6 +137,7 @@ examples:
   {PROG} draw efficientnet_b0 -o se.svg --sites all --only features.1
   {PROG} draw gpt2 -o gpt2-layer.svg --p 0.3 --hidden 96 --depth 2   # one layer, 12 heads
   {PROG} draw bert -o bert-attn.png --only bert.encoder.layer.3.attention
+  {PROG} draw torchvision.models:resnet18 -o block.svg --input-shape 3,64,64 --only layer1.0
 """
 
 DEMO_EPILOG = f"""\
@@ -163,6 +172,44 @@ def _add_shape_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         help="side of the square synthetic images (default: 32 for wrn, 96 for efficientnet_b0)",
+    )
+
+
+def _add_input_shape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        default=None,
+        metavar="SHAPE",
+        help="your model's input, one sample (3,224,224); default: guessed from the model",
+    )
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``3,224,224`` or ``3x224x224``: one sample's shape."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (e.g. 3,224,224)") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape of positive sizes, got {text!r}")
+    return shape
+
+
+def _model_help(names: Sequence[str]) -> str:
+    return (
+        f"a built-in workload ({', '.join(names)}) or your model: package.module:factory, "
+        "timm:NAME, or a local HuggingFace folder"
+    )
+
+
+def _add_sites_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sites",
+        choices=("auto", "dropout", "expand", "all"),
+        default="auto",
+        help="site policy, as convert(sites=...)",
     )
 
 
@@ -334,9 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXPLAIN_EPILOG,
         formatter_class=_Formatter,
     )
-    explain.add_argument("model", choices=names, help="workload whose model to explain")
+    explain.add_argument("model", metavar="MODEL", help=_model_help(names))
     explain.add_argument("--p", type=_rate, default=0.5, help="dropout rate")
+    _add_sites_option(explain)
     _add_shape_options(explain)
+    _add_input_shape_option(explain)
     explain.add_argument(
         "--batch-size", type=_positive_int, default=None, help="batch size of the example input"
     )
@@ -350,17 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=DRAW_EPILOG,
         formatter_class=_Formatter,
     )
-    draw.add_argument("model", choices=names, help="workload whose model to draw")
+    draw.add_argument("model", metavar="MODEL", help=_model_help(names))
     draw.add_argument(
         "-o", "--out", required=True, help="output file: .svg, .png or .pdf (picks the format)"
     )
     draw.add_argument("--p", type=_rate, default=0.5, help="dropout rate")
-    draw.add_argument(
-        "--sites",
-        choices=("auto", "dropout", "expand", "all"),
-        default="auto",
-        help="site policy, as convert(sites=...)",
-    )
+    _add_sites_option(draw)
     draw.add_argument(
         "--only",
         default=None,
@@ -376,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     draw.add_argument("--title", default=None, help="figure title (default: model, p, sites)")
     _add_shape_options(draw)
+    _add_input_shape_option(draw)
     draw.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -458,10 +503,28 @@ def _core() -> Any:
     return sliceout_fx
 
 
-def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
-    """The workload's untransformed model and example inputs (``explain`` and ``draw``)."""
-    from .bench.workloads import BenchOptions, get_workload
+def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | None]:
+    """The untransformed model and example inputs (``explain`` and ``draw``): the user's model
+    a spec names, or a workload's."""
+    from .bench.workloads import BenchOptions, get_workload, workload_names
+    from .model_specs import example_batch, is_model_spec, load_model
 
+    if is_model_spec(args.model):
+        given = [f"--{k.replace('_', '-')}" for k, v in _workload_only(args).items() if v]
+        if given:
+            raise CLIError(
+                f"{', '.join(given)} shape a built-in workload; for your model use --input-shape"
+            )
+        model = load_model(args.model, seed=args.seed)
+        shape = args.input_shape
+        return model, None if shape is None else example_batch(shape, args.batch_size or 2)
+    if args.model not in workload_names():
+        raise CLIError(
+            f"unknown model {args.model!r}: pass a workload ({', '.join(workload_names())}), "
+            "package.module:factory, timm:NAME or a local HuggingFace folder"
+        )
+    if args.input_shape is not None:
+        raise CLIError("--input-shape is for your own model; workloads take --image-size etc.")
     spec = get_workload(args.model)
     if spec.example_model is None:
         raise CLIError(f"workload {args.model!r} has no example model to {args.command}")
@@ -469,10 +532,14 @@ def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
     return spec.example_model(args.p, options)
 
 
+def _workload_only(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("hidden", "depth", "widen", "image_size")}
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     core = _core()
     model, example_inputs = _example_model(args)
-    report = core.explain(model, p=args.p, example_inputs=example_inputs)
+    report = core.explain(model, p=args.p, sites=args.sites, example_inputs=example_inputs)
     print(report)
     return 0
 

@@ -250,11 +250,10 @@ def test_cli_draw_one_gpt2_layer(tmp_path: Path) -> None:
 def test_cli_draw_unknown_model_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["draw", "resnet9000", "-o", str(tmp_path / "x.svg")])
-    assert exc.value.code == 2
+    assert main(["draw", "resnet9000", "-o", str(tmp_path / "x.svg")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "invalid choice" in err and "mlp" in err
+    assert err.count("\n") == 1 and "unknown model 'resnet9000'" in err and "mlp" in err
+    assert "timm:NAME" in err and not (tmp_path / "x.svg").exists()
 
 
 @pytest.mark.parametrize(
