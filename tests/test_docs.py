@@ -116,13 +116,16 @@ def run_page(path: Path) -> None:
 # -- the site -----------------------------------------------------------------------------------
 
 
-def test_site_builds_with_warnings_as_errors(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once with warnings as errors (``mkdocs build --strict``)."""
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
+    out = tmp_path_factory.mktemp("docs") / "site"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--clean"]
-        + ["--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
+        + ["--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -130,10 +133,69 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr}"
-    assert (tmp_path / "site" / "index.html").is_file()
-    api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
+    return out
+
+
+def test_site_builds_with_warnings_as_errors(site: Path) -> None:
+    assert (site / "index.html").is_file()
+    api = (site / "api" / "index.html").read_text(encoding="utf-8")
     for name in ("convert", "explain", "to_original", "SliceOutModule", "recalibrate_batch_norm"):
         assert f'id="sliceout_fx.{name}"' in api, f"the API page documents no {name}"
+
+
+MATHJAX = Path(
+    os.environ.get("SLICEOUT_FX_MATHJAX", "~/.cache/sliceout_fx/mathjax-3.2.2")
+).expanduser()
+_FORMULA = re.compile(
+    r'<(span|div) class="arithmatex">(\\\(.*?\\\)|\\\[.*?\\\])</\1>', re.DOTALL
+)
+_LOADED = re.compile(r'<(?:script|img)\b[^>]*\bsrc="([^"]+)"')
+
+
+def test_the_site_loads_nothing_from_the_network_and_every_picture_exists(site: Path) -> None:
+    """Offline: every script and picture a page loads is a file of the site itself."""
+    import shutil
+
+    if not (site / "javascripts" / "vendor" / "mathjax" / "tex-svg.js").is_file():
+        if shutil.which("npm") is None:
+            pytest.skip("MathJax is vendored from npm, not installed here (apt-get install npm)")
+        pytest.fail("MathJax is not vendored: run scripts/fetch_mathjax.sh (the setup script does)")
+    pictures = 0
+    for page in site.rglob("*.html"):
+        for src in _LOADED.findall(page.read_text(encoding="utf-8")):
+            assert not re.match(r"(https?:)?//", src), f"{page.relative_to(site)} loads {src}"
+            path = src.split("?")[0]
+            base = site if path.startswith("/") else page.parent  # 404.html is site-absolute
+            target = (base / path.lstrip("/")).resolve()
+            assert target.is_file() and target.stat().st_size > 0, f"{page}: {src} is missing"
+            pictures += src.endswith((".png", ".svg"))
+    assert pictures >= 5, "the pages show fewer pictures than the docs have"
+
+
+def test_every_formula_of_the_site_renders(site: Path) -> None:
+    """Each TeX formula of the built pages, rendered by the vendored MathJax's node entry point
+    with TeX errors reported (the page would show them in red): none fails."""
+    import html
+    import json
+    import shutil
+
+    if shutil.which("node") is None or not (MATHJAX / "es5" / "node-main.js").is_file():
+        pytest.skip("needs node and MathJax in the cache: run scripts/fetch_mathjax.sh")
+    formulas = [  # each formula, and the page it is on
+        {"tex": html.unescape(body)[2:-2], "display": kind == "div", "where": str(page)}
+        for page in sorted(site.rglob("*.html"))
+        for kind, body in _FORMULA.findall(page.read_text(encoding="utf-8"))
+    ]
+    assert len(formulas) >= 20, f"only {len(formulas)} formulas found in the site"
+    result = subprocess.run(
+        ["node", str(ROOT / "tests" / "render_maths.js"), str(MATHJAX)],
+        input=json.dumps(formulas),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
 
 
 def test_every_page_is_in_the_nav():
