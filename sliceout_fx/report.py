@@ -16,7 +16,18 @@ from .sites import Site, SkippedSite
 
 @dataclass
 class Report:
-    """The analysis of one model under one config. ``str(report)`` is the printable form."""
+    """The analysis of one model under one config. ``str(report)`` is the printable form.
+
+    Attributes:
+        model_name: The model's class name.
+        config: The options the analysis ran with.
+        groups: Every channel group found, sliceable or not (each with its blockers).
+        sites: The groups that are sliced, with their rates and widths (:class:`Site`).
+        skipped: Dropouts and named sites left as they are, each with its reason
+            (:class:`SkippedSite`).
+        flops_ratio: Expected multiply-accumulates of a sliced training step over full width.
+        activation_ratio: Expected activation elements of a sliced step over full width.
+    """
 
     model_name: str
     config: SliceOutConfig
@@ -32,6 +43,7 @@ class Report:
         return self
 
     def site(self, name: str) -> Site:
+        """The sliced site called ``name`` (``KeyError`` listing the sites if there is none)."""
         for s in self.sites:
             if s.name == name:
                 return s

@@ -38,7 +38,20 @@ from .sampling import slice_width, validate_rate
 
 @dataclass(eq=False)
 class Site:
-    """A group that will be sliced."""
+    """A group that will be sliced.
+
+    Attributes:
+        name: The module path the site is known by (``sites=[...]`` and ``p={...}`` use it).
+        kind: Why it was chosen: ``"dropout"`` (it replaces a dropout), ``"expand"`` (an expand
+            convolution), ``"inner"`` (a block's inner width), ``"group"`` (``sites="all"``) or
+            ``"explicit"`` (named in ``sites=[...]``).
+        group: The channel group that shares the slice.
+        p: The requested rate.
+        units: How many units the sampler cuts the width in (whole heads, conv groups...).
+        width: Live units per training step; :attr:`effective_p` is the rate this gives.
+        dropouts: The dropout nodes the site replaces.
+        patch: The window plan under ``scheme="patch"``, else ``None``.
+    """
 
     name: str
     kind: str  # "dropout" | "expand" | "inner" | "group" | "explicit"
@@ -56,6 +69,7 @@ class Site:
 
     @property
     def effective_p(self) -> float:
+        """The rate actually dropped: a whole number of units is kept."""
         if self.patch is not None:
             return 1.0 - self.patch.keep
         live, total = self.channels()
@@ -64,6 +78,8 @@ class Site:
 
 @dataclass
 class SkippedSite:
+    """A dropout or a named site left as it is, and why (the op that stops its group)."""
+
     name: str
     reason: str
 

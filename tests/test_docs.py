@@ -139,8 +139,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_site_builds_with_warnings_as_errors(site: Path) -> None:
     assert (site / "index.html").is_file()
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    for name in ("convert", "explain", "to_original", "SliceOutModule", "recalibrate_batch_norm"):
+    import sliceout_fx
+
+    for name in sliceout_fx.__all__:  # every public name, and what a report hands out
         assert f'id="sliceout_fx.{name}"' in api, f"the API page documents no {name}"
+    for name in ("sites.Site", "sites.SkippedSite", "Report.site", "SliceOutModule.full_width"):
+        assert f'id="sliceout_fx.{name}"' in api, f"the API page documents no {name}"
+    roles = re.findall(r":(?:class|func|meth|attr|mod|data|exc):<code>", api)
+    assert not roles, f"{len(roles)} Sphinx roles are shown raw (scripts/mkdocs_sphinx_roles.py)"
+    assert api.count('class="autorefs" href="#sliceout_fx') >= 10  # cross-references are links
 
 
 MATHJAX = Path(
