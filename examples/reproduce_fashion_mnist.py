@@ -6,7 +6,7 @@ transformation, and compares standard dropout, SliceOut with flow and with proba
 normalisation, and controlled dropout, reporting the highest test accuracy over training (Table 5),
 train time per epoch (Table 6) and max cached GPU memory (Table 7), both as % of standard dropout.
 
-This script runs every (variant, p, seed) on the real data set (``sliceout_fx.data``):
+This script runs every (variant, p, seed) on the real data set (``sliceout_lab.data``):
 
 * each run starts from the weights ``torch.manual_seed(seed)`` gives ``paper_mlp(p)``, so the four
   variants of one seed start identically; the data order comes from a generator seeded the same;
@@ -17,7 +17,7 @@ This script runs every (variant, p, seed) on the real data set (``sliceout_fx.da
   interrupted run resumes where it stopped;
 * separately, for each ``p``, freshly built copies of the variants are timed side by side in this
   process (interleaved rounds, median of per-round ratios to standard dropout) and the bytes
-  autograd saves for backward in one step are counted - the ``sliceout_fx.bench`` utilities.
+  autograd saves for backward in one step are counted - the ``sliceout_lab.bench`` utilities.
 
 The whole data set is put on the device once; batches are gathered there with an on-device
 permutation, and nothing in the training loop waits for the device except once per epoch (the
@@ -63,21 +63,21 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
     sys.path.insert(0, str(REPO))
 
 from sliceout_fx import convert  # noqa: E402
-from sliceout_fx.bench.memory import measure_saved_tensors  # noqa: E402
-from sliceout_fx.bench.runner import environment_info  # noqa: E402
-from sliceout_fx.bench.timing import (  # noqa: E402
+from sliceout_lab.bench.memory import measure_saved_tensors  # noqa: E402
+from sliceout_lab.bench.runner import environment_info  # noqa: E402
+from sliceout_lab.bench.timing import (  # noqa: E402
     interleaved_step_times,
     paired_ratios,
     quantile,
     ratio_of_medians,
 )
-from sliceout_fx.bench.workloads import (  # noqa: E402
+from sliceout_lab.bench.workloads import (  # noqa: E402
     BenchOptions,
     make_adam,
     variant_factory,
 )
-from sliceout_fx.data import load_fashion_mnist  # noqa: E402
-from sliceout_fx.models import paper_mlp  # noqa: E402
+from sliceout_lab.data import load_fashion_mnist  # noqa: E402
+from sliceout_lab.models import paper_mlp  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS = REPO / "examples" / "results" / "fashion_mnist.json"
@@ -87,7 +87,7 @@ DOCS_END = "<!-- results:end -->"
 
 BASELINE = "dropout"
 #: name -> (description, keyword arguments of ``sliceout_fx.convert``; None: the model as built).
-#: The names and conversions are those of the ``mlp`` benchmark workload (sliceout_fx.bench).
+#: The names and conversions are those of the ``mlp`` benchmark workload (sliceout_lab.bench).
 VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "dropout": ("standard dropout (nn.Dropout, the model as built)", None),
     "sliceout-flow": ("SliceOut, flow normalisation", {"normalisation": "flow"}),
@@ -356,9 +356,9 @@ def measure_ratios(
 
     Every variant is a fresh copy of one ``paper_mlp(p)`` (seed 0) with its own Adam, stepping
     over the same real training batches; steps are timed in interleaved rounds
-    (:func:`sliceout_fx.bench.timing.interleaved_step_times`, a device sync after each step) and
+    (:func:`sliceout_lab.bench.timing.interleaved_step_times`, a device sync after each step) and
     the bytes autograd saves for backward in one step are counted
-    (:func:`sliceout_fx.bench.memory.measure_saved_tensors`, parameters excluded).
+    (:func:`sliceout_lab.bench.memory.measure_saved_tensors`, parameters excluded).
     """
     torch.manual_seed(0)
     base = paper_mlp(p, hidden=cfg.hidden, depth=cfg.depth)

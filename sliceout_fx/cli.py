@@ -75,7 +75,7 @@ _non_negative_int = _int_at_least(0)
 
 
 def _workload_names() -> list[str]:
-    from .bench.workloads import workload_names
+    from sliceout_lab.bench.workloads import workload_names
 
     return workload_names()
 
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo",
         help="run the demo (arguments are passed through to it)",
-        description="Run sliceout_fx.demo with the remaining arguments.",
+        description="Run sliceout_lab.demo with the remaining arguments.",
         epilog=DEMO_EPILOG,
         formatter_class=_Formatter,
         add_help=False,
@@ -435,11 +435,11 @@ SUITES = ("overhead", "gpu")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.runner import run_benchmark
-    from .bench.workloads import BenchOptions, resolve_device
+    from sliceout_lab.bench.runner import run_benchmark
+    from sliceout_lab.bench.workloads import BenchOptions, resolve_device
 
     if args.workload == "overhead":
-        from .bench.overhead import run_overhead
+        from sliceout_lab.bench.overhead import run_overhead
 
         run_overhead(
             args.entries,
@@ -451,7 +451,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         return 0
     if args.workload == "gpu":
-        from .bench.gpu_suite import MODES, run_gpu_suite
+        from sliceout_lab.bench.gpu_suite import MODES, run_gpu_suite
 
         run_gpu_suite(
             device=resolve_device(args.device or "cuda"),
@@ -506,7 +506,8 @@ def _core() -> Any:
 def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | None]:
     """The untransformed model and example inputs (``explain`` and ``draw``): the user's model
     a spec names, or a workload's."""
-    from .bench.workloads import BenchOptions, get_workload, workload_names
+    from sliceout_lab.bench.workloads import BenchOptions, get_workload, workload_names
+
     from .model_specs import example_batch, is_model_spec, load_model
 
     if is_model_spec(args.model):
@@ -568,7 +569,7 @@ def _cmd_draw(args: argparse.Namespace) -> int:
 
 def _cmd_demo(rest: list[str]) -> int:
     try:
-        from . import demo
+        from sliceout_lab import demo
     except ImportError as exc:
         raise CLIError(f"the demo is not available: {exc}") from exc
     status = demo.main(rest)

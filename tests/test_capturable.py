@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sliceout_fx
-from sliceout_fx.models import WideResNet
+from sliceout_lab.models import WideResNet
 from tests.helpers import assert_sliced_matches_mask, train_step_outputs
 from tests.models import ConvChain, DepthwiseChain, mlp, tiny_gpt2, tiny_llama
 

@@ -95,7 +95,7 @@ def run_page(path: Path) -> None:
     """Run the executable blocks of ``path`` in one namespace; skip on a missing optional extra."""
     import torch
 
-    from sliceout_fx.data import FashionMNISTNotFoundError
+    from sliceout_lab.data import FashionMNISTNotFoundError
 
     namespace: dict = {"__name__": "__docs__"}
     with torch.random.fork_rng(devices=[]):

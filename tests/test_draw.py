@@ -15,7 +15,7 @@ import torch
 import sliceout_fx
 from sliceout_fx.cli import main
 from sliceout_fx.draw import PALETTE, draw
-from sliceout_fx.models import WideResNet, paper_mlp
+from sliceout_lab.models import WideResNet, paper_mlp
 from tests.models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sliceout_fx
-from sliceout_fx.models import paper_mlp
+from sliceout_lab.models import paper_mlp
 from tests.models import ConvChain
 
 

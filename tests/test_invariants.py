@@ -253,7 +253,7 @@ def test_gather_mode_is_controlled_dropout_on_the_same_analysis():
 
 @pytest.mark.parametrize("p", [0.3, 0.5])
 def test_patch_scheme_matches_its_masked_reference_and_keeps_eval(p):
-    from sliceout_fx.models import WideResNet
+    from sliceout_lab.models import WideResNet
 
     torch.manual_seed(0)
     model = WideResNet(10, 1, p=0.3).double()  # stride-2 windows in stages 2 and 3

@@ -89,7 +89,7 @@ def test_effective_rate_is_reported():
 
 
 def test_all_policy_replaces_dropouts_and_adds_the_other_groups():
-    from sliceout_fx.models import WideResNet
+    from sliceout_lab.models import WideResNet
 
     report = sliceout_fx.explain(WideResNet(10, 2), p=0.5, sites="all")
     kinds = [s.kind for s in report.sites]

@@ -350,7 +350,7 @@ def test_pytorch_native_transformers_slice_their_heads_and_ffn(name):
 
 
 def test_gpt2_bench_workload_builds_and_steps():
-    from sliceout_fx.bench.workloads import BenchOptions, get_workload
+    from sliceout_lab.bench.workloads import BenchOptions, get_workload
 
     options = BenchOptions(
         batch_size=2,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import sliceout_fx
-from sliceout_fx.models import WideResNet
+from sliceout_lab.models import WideResNet
 from tests.helpers import assert_sliced_matches_mask, train_step_outputs
 
 torchvision = pytest.importorskip("torchvision")

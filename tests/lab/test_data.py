@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sliceout_fx.data import (
+from sliceout_lab.data import (
     ENV_VAR,
     FASHION_MNIST_CLASSES,
     FashionMNISTNotFoundError,

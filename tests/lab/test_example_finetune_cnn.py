@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_efficientnet_lite.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_efficientnet_lite.py"
 
 
 def _load_example():

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "reproduce_fashion_mnist.py"
 DOCS = ROOT / "docs" / "reproduction.md"
 
 
 @pytest.fixture(scope="module")
 def repro():
-    from sliceout_fx.data import FashionMNISTNotFoundError, load_fashion_mnist
+    from sliceout_lab.data import FashionMNISTNotFoundError, load_fashion_mnist
 
     try:
         load_fashion_mnist("test")

@@ -27,7 +27,7 @@ def paper_mlp(
         -> fc3 (2048->2048) -> act3 -> drop3 -> head (2048->10)
 
     The input is expected already flattened to ``(N, in_features)``, as returned by
-    :func:`sliceout_fx.data.load_fashion_mnist`. Each ``Dropout`` is a natural SliceOut site:
+    :func:`sliceout_lab.data.load_fashion_mnist`. Each ``Dropout`` is a natural SliceOut site:
     converting the model replaces it by slicing the hidden layer it follows, i.e. the output rows
     of the ``Linear`` before it and the input columns of the ``Linear`` after it (the paper's
     Algorithm 1). The layers get stable names so that state_dict keys and reports read naturally

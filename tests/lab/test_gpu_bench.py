@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import sliceout_fx
-from sliceout_fx.bench.gpu_suite import format_suite, run_gpu_suite
-from sliceout_fx.bench.overhead import count_ops, run_overhead
 from sliceout_fx.cli import main
 from sliceout_fx.ops import Cut, sliced_linear
+from sliceout_lab.bench.gpu_suite import format_suite, run_gpu_suite
+from sliceout_lab.bench.overhead import count_ops, run_overhead
 
 
 def test_a_seeded_draw_dispatches_no_aten_op_and_an_unseeded_one_op() -> None:
@@ -102,7 +102,7 @@ def test_cli_bench_compile_and_capturable(tmp_path: Path, capsys) -> None:
 
 
 def test_bench_capturable_leaves_host_only_variants_alone() -> None:
-    from sliceout_fx.bench.workloads import BenchOptions, get_workload
+    from sliceout_lab.bench.workloads import BenchOptions, get_workload
 
     options = BenchOptions(hidden=16, batch_size=4, capturable=True, num_batches=1)
     built = get_workload("mlp").build(0.5, options).build(["sliceout-flow", "controlled"])

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sliceout_fx.bench import memory, timing
-from sliceout_fx.bench.runner import JSON_NAME, PLOT_NAME, run_benchmark
-from sliceout_fx.bench.workloads import (
+from sliceout_fx.cli import main
+from sliceout_lab.bench import memory, timing
+from sliceout_lab.bench.runner import JSON_NAME, PLOT_NAME, run_benchmark
+from sliceout_lab.bench.workloads import (
     BenchOptions,
     Variant,
     Workload,
@@ -22,7 +23,6 @@ from sliceout_fx.bench.workloads import (
     make_adam,
     register_workload,
 )
-from sliceout_fx.cli import main
 
 F32 = 4  # bytes per float32 element
 
@@ -324,16 +324,16 @@ def test_cli_explain_mlp(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_demo_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sliceout_fx.demo
+    import sliceout_lab.demo
 
     seen: list[list[str]] = []
-    monkeypatch.setattr(sliceout_fx.demo, "main", lambda argv=None: seen.append(argv) or 0)
+    monkeypatch.setattr(sliceout_lab.demo, "main", lambda argv=None: seen.append(argv) or 0)
     assert main(["demo", "--help", "--epochs", "1"]) == 0
     assert seen == [["--help", "--epochs", "1"]]
 
 
 def test_table_warns_when_the_machine_was_busy(tmp_path: Path) -> None:
-    from sliceout_fx.bench.runner import format_table
+    from sliceout_lab.bench.runner import format_table
 
     result = run_benchmark(
         "toy-test", [0.25], repeats=2, warmup=0, out=tmp_path, plot=False, progress=False
@@ -497,7 +497,7 @@ def _needs(workload: str) -> None:
 
 
 def test_every_registered_workload_has_tiny_options() -> None:
-    from sliceout_fx.bench.workloads import workload_names
+    from sliceout_lab.bench.workloads import workload_names
 
     assert set(workload_names()) - {"toy-test"} == set(TINY_BY_WORKLOAD)
 
@@ -555,7 +555,7 @@ def test_cli_device_cuda_without_cuda_is_one_line_exit_2(
 def test_results_and_table_name_the_device(tmp_path: Path) -> None:
     import io
 
-    from sliceout_fx.bench.runner import format_table
+    from sliceout_lab.bench.runner import format_table
 
     text = io.StringIO()
     result = run_benchmark(

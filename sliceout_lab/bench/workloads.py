@@ -326,7 +326,7 @@ _MLP_IN, _MLP_CLASSES = 784, 10
 
 
 def _mlp_model(p: float, options: BenchOptions) -> nn.Module:
-    from sliceout_fx.models import paper_mlp
+    from sliceout_lab.models import paper_mlp
 
     return paper_mlp(
         p,

@@ -184,7 +184,7 @@ def _wrn_shape(options: BenchOptions) -> tuple[int, int]:
 
 
 def _wrn_model(p: float, options: BenchOptions) -> nn.Module:
-    from sliceout_fx.models import WideResNet
+    from sliceout_lab.models import WideResNet
 
     depth, widen = _wrn_shape(options)
     torch.manual_seed(options.seed)

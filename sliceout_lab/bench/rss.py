@@ -4,7 +4,7 @@ Peak RSS is a process-wide high-water mark, so measuring several variants in one
 nothing about any one of them. A fresh interpreter per variant isolates them; the figure is still
 coarse (allocator caching, page granularity) and is reported as informational only.
 
-Run as ``python -m sliceout_fx.bench.rss '<json request>'``; prints one JSON line.
+Run as ``python -m sliceout_lab.bench.rss '<json request>'``; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def measure_rss_in_subprocess(
         "threads": threads,
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "sliceout_fx.bench.rss", json.dumps(request)],
+        [sys.executable, "-m", "sliceout_lab.bench.rss", json.dumps(request)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,6 +1,6 @@
 """Demo: standard dropout vs SliceOut on the paper's Fashion-MNIST MLP (Appendix F.1).
 
-Two copies of :func:`sliceout_fx.models.paper_mlp` start from the same weights: (a) the model as
+Two copies of :func:`sliceout_lab.models.paper_mlp` start from the same weights: (a) the model as
 it is, with standard ``nn.Dropout``; (b) the same model passed through :func:`sliceout_fx.convert`,
 whose Dropout sites become SliceOut sites. Both are trained with Adam on the same batches, one
 step of each in turn, so that the noise of a shared CPU hits both alike, and the demo reports:
@@ -11,7 +11,7 @@ step of each in turn, so that the noise of a shared CPU hits both alike, and the
 - the ratio of activation bytes that autograd saves for backward in one step (deterministic; the
   CPU stand-in for the paper's GPU memory figures).
 
-Run it with ``sliceout-fx demo`` or ``python -m sliceout_fx.demo``.
+Run it with ``sliceout-fx demo`` or ``python -m sliceout_lab.demo``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from sliceout_fx import convert
-from sliceout_fx.bench.memory import saved_activation_bytes
-from sliceout_fx.bench.timing import median_ratio
-from sliceout_fx.data import load_fashion_mnist
-from sliceout_fx.models import paper_mlp
+from sliceout_lab.bench.memory import saved_activation_bytes
+from sliceout_lab.bench.timing import median_ratio
+from sliceout_lab.data import load_fashion_mnist
+from sliceout_lab.models import paper_mlp
 
 __all__ = ["VariantResult", "format_table", "main", "run_demo"]
 

@@ -1,0 +1,8 @@
+"""Experiments beside the pass: benchmarks, the demo, data and corpus loaders, reference models
+and pretrained-weight fetchers.
+
+``sliceout_fx`` is the transformation and imports nothing from here; this package uses it as a
+user would, and brings the heavier dependencies experiments need (``tqdm``, ``matplotlib``,
+``numpy``: the ``lab`` extra). The ``sliceout-fx bench`` and ``sliceout-fx demo`` commands run
+it.
+"""
