@@ -74,10 +74,25 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def _workload_names() -> list[str]:
-    from sliceout_lab.bench.workloads import workload_names
+def _lab(module: str) -> Any:
+    """A module of ``sliceout_lab`` (benchmarks, demo), or a one-line error naming the extra."""
+    import importlib
 
-    return workload_names()
+    try:
+        return importlib.import_module(f"sliceout_lab.{module}")
+    except ImportError as exc:
+        raise CLIError(
+            f"the experiments are not installed ({exc}); pip install 'sliceout-fx[lab]'"
+        ) from exc
+
+
+def _workload_names() -> list[str]:
+    """The built-in workloads; none when the ``lab`` extra is missing (``explain`` and ``draw``
+    still take the user's own model then)."""
+    try:
+        return _lab("bench.workloads").workload_names()
+    except CLIError:
+        return []
 
 
 BENCH_EPILOG = f"""\
@@ -435,12 +450,12 @@ SUITES = ("overhead", "gpu")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from sliceout_lab.bench.runner import run_benchmark
-    from sliceout_lab.bench.workloads import BenchOptions, resolve_device
+    run_benchmark = _lab("bench.runner").run_benchmark
+    workloads = _lab("bench.workloads")
+    BenchOptions, resolve_device = workloads.BenchOptions, workloads.resolve_device
 
     if args.workload == "overhead":
-        from sliceout_lab.bench.overhead import run_overhead
-
+        run_overhead = _lab("bench.overhead").run_overhead
         run_overhead(
             args.entries,
             repeats=args.repeats,
@@ -451,8 +466,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         return 0
     if args.workload == "gpu":
-        from sliceout_lab.bench.gpu_suite import MODES, run_gpu_suite
-
+        suite = _lab("bench.gpu_suite")
+        MODES, run_gpu_suite = suite.MODES, suite.run_gpu_suite
         run_gpu_suite(
             device=resolve_device(args.device or "cuda"),
             modes=tuple(args.modes or MODES),
@@ -506,8 +521,6 @@ def _core() -> Any:
 def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | None]:
     """The untransformed model and example inputs (``explain`` and ``draw``): the user's model
     a spec names, or a workload's."""
-    from sliceout_lab.bench.workloads import BenchOptions, get_workload, workload_names
-
     from .model_specs import example_batch, is_model_spec, load_model
 
     if is_model_spec(args.model):
@@ -519,17 +532,21 @@ def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | Non
         model = load_model(args.model, seed=args.seed)
         shape = args.input_shape
         return model, None if shape is None else example_batch(shape, args.batch_size or 2)
-    if args.model not in workload_names():
+    names = _workload_names()
+    if args.model not in names:
         raise CLIError(
-            f"unknown model {args.model!r}: pass a workload ({', '.join(workload_names())}), "
+            f"unknown model {args.model!r}: pass a workload ({', '.join(names)}), "
             "package.module:factory, timm:NAME or a local HuggingFace folder"
         )
     if args.input_shape is not None:
         raise CLIError("--input-shape is for your own model; workloads take --image-size etc.")
-    spec = get_workload(args.model)
+    workloads = _lab("bench.workloads")
+    spec = workloads.get_workload(args.model)
     if spec.example_model is None:
         raise CLIError(f"workload {args.model!r} has no example model to {args.command}")
-    options = BenchOptions(batch_size=args.batch_size, seed=args.seed, **_shape_options(args))
+    options = workloads.BenchOptions(
+        batch_size=args.batch_size, seed=args.seed, **_shape_options(args)
+    )
     return spec.example_model(args.p, options)
 
 
@@ -550,7 +567,9 @@ def _cmd_draw(args: argparse.Namespace) -> int:
     try:
         from .draw import draw, output_format
     except ImportError as exc:
-        raise CLIError(f"drawing is not available: {exc} (pip install matplotlib)") from exc
+        raise CLIError(
+            f"drawing is not available: {exc} (pip install 'sliceout-fx[draw]')"
+        ) from exc
     output_format(args.out)  # a bad suffix fails before the model is built
     model, example_inputs = _example_model(args)
     path = draw(
@@ -568,11 +587,7 @@ def _cmd_draw(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(rest: list[str]) -> int:
-    try:
-        from sliceout_lab import demo
-    except ImportError as exc:
-        raise CLIError(f"the demo is not available: {exc}") from exc
-    status = demo.main(rest)
+    status = _lab("demo").main(rest)
     return status if isinstance(status, int) else 0
 
 

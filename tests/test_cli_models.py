@@ -92,3 +92,22 @@ def test_a_bad_input_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         main(["explain", "timm:resnet18", "--input-shape", "3,a,4"])
     assert exc.value.code == 2
     assert "not a shape" in capsys.readouterr().err
+
+
+def test_without_the_lab_extra_explain_takes_your_model_and_demo_names_the_extra() -> None:
+    """``sliceout_lab`` (benchmarks, demo) is optional: blocked here as if not installed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['sliceout_lab'] = None\n"
+        "from sliceout_fx.cli import main\n"
+        "assert main(['explain', 'torchvision.models:resnet18', '--input-shape', '3,32,32']) == 0\n"
+        "assert main(['demo']) == 2\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SliceOut plan for ResNet" in result.stdout
+    assert "pip install 'sliceout-fx[lab]'" in result.stderr
