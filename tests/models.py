@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -143,3 +144,21 @@ def tiny_vit(num_classes: int = 10, drop_rate: float = 0.0) -> nn.Module:
         proj_drop_rate=0.1,
         drop_rate=drop_rate,
     )
+
+
+class AttentionStack(nn.Module):
+    """Attention blocks built by ``block()`` one after another and a classifier; each block
+    returns ``(x, attention weights)``, and the stack returns the logits then every block's
+    weights (what ``capture="blocks"`` exports one block at a time)."""
+
+    def __init__(self, block: Callable[[], nn.Module], dim: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(block() for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights = []
+        for layer in self.layers:
+            x, probs = layer(x)
+            weights.append(probs)
+        return (self.head(x), *weights)

@@ -24,6 +24,7 @@ from tests.helpers import (
     assert_sliced_matches_mask,
     convert_pair,
 )
+from tests.models import AttentionStack
 
 DIM, HEADS, SEQ = 32, 4, 6
 
@@ -52,20 +53,9 @@ class BiasedAttention(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(b, t, DIM)), probs
 
 
-class Stack(nn.Module):
-    """Repeated attention blocks (what ``capture="blocks"`` exports one by one)."""
-
-    def __init__(self, fused: bool = False, depth: int = 2) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(BiasedAttention(fused) for _ in range(depth))
-        self.head = nn.Linear(DIM, 3)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weights = []
-        for layer in self.layers:
-            x, probs = layer(x)
-            weights.append(probs)
-        return (self.head(x), *weights)
+def stack(fused: bool = False) -> AttentionStack:
+    """Two biased attention blocks (eager, or the bias as SDPA's mask) and a classifier."""
+    return AttentionStack(lambda: BiasedAttention(fused), DIM)
 
 
 class ScaledMLP(nn.Module):
@@ -130,7 +120,7 @@ def _report(model: nn.Module, capture: str = "fx"):
 @pytest.mark.parametrize("capture", ["fx", "blocks"])
 def test_heads_are_cut_through_a_bias_the_layers_do_not_compute(capture: str, fused: bool) -> None:
     torch.manual_seed(0)
-    model = Stack(fused).double()
+    model = stack(fused).double()
     _, report = _report(model, capture)
     assert [(s.name, s.units) for s in report.sites] == [
         ("layers.0.q", HEADS),
@@ -150,7 +140,7 @@ def test_heads_are_cut_through_a_bias_the_layers_do_not_compute(capture: str, fu
 @pytest.mark.parametrize("capture", ["fx", "blocks"])
 def test_attention_weights_come_back_full_width_with_the_dropped_heads_zero(capture: str) -> None:
     torch.manual_seed(0)
-    model, x = Stack().double(), _inputs()
+    model, x = stack().double(), _inputs()
     sliced, masked = convert_pair(model, p=0.5, sites="all", capture=capture, example_inputs=x)
     width = sliceout_fx.explain(sliced).sites[0].width
     sliced.train(), masked.train()
@@ -203,6 +193,6 @@ def test_index_cuts_narrow_the_bias_and_widen_the_weights(options: dict) -> None
     and widen the returned weights by index: the first layer's kept heads attend exactly as the
     original's heads do (same input, same bias rows), the dropped ones are zero."""
     torch.manual_seed(0)
-    model = Stack().double()
+    model = stack().double()
     options = dict(p=0.5, sites="all", seed=3, **options)
     assert_kept_heads_attend_as_at_full_width(model, _inputs(), **options)

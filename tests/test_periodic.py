@@ -24,6 +24,7 @@ from tests.helpers import (
     assert_kept_heads_attend_as_at_full_width,
     assert_sliced_matches_mask,
 )
+from tests.models import AttentionStack
 
 DIM, HEADS, SEQ, BATCH = 32, 4, 6, 2
 D_HEAD = DIM // HEADS
@@ -84,21 +85,9 @@ class RelativeAttention(nn.Module):
         return x + self.o(_merge(torch.bmm(probs, v), b)), probs.view(b, HEADS, t, t)
 
 
-class Stack(nn.Module):
-    """Two blocks and a head (``capture="blocks"`` exports the blocks one by one); returns the
-    attention weights ``(B, H, T, T)`` of each block beside the logits."""
-
-    def __init__(self, block: type[nn.Module]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(block() for _ in range(2))
-        self.head = nn.Linear(DIM, 3)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weights = []
-        for layer in self.layers:
-            x, probs = layer(x)
-            weights.append(probs)
-        return (self.head(x), *weights)
+def stack(block: type[nn.Module]) -> AttentionStack:
+    """Two blocks and a classifier; the weights ``(B, H, T, T)`` of each block come back too."""
+    return AttentionStack(block, DIM)
 
 
 def _inputs() -> torch.Tensor:
@@ -114,7 +103,7 @@ def test_heads_folded_into_the_batch_are_cut_and_match_the_reference(
     block: type[nn.Module], capture: str
 ) -> None:
     torch.manual_seed(0)
-    model, x = Stack(block).double(), _inputs()
+    model, x = stack(block).double(), _inputs()
     options = dict(p=0.5, sites="all", capture=capture, example_inputs=x)
     report = sliceout_fx.explain(model, **options)
     heads = [s for s in report.sites if s.name.endswith(".q")]
@@ -130,7 +119,7 @@ def test_heads_folded_into_the_batch_are_cut_and_match_the_reference(
 
 def test_a_bias_the_group_does_not_compute_is_narrowed_period_by_period() -> None:
     torch.manual_seed(0)
-    report = sliceout_fx.explain(Stack(AlibiAttention).double(), p=0.5, sites="all",
+    report = sliceout_fx.explain(stack(AlibiAttention).double(), p=0.5, sites="all",
                                  capture="fx", example_inputs=_inputs())
     site = report.sites[0]
     assert [(op.name, operand.name, dim) for op, operand, dim in site.group.entries] == [
@@ -145,7 +134,7 @@ def test_index_cuts_hold_the_heads_per_period(block: type[nn.Module], options: d
     of the first block attends exactly as at full width (its own bias, its own positions), and
     the dropped heads come back zero."""
     torch.manual_seed(0)
-    model = Stack(block).double()
+    model = stack(block).double()
     options = dict(p=0.5, sites="all", seed=3, **options)
     assert_kept_heads_attend_as_at_full_width(model, _inputs(), **options)
 
