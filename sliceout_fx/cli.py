@@ -110,6 +110,8 @@ examples:
   {PROG} bench wrn --p 0.3 0.5 --repeats 10     # WRN-16-8, SGD; p = 0.1 ... 0.5 by default
   {PROG} bench wrn --p 0.5 --depth 10 --widen 1 --image-size 8 --repeats 3   # tiny WRN
   {PROG} bench efficientnet_b0 --p 0.3          # needs torchvision
+  {PROG} bench torchvision.models:resnet18 --input-shape 3,64,64 --p 0.3   # your model
+  {PROG} bench ./my-finetuned-bert --input-shape 128 --sites all           # token ids, 128
   {PROG} bench wrn --p 0.3 0.5 --device cuda    # on the GPU: adds a CUDA step-peak memory column
   {PROG} bench mlp --p 0.5 --compile            # both variants torch.compile'd (inductor)
   {PROG} bench mlp --p 0.5 --capturable         # SliceOut with device-side slice offsets
@@ -277,9 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "workload",
-        choices=[*names, *SUITES],
-        help="workload to run; 'overhead' and 'gpu' are suites of their own (see below)",
+        metavar="WORKLOAD",
+        help=f"a built-in workload ({', '.join(names)}), your model (package.module:factory, "
+        "timm:NAME, a local HuggingFace folder: dropout as built vs SliceOut on synthetic "
+        "batches), or a suite of its own: 'overhead', 'gpu' (see below)",
     )
+    _add_sites_option(bench)
+    _add_input_shape_option(bench)
     bench.add_argument(
         "--p",
         type=_rate,
@@ -479,6 +485,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             out=args.out,
         )
         return 0
+    from .model_specs import is_model_spec
+
+    name = args.workload
+    if is_model_spec(name):
+        name = _lab("bench.user_workloads").register_user_model(
+            name, args.input_shape, args.sites
+        )
+    elif name not in _workload_names():
+        raise CLIError(
+            f"unknown workload {name!r}: choose from {', '.join([*_workload_names(), *SUITES])}, "
+            "or pass your model (package.module:factory, timm:NAME, a local HuggingFace folder)"
+        )
     options = BenchOptions(
         batch_size=args.batch_size,
         **_shape_options(args),
@@ -492,7 +510,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         capturable=args.capturable,
     )
     run_benchmark(
-        args.workload,
+        name,
         args.p,
         options=options,
         repeats=args.repeats,

@@ -279,10 +279,10 @@ def test_cli_bad_rate_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_cli_unknown_workload(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "no-such-workload"])
-    assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert main(["bench", "no-such-workload"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown workload 'no-such-workload'" in err
+    assert "mlp" in err and "package.module:factory" in err
 
 
 def test_cli_runtime_error_is_one_line_exit_2(
@@ -624,3 +624,20 @@ def test_python_dash_m_runs_the_cli_and_reports_its_version() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"sliceout-fx {sliceout_fx.__version__}"
+
+
+def test_cli_bench_your_own_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench package.module:factory``: dropout as built vs SliceOut on synthetic batches, the
+    table and the JSON result like a built-in workload's."""
+    pytest.importorskip("torchvision")
+    argv = ["bench", "tests.models:ConvChain", "--input-shape", "3,16,16",
+            "--p", "0.5", "--repeats", "2", "--warmup", "1", "--no-plot", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sliceout-flow" in out and "dropout" in out
+    [result] = list(tmp_path.glob("*.json"))
+    data = json.loads(result.read_text())
+    assert data["workload"] == "tests.models-ConvChain"
+    assert "tests.models:ConvChain" in data["description"]
+    assert data["baseline"] == "dropout" and data["variants"] == ["dropout", "sliceout-flow"]
