@@ -489,6 +489,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     name = args.workload
     if is_model_spec(name):
+        _refuse_workload_options(args)
         name = _lab("bench.user_workloads").register_user_model(
             name, args.input_shape, args.sites
         )
@@ -497,6 +498,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"unknown workload {name!r}: choose from {', '.join([*_workload_names(), *SUITES])}, "
             "or pass your model (package.module:factory, timm:NAME, a local HuggingFace folder)"
         )
+    elif args.input_shape is not None or args.sites != "auto":
+        raise CLIError("--input-shape and --sites are for your own model; workloads fix theirs")
     options = BenchOptions(
         batch_size=args.batch_size,
         **_shape_options(args),
@@ -542,11 +545,7 @@ def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | Non
     from .model_specs import example_batch, is_model_spec, load_model
 
     if is_model_spec(args.model):
-        given = [f"--{k.replace('_', '-')}" for k, v in _workload_only(args).items() if v]
-        if given:
-            raise CLIError(
-                f"{', '.join(given)} shape a built-in workload; for your model use --input-shape"
-            )
+        _refuse_workload_options(args)
         model = load_model(args.model, seed=args.seed)
         shape = args.input_shape
         return model, None if shape is None else example_batch(shape, args.batch_size or 2)
@@ -568,8 +567,14 @@ def _example_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...] | Non
     return spec.example_model(args.p, options)
 
 
-def _workload_only(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in ("hidden", "depth", "widen", "image_size")}
+def _refuse_workload_options(args: argparse.Namespace) -> None:
+    """The shape options of built-in workloads mean nothing to the user's own model."""
+    names = ("hidden", "depth", "widen", "image_size")
+    given = [f"--{k.replace('_', '-')}" for k in names if getattr(args, k)]
+    if given:
+        raise CLIError(
+            f"{', '.join(given)} shape a built-in workload; for your model use --input-shape"
+        )
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .workloads import BenchOptions, Variant, Workload, make_adam, on_device, register_workload
+from .workloads import (
+    BenchOptions,
+    Variant,
+    Workload,
+    compiled_if_asked,
+    make_adam,
+    on_device,
+    register_workload,
+    sliceout_options,
+)
 
 __all__ = ["register_user_model"]
 
@@ -41,6 +50,7 @@ def register_user_model(
         name,
         description=f"your model {spec}, synthetic batches, dropout as built vs SliceOut",
         default_ps=(0.1, 0.3, 0.5),
+        replace=True,  # a second run of the same spec in one process
     )(build)
     return name
 
@@ -61,8 +71,6 @@ def _batches(
     model: nn.Module, input_shape: tuple[int, ...] | None, options: BenchOptions
 ) -> list[tuple[Any, torch.Tensor]]:
     """Synthetic ``(inputs, labels)`` pairs, the labels shaped like the logits without classes."""
-    from sliceout_fx.model_specs import example_batch
-
     batch = options.batch_size or 8
     gen = torch.Generator().manual_seed(options.seed + 1)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -75,8 +83,7 @@ def _batches(
             ids = torch.randint(1, vocab, (batch, *shape), generator=gen)
             inputs: Any = {"input_ids": ids.to(options.device)}
         else:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=gen)))
-            inputs = example_batch(input_shape, batch)[0].to(options.device)
+            inputs = torch.randn(batch, *input_shape, generator=gen).to(options.device)
         found.append(inputs)
     with torch.no_grad():
         logits = _logits(_call(model.eval(), found[0]))
@@ -102,8 +109,6 @@ def _user_workload(
 ) -> Workload:
     import sliceout_fx
     from sliceout_fx.model_specs import load_model
-
-    from .workloads import compiled_if_asked, sliceout_options
 
     base = on_device(load_model(spec, seed=options.seed), options.device)
     batches = _batches(base, input_shape, options)

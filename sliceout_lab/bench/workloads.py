@@ -171,15 +171,17 @@ def register_workload(
     description: str,
     default_ps: Iterable[float] = DEFAULT_PS,
     example_model: Callable[[float, BenchOptions], tuple[nn.Module, tuple[Any, ...]]] | None = None,
+    replace: bool = False,
 ) -> Callable[
     [Callable[[float, BenchOptions], Workload]], Callable[[float, BenchOptions], Workload]
 ]:
-    """Decorator registering a ``(p, options) -> Workload`` builder under ``name``."""
+    """Decorator registering a ``(p, options) -> Workload`` builder under ``name`` (``replace``:
+    over one already registered, else that is an error)."""
 
     def decorate(
         fn: Callable[[float, BenchOptions], Workload],
     ) -> Callable[[float, BenchOptions], Workload]:
-        if name in _REGISTRY:
+        if name in _REGISTRY and not replace:
             raise ValueError(f"workload {name!r} is already registered")
         _REGISTRY[name] = WorkloadSpec(
             name=name,

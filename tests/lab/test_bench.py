@@ -626,6 +626,15 @@ def test_python_dash_m_runs_the_cli_and_reports_its_version() -> None:
     assert done.stdout.strip() == f"sliceout-fx {sliceout_fx.__version__}"
 
 
+def test_cli_bench_options_of_your_model_and_of_workloads_do_not_mix(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "mlp", "--input-shape", "3,8,8"]) == 2
+    assert "--input-shape and --sites are for your own model" in capsys.readouterr().err
+    assert main(["bench", "tests.models:ConvChain", "--hidden", "8"]) == 2
+    assert "--hidden shape a built-in workload" in capsys.readouterr().err
+
+
 def test_cli_bench_your_own_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``bench package.module:factory``: dropout as built vs SliceOut on synthetic batches, the
     table and the JSON result like a built-in workload's."""
@@ -640,4 +649,6 @@ def test_cli_bench_your_own_model(tmp_path: Path, capsys: pytest.CaptureFixture[
     data = json.loads(result.read_text())
     assert data["workload"] == "tests.models-ConvChain"
     assert "tests.models:ConvChain" in data["description"]
+    again = [*argv[:-1], str(tmp_path / "again")]  # the same spec twice in one process
+    assert main(again) == 0 and (tmp_path / "again" / result.name).is_file()
     assert data["baseline"] == "dropout" and data["variants"] == ["dropout", "sliceout-flow"]
