@@ -166,7 +166,9 @@ def _keep(cut: Cut, like: Tensor, dim: int) -> Tensor:
     keep = (pos >= cut.index) & (pos < cut.index + cut.width)
     shape = [1] * like.dim()
     shape[dim] = like.shape[dim]
-    return keep.repeat(like.shape[dim] // cut.size).view(shape)  # one copy per period
+    if like.shape[dim] != cut.size:  # one copy per period
+        keep = keep.repeat(like.shape[dim] // cut.size)
+    return keep.view(shape)
 
 
 def restrict(x: Tensor, cut: Cut, dim: int) -> Tensor:
@@ -212,7 +214,9 @@ def normalise(x: Tensor, cut: Cut, dim: int, inv_keep_prob: Tensor | None) -> Te
     scale = take(inv_keep_prob, 0, cut)
     shape = [1] * x.dim()
     shape[dim] = x.shape[dim]
-    return x * scale.to(x.dtype).repeat(x.shape[dim] // scale.shape[0]).view(shape)
+    if x.shape[dim] != scale.shape[0]:  # one copy per period
+        scale = scale.repeat(x.shape[dim] // scale.shape[0])
+    return x * scale.to(x.dtype).view(shape)
 
 
 def sliced_linear(
