@@ -569,7 +569,7 @@ def _blocking_nodes(
         per_node[node] = per_node.get(node, 0) + 1
         if node.op in ("placeholder", "get_attr"):
             found.append((node, "a model input or attribute cannot be cut", node))
-        elif not dep.relation(node).produces(axis):
+        elif axis not in group.via_periodic and not dep.relation(node).produces(axis):
             found.append((node, dep.relation(node).blocks or "no rule for this axis", node))
         for user in node.users:
             if user.op == "output":

@@ -1,18 +1,16 @@
-"""``gather`` and ``repeat``: ops that pick or copy positions along an axis.
+"""``gather``: picks positions along one axis by an index tensor.
 
 DeBERTa's disentangled attention gathers the relative-position scores of each query,
-``gather(scores, -1, index)``, and copies the projected position embeddings once per batch
-index, ``pos.repeat(B, 1, 1)``, with the heads folded into that batch axis. A gather keeps every
-axis but the one it picks along, reading the same position of its index there; a repeat along an
-axis holds one copy of the cut per repetition, a periodic coupling as in a view that folds heads
-into the batch.
+``gather(scores, -1, index)``, with the heads folded into the batch axis. A gather keeps every
+axis but the one it picks along, reading the same position of its index there, so those axes
+pass and the index is narrowed with the group's cut where it is read.
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from .base import Axis, AxisRelations, OpRule, bind, input_of, rank_of, shape_of
+from .base import Axis, AxisRelations, OpRule, bind, rank_of, shape_of
 from .binding import dialects
 
 
@@ -41,28 +39,4 @@ class GatherRule(OpRule):
         return AxisRelations(couplings=couplings, blocks="gather picks positions along this axis")
 
 
-class RepeatRule(OpRule):
-    """``repeat`` / ``tile``: an axis repeated ``k`` times holds ``k`` periods of its cut."""
-
-    name = "repeat"
-    targets = dialects("repeat", "tile")
-
-    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = input_of(node)
-        src, dst = shape_of(x), shape_of(node)
-        if src is None or dst is None or len(dst) < len(src):
-            return AxisRelations(blocks="repeat with unknown shapes")
-        offset = len(dst) - len(src)
-        couplings, periodic = [], []
-        for d, size in enumerate(src):
-            pair = (Axis(x, d), Axis(node, d + offset))
-            if dst[d + offset] == size:
-                couplings.append(pair)
-            elif size > 1:
-                periodic.append(pair)
-        return AxisRelations(
-            couplings=couplings, periodic=periodic, blocks="repeat copies this axis"
-        )
-
-
-RULES = (GatherRule(), RepeatRule())
+RULES = (GatherRule(),)

@@ -129,6 +129,19 @@ def _reemit_with_sizes(node: fx.Node, ctx: Any, sizes: list[Any]) -> fx.Node | N
     return ctx.graph.call_function(node.target, (x, sizes))
 
 
+def _aligned_from_the_right(node: fx.Node) -> list[tuple[Axis, Axis, int, int]] | None:
+    """``(input axis, output axis, input size, output size)`` of a copy along axes (``expand``,
+    ``repeat``): the input's axes line up with the output's last ones."""
+    x = input_of(node)
+    src, dst = shape_of(x), shape_of(node)
+    if src is None or dst is None or len(dst) < len(src):
+        return None
+    offset = len(dst) - len(src)
+    return [
+        (Axis(x, d), Axis(node, d + offset), size, dst[d + offset]) for d, size in enumerate(src)
+    ]
+
+
 class ExpandRule(OpRule):
     """``expand``: dims that keep their size are coupled; broadcast (size-1) dims are not."""
 
@@ -136,16 +149,10 @@ class ExpandRule(OpRule):
     targets = dialects("expand", "expand_as")
 
     def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
-        x = input_of(node)
-        src, dst = shape_of(x), shape_of(node)
-        if src is None or dst is None:
+        aligned = _aligned_from_the_right(node)
+        if aligned is None:
             return AxisRelations(blocks="expand with unknown shapes")
-        offset = len(dst) - len(src)
-        couplings = [
-            (Axis(x, d), Axis(node, d + offset))
-            for d in range(len(src))
-            if src[d] == dst[d + offset]
-        ]
+        couplings = [(a, b) for a, b, size, out in aligned if size == out]
         other = _shape_source(node)
         if other is not None:
             couplings += couple_all_dims(other, node)
@@ -154,6 +161,24 @@ class ExpandRule(OpRule):
     def rewrite(self, node: fx.Node, ctx: Any) -> fx.Node | None:
         sizes = size_list(node)
         return None if sizes is None else _reemit_with_sizes(node, ctx, sizes)
+
+
+class RepeatRule(OpRule):
+    """``repeat`` / ``tile``: an axis repeated ``k`` times holds ``k`` periods of its cut
+    (DeBERTa copies its projected positions once per batch index, heads folded in)."""
+
+    name = "repeat"
+    targets = dialects("repeat", "tile")
+
+    def relations(self, node: fx.Node, gm: fx.GraphModule) -> AxisRelations:
+        aligned = _aligned_from_the_right(node)
+        if aligned is None:
+            return AxisRelations(blocks="repeat with unknown shapes")
+        return AxisRelations(
+            couplings=[(a, b) for a, b, size, out in aligned if size == out],
+            periodic=[(a, b) for a, b, size, out in aligned if size != out and size > 1],
+            blocks="repeat copies this axis",
+        )
 
 
 class PermuteRule(OpRule):
@@ -444,6 +469,7 @@ def _index_relations(node: fx.Node, x: fx.Node, index: Any) -> AxisRelations:
 RULES = (
     ReshapeRule(),
     ExpandRule(),
+    RepeatRule(),
     PermuteRule(),
     UnsqueezeRule(),
     NarrowRule(),

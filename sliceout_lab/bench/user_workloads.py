@@ -10,25 +10,22 @@ step-time and saved-memory ratio needs: the step's work does not depend on the d
 
 from __future__ import annotations
 
-import copy
-import itertools
 import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .workloads import (
     BenchOptions,
-    Variant,
     Workload,
-    compiled_if_asked,
+    call_model,
+    logits_of,
     make_adam,
     on_device,
     register_workload,
     sliceout_options,
+    variant_factory,
 )
 
 __all__ = ["register_user_model"]
@@ -55,18 +52,6 @@ def register_user_model(
     return name
 
 
-def _logits(out: Any) -> torch.Tensor:
-    logits = getattr(out, "logits", out)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
-        raise ValueError(
-            "bench of your own model needs logits: a (batch, ..., classes) tensor output or an "
-            "output with .logits"
-        )
-    return logits
-
-
 def _batches(
     model: nn.Module, input_shape: tuple[int, ...] | None, options: BenchOptions
 ) -> list[tuple[Any, torch.Tensor]]:
@@ -86,17 +71,13 @@ def _batches(
             inputs = torch.randn(batch, *input_shape, generator=gen).to(options.device)
         found.append(inputs)
     with torch.no_grad():
-        logits = _logits(_call(model.eval(), found[0]))
+        logits = logits_of(call_model(model.eval(), found[0]))
     model.train()
     classes = logits.shape[-1]
     return [
         (x, torch.randint(0, classes, logits.shape[:-1], generator=gen).to(options.device))
         for x in found
     ]
-
-
-def _call(model: nn.Module | Callable[..., Any], inputs: Any) -> Any:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 def _user_workload(
@@ -114,31 +95,18 @@ def _user_workload(
     batches = _batches(base, input_shape, options)
     example = batches[0][0]
 
-    def variant(variant_name: str, description: str, transform: Callable) -> Callable[[], Variant]:
-        def build() -> Variant:
-            model = on_device(transform(copy.deepcopy(base)), options.device).train()
-            optimizer = make_adam(model.parameters(), options.lr or 1e-4, options)
-            run = compiled_if_asked(model, options)
-            batch_iter = itertools.cycle(batches)
-
-            def step() -> None:
-                x, y = next(batch_iter)
-                optimizer.zero_grad(set_to_none=True)
-                logits = _logits(_call(run, x))
-                F.cross_entropy(logits.flatten(0, -2), y.flatten()).backward()
-                optimizer.step()
-
-            return Variant(
-                variant_name, model, optimizer, step, list(model.parameters()), description
-            )
-
-        return build
-
     def sliceout(m: nn.Module) -> nn.Module:
         inputs = example if isinstance(example, dict) else (example,)
         kwargs = sliceout_options(options, {"sites": sites})
         return sliceout_fx.convert(m, p, seed=options.seed, example_inputs=inputs, **kwargs)
 
+    factory = variant_factory(
+        base,
+        lambda params: make_adam(params, options.lr or 1e-4, options),
+        batches,
+        options.device,
+        options,
+    )
     descriptions = {
         "dropout": "the model as built (its own dropouts)",
         "sliceout-flow": f"SliceOut, flow normalisation, sites={sites!r}",
@@ -148,7 +116,7 @@ def _user_workload(
         name=name,
         p=p,
         baseline="dropout",
-        factories={n: variant(n, descriptions[n], transforms[n]) for n in transforms},
+        factories={n: factory(n, transforms[n], descriptions[n]) for n in transforms},
         descriptions=descriptions,
         info={
             "model": spec,

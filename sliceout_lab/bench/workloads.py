@@ -21,6 +21,8 @@ from torch import nn
 __all__ = [
     "BenchOptions",
     "Variant",
+    "call_model",
+    "logits_of",
     "Workload",
     "WorkloadSpec",
     "classification_step",
@@ -31,6 +33,7 @@ __all__ = [
     "register_workload",
     "resolve_device",
     "sliceout_options",
+    "variant_factory",
     "workload_names",
 ]
 
@@ -249,18 +252,45 @@ def sliceout_options(options: BenchOptions, kwargs: dict[str, Any]) -> dict[str,
     return kwargs
 
 
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, its first item, or ``.logits``."""
+    logits = getattr(out, "logits", out)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
+        raise ValueError(
+            "the benchmark needs logits: a (batch, ..., classes) tensor output or an output "
+            "with .logits"
+        )
+    return logits
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """``model(**inputs)`` for keyword inputs (``{"input_ids": ...}``), else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def classification_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[tuple[Any, torch.Tensor]],
 ) -> Callable[[], None]:
-    """A closure doing one training step (zero_grad, forward, cross-entropy, backward, update)."""
+    """A closure doing one training step (zero_grad, forward, cross-entropy, backward, update).
+
+    Inputs are a tensor, or keyword tensors (a HuggingFace model's ``input_ids``); labels with
+    more than one axis (one per token) are scored against the logits flattened alike.
+    """
     batch_iter = itertools.cycle(batches)
+    plain = not isinstance(batches[0][0], dict) and batches[0][1].dim() == 1
 
     def step() -> None:
         x, y = next(batch_iter)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        if plain:  # the built-in workloads: a (batch, classes) output
+            loss = F.cross_entropy(model(x), y)
+        else:
+            logits = logits_of(call_model(model, x))
+            loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
         loss.backward()
         optimizer.step()
 
