@@ -33,9 +33,6 @@ and the Fashion-MNIST files (``apt-get install dataset-fashion-mnist``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,8 +44,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
-from sliceout_lab.bench.memory import saved_activation_bytes
 from sliceout_lab.data import load_fashion_mnist
+from sliceout_lab.finetune import (
+    batch_indices,
+    comparison_rows,
+    comparison_table,
+    run_record,
+    same_weights,
+    warmup_schedule,
+    write_results,
+)
+from sliceout_lab.harness import Arm, run_interleaved
 from sliceout_lab.pretrained import efficientnet_lite0, normalise
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -159,15 +165,6 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
     )
 
 
-def lr_factor(step: int, steps: int) -> float:
-    """Linear warm-up over the first 5% of steps, then cosine decay to zero."""
-    warm = max(1, steps // 20)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, steps - warm)
-    return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-
 def build_model(args: argparse.Namespace) -> nn.Module:
     """The model to fine-tune (EfficientNet-Lite0, ImageNet) or train (MobileNetV3-Small)."""
     if args.model == "efficientnet_lite0":
@@ -193,37 +190,6 @@ def count_expand_convs(model: nn.Module) -> list[str]:
     ]
 
 
-def train_step(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    x: Tensor,
-    y: Tensor,
-    measure: bool = False,
-) -> tuple[float, float, int | None]:
-    """One optimiser step. Returns (loss, seconds, activation bytes saved or ``None``).
-
-    With ``measure`` the forward pass runs under ``saved_tensors_hooks`` to count what autograd
-    keeps for backward (parameters excluded); that step's time includes the hook overhead.
-    """
-    holder: list[Tensor] = []
-
-    def forward() -> None:
-        holder.append(F.cross_entropy(model(x), y))
-
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    saved = None
-    if measure:
-        saved = saved_activation_bytes(forward, model.parameters())
-    else:
-        forward()
-    loss = holder[0]
-    loss.backward()
-    opt.step()
-    seconds = time.perf_counter() - start
-    return loss.item(), seconds, saved
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: Tensor, y: Tensor, size: int, batch_size: int, desc: str
@@ -237,32 +203,6 @@ def evaluate(
         correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
     model.train(was_training)
     return correct / len(x)
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two models hold equal tensors under equal ``state_dict`` keys."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results table as aligned text."""
-    header = (
-        f"{'variant':<10} {'test acc':>9} {'acc, BN':>9} {'median step':>12} {'step-time':>10} "
-        f"{'saved act.':>11} {'saved-act.':>11}"
-    )
-    units = f"{'':<10} {'':>9} {'recal.':>9} {'(ms)':>12} {'ratio':>10} {'(MiB)':>11} {'ratio':>11}"
-    lines = [header, units, "-" * len(header)]
-    for r in rows:
-        recal = r["test_accuracy_bn_recalibrated"]
-        recal_text = "-" if recal is None else f"{recal:.4f}"
-        lines.append(
-            f"{r['variant']:<10} {r['test_accuracy']:>9.4f} {recal_text:>9} "
-            f"{r['median_step_ms']:>12.1f} "
-            f"{r['step_time_ratio']:>10.3f} {r['saved_activation_bytes'] / 2**20:>11.2f} "
-            f"{r['saved_activation_ratio']:>11.3f}"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -279,10 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed)
     eval_idx = torch.randperm(len(x_test), generator=gen)[: args.eval_samples]
     x_eval, y_eval = x_test[eval_idx], y_test[eval_idx]
-    need = args.steps * args.batch_size
-    order = torch.cat(
-        [torch.randperm(len(x_train), generator=gen) for _ in range(-(-need // len(x_train)))]
-    )[:need]
+    order = batch_indices(len(x_train), args.batch_size, args.steps, gen)
+    batches = ((to_images(x_train[idx], args.image_size), y_train[idx]) for idx in order)
 
     # --- models ----------------------------------------------------------------------------
     baseline = build_model(args)
@@ -311,42 +249,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not same_weights(baseline, sliced):
         raise RuntimeError("the two variants do not start from identical weights")
 
-    variants: dict[str, nn.Module] = {"baseline": baseline, "sliceout": sliced}
-    opts = {name: make_optimizer(m, args) for name, m in variants.items()}
-    scheds = {
-        name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps))
-        for name, opt in opts.items()
-    }
-    for m in variants.values():
-        m.train()
-    schedule = sliceout_fx.SliceSchedule(sliced, args.steps, full_width_last=args.full_width_last)
+    # As in the paper, SliceOut trains at full width for the last steps (--full-width-last);
+    # those steps are left out of the step-time ratio.
+    slicing = sliceout_fx.SliceSchedule(sliced, args.steps, full_width_last=args.full_width_last)
+    arms = []
+    for name, model in (("baseline", baseline), ("sliceout", sliced)):
+        opt = make_optimizer(model.train(), args)
+        lr = warmup_schedule(opt, args.steps, warmup_fraction=0.05, decay="cosine")
+        arms.append(Arm(name, model, opt, schedulers=[lr, slicing] if name == "sliceout" else [lr]))
 
-    # --- interleaved fine-tuning -----------------------------------------------------------
-    times: dict[str, list[float]] = {n: [] for n in variants}
-    losses: dict[str, list[float]] = {n: [] for n in variants}
-    saved: dict[str, int] = {}
-    names = list(variants)
-    bar = tqdm(range(args.steps), desc="fine-tuning", file=sys.stdout)
-    for step in bar:
-        idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-        x, y = to_images(x_train[idx], args.image_size), y_train[idx]
-        # Alternate which variant goes first, so neither always runs on a "warmer" machine.
-        for name in names if step % 2 == 0 else names[::-1]:
-            loss, seconds, nbytes = train_step(
-                variants[name], opts[name], x, y, measure=(step == 0)
-            )
-            scheds[name].step()
-            if name == "sliceout":
-                schedule.step()
-            losses[name].append(loss)
-            if step >= WARMUP_STEPS:
-                times[name].append(seconds)
-            if nbytes is not None:
-                saved[name] = nbytes
-        bar.set_postfix(
-            {f"loss_{n[:4]}": f"{statistics.fmean(losses[n][-20:]):.3f}" for n in names}
-        )
-    bar.close()
+    # --- interleaved fine-tuning: both variants step on each batch in turn ---------------------
+    run = run_interleaved(
+        arms,
+        batches,
+        rounds=args.steps,
+        warmup=WARMUP_STEPS,
+        timed=slicing.slices_at,
+        progress=True,
+        desc="fine-tuning",
+    )
+    variants = {arm.name: arm.model for arm in arms}
 
     # --- evaluation --------------------------------------------------------------------------
     accuracy = {
@@ -374,25 +296,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
 
     # --- report -------------------------------------------------------------------------------
-    ratios = [s / b for s, b in zip(times["sliceout"], times["baseline"], strict=True)]
-    median_ratio = statistics.median(ratios)
-    # Batch-norm refresh calls and the full-width tail are ordinary steps of the run: the ratio of
-    # total times counts them, the median of per-step ratios does not.
-    total_ratio = sum(times["sliceout"]) / sum(times["baseline"])
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        rows.append(
-            {
-                "variant": name,
-                "test_accuracy": accuracy[name],
-                "test_accuracy_bn_recalibrated": recalibrated[name],
-                "median_step_ms": 1000 * statistics.median(times[name]),
-                "step_time_ratio": 1.0 if name == "baseline" else median_ratio,
-                "saved_activation_bytes": saved[name],
-                "saved_activation_ratio": saved[name] / saved["baseline"],
-                "final_train_loss_last20": statistics.fmean(losses[name][-20:]),
-            }
-        )
+    quality = {
+        name: {"test_accuracy": accuracy[name], "test_accuracy_bn_recalibrated": recalibrated[name]}
+        for name in variants
+    }
+    rows = comparison_rows(run, quality, loss_last=20)
     elapsed = time.perf_counter() - t_start
     print()
     print(
@@ -403,13 +311,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.full_width_last:.0%} full width) on "
         f"{len(report.sites)} sites; test accuracy on {len(x_eval)} images"
     )
-    print(format_table(rows))
+    metrics = [("test_accuracy", "test acc"), ("test_accuracy_bn_recalibrated", "acc, BN recal.")]
+    print(comparison_table(rows, run, metrics=metrics, loss_last=20, elapsed=elapsed))
     print(
-        f"Total-time ratio (refresh and full-width steps included): {total_ratio:.3f}. "
         "acc, BN recal.: after re-estimating batch-norm statistics at full width from "
-        f"{args.recalibrate_bn} training batches; step-time ratio: median over steps of "
-        "sliceout/baseline time of the same step; saved act.: bytes autograd saved for backward "
-        f"in one step. Total {elapsed:.0f} s."
+        f"{args.recalibrate_bn} training batches."
     )
 
     result = {
@@ -420,29 +326,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.model == "efficientnet_lite0"
             else "torchvision mobilenet_v3_small, random initialisation"
         ),
-        "sites": [
-            {"name": s.name, "kind": s.kind, "p": s.p, "width": s.width, "units": s.units}
-            for s in report.sites
-        ],
-        "skipped_sites": [{"name": k.name, "reason": k.reason} for k in report.skipped],
         "results": rows,
-        "step_time_ratio_quartiles": statistics.quantiles(ratios, n=4),
-        "total_time_ratio": total_ratio,
         "batch_norm_drift": drift,
-        "timed_steps": len(ratios),
-        "step_times_ms": {n: [round(1000 * t, 2) for t in ts] for n, ts in times.items()},
-        "train_losses": {n: [round(v, 4) for v in ls] for n, ls in losses.items()},
-        "elapsed_s": elapsed,
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
+        **run_record(report, run, elapsed),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return result
 
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import re
-import statistics
 import sys
 import time
 from collections import Counter
@@ -49,12 +47,21 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
-from sliceout_lab.bench.finetune_report import comparison_table, run_record, write_results
-from sliceout_lab.bench.memory import saved_activation_bytes
 from sliceout_lab.corpora import BROWN_GENRES, load_brown, load_minilm, split_documents
+from sliceout_lab.finetune import (
+    batch_indices,
+    comparison_rows,
+    comparison_table,
+    run_record,
+    same_weights,
+    summarise_sites,
+    warmup_schedule,
+    write_results,
+)
+from sliceout_lab.harness import Arm, run_interleaved
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-WARMUP_STEPS = 3  # steps left out of the timing medians (allocator and thread-pool warm-up)
+WARMUP_STEPS = 4  # steps left out of the timing medians (allocator and thread-pool warm-up)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where to write the JSON results",
     )
     args = ap.parse_args(argv)
-    if args.steps <= WARMUP_STEPS + 1:
-        ap.error(f"--steps must exceed {WARMUP_STEPS + 1} (warm-up and measuring steps)")
+    if args.steps <= WARMUP_STEPS:
+        ap.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
     if args.seq_len < 8:
         ap.error("--seq-len must be at least 8")
     return args
@@ -165,51 +172,9 @@ def make_optimizer(model: GenreClassifier, args: argparse.Namespace) -> torch.op
     )
 
 
-def lr_factor(step: int, steps: int) -> float:
-    """Linear warm-up over the first 10% of steps, then linear decay to zero."""
-    warm = max(1, steps // 10)
-    if step < warm:
-        return (step + 1) / warm
-    return max(0.0, (steps - step) / max(1, steps - warm))
-
-
-def summarise_sites(report: sliceout_fx.Report) -> list[str]:
-    """One line per kind of site (layer indices folded): width kept and effective rate."""
-    kinds: dict[str, list[Any]] = {}
-    for s in report.sites:
-        kinds.setdefault(re.sub(r"\.\d+\.", ".*.", s.name), []).append(s)
-    lines = []
-    for name, sites in kinds.items():
-        live, total = sites[0].channels()
-        lines.append(
-            f"  {name} x{len(sites)}: {live}/{total} channels kept "
-            f"(p={sites[0].p:g}, effective p={sites[0].effective_p:.3f}, {sites[0].units} units)"
-        )
-    return lines
-
-
-def train_step(
-    model: GenreClassifier,
-    opt: torch.optim.Optimizer,
-    batch: dict[str, Tensor],
-    measure: bool = False,
-) -> tuple[float, float, int | None]:
-    """One optimiser step. Returns (loss, seconds, activation bytes saved or ``None``)."""
-    holder: list[Tensor] = []
-
-    def forward() -> None:
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        holder.append(F.cross_entropy(logits, batch["labels"]))
-
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    saved = saved_activation_bytes(forward, model.parameters()) if measure else None
-    if not measure:
-        forward()
-    loss = holder[0]
-    loss.backward()
-    opt.step()
-    return loss.item(), time.perf_counter() - start, saved
+def genre_loss(model: GenreClassifier, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy of the predicted genres of a batch of chunks."""
+    return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
 
 @torch.no_grad()
@@ -245,12 +210,6 @@ def embeddings_equal(a: GenreClassifier, b: GenreClassifier, data: dict[str, Ten
     return equal
 
 
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two models hold equal tensors under equal ``state_dict`` keys."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def subset(data: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
     return {k: v[idx] for k, v in data.items()}
 
@@ -272,9 +231,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test = make_chunks(test_docs, tokenizer, args.seq_len, genres)
     gen = torch.Generator().manual_seed(args.seed)
     eval_set = subset(test, torch.randperm(len(test["labels"]), generator=gen)[: args.eval_chunks])
-    need = args.steps * args.batch_size
     n_train = len(train["labels"])
-    order = torch.cat([torch.randperm(n_train, generator=gen) for _ in range(-(-need // n_train))])
+    order = batch_indices(n_train, args.batch_size, args.steps, gen)
+    batches = (subset(train, idx) for idx in order)
     counts = Counter(train["labels"].tolist())
     majority = max(counts, key=counts.__getitem__)
     majority_acc = (eval_set["labels"] == majority).float().mean().item()
@@ -313,58 +272,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not equal:
         print("WARNING: the converted model's eval output differs from the original's")
 
-    variants: dict[str, GenreClassifier] = {"baseline": baseline, "sliceout": sliced}
-    opts = {name: make_optimizer(m, args) for name, m in variants.items()}
-    scheds = {
-        name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps))
-        for name, opt in opts.items()
-    }
-    for m in variants.values():
-        m.train()
+    arms = []
+    for name, model in (("baseline", baseline), ("sliceout", sliced)):
+        opt = make_optimizer(model.train(), args)
+        schedule = warmup_schedule(opt, args.steps, warmup_fraction=0.1, decay="linear")
+        arms.append(Arm(name, model, opt, loss=genre_loss, schedulers=[schedule]))
 
-    # --- interleaved fine-tuning -----------------------------------------------------------
-    times: dict[str, list[float]] = {n: [] for n in variants}
-    losses: dict[str, list[float]] = {n: [] for n in variants}
-    saved: dict[str, int] = {}
-    names = list(variants)
-    bar = tqdm(range(args.steps), desc="fine-tuning", file=sys.stdout)
-    for step in bar:
-        batch = subset(train, order[step * args.batch_size : (step + 1) * args.batch_size])
-        # Alternate which variant goes first, so neither always runs on a "warmer" machine.
-        for name in names if step % 2 == 0 else names[::-1]:
-            loss, seconds, nbytes = train_step(
-                variants[name], opts[name], batch, measure=(step == 0)
-            )
-            scheds[name].step()
-            losses[name].append(loss)
-            if step > WARMUP_STEPS:
-                times[name].append(seconds)
-            if nbytes is not None:
-                saved[name] = nbytes
-        bar.set_postfix(
-            {f"loss_{n[:4]}": f"{statistics.fmean(losses[n][-10:]):.3f}" for n in names}
-        )
-    bar.close()
+    # --- interleaved fine-tuning: both variants step on each batch in turn ---------------------
+    run = run_interleaved(
+        arms, batches, rounds=args.steps, warmup=WARMUP_STEPS, progress=True, desc="fine-tuning"
+    )
 
     # --- evaluation and report ---------------------------------------------------------------
     accuracy = {
-        name: evaluate(m, eval_set, args.eval_batch_size, f"eval {name}")[0]
-        for name, m in variants.items()
+        arm.name: evaluate(arm.model, eval_set, args.eval_batch_size, f"eval {arm.name}")[0]
+        for arm in arms
     }
-    ratios = [s / b for s, b in zip(times["sliceout"], times["baseline"], strict=True)]
-    median_ratio = statistics.median(ratios)
-    rows = [
-        {
-            "variant": name,
-            "heldout_chunk_accuracy": accuracy[name],
-            "median_step_ms": 1000 * statistics.median(times[name]),
-            "step_time_ratio": 1.0 if name == "baseline" else median_ratio,
-            "saved_activation_bytes": saved[name],
-            "saved_activation_ratio": saved[name] / saved["baseline"],
-            "final_train_loss_last10": statistics.fmean(losses[name][-10:]),
-        }
-        for name in names
-    ]
+    rows = comparison_rows(
+        run, {n: {"heldout_chunk_accuracy": a} for n, a in accuracy.items()}, loss_last=10
+    )
     elapsed = time.perf_counter() - t_start
     print()
     print(
@@ -374,12 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(
         comparison_table(
-            rows,
-            ratios,
-            metric=("heldout_chunk_accuracy", "accuracy"),
-            loss=("final_train_loss_last10", "(last 10)"),
+            rows, run, metrics=[("heldout_chunk_accuracy", "accuracy")], loss_last=10,
             elapsed=elapsed,
-        )
+        )  # fmt: skip
     )
 
     result = {
@@ -399,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_embeddings_equal_original": equal,
         "kept_dropouts": [{"name": k.name, "reason": k.reason} for k in report.skipped],
         "results": rows,
-        **run_record(report, ratios, times, losses, elapsed),
+        **run_record(report, run, elapsed),
     }
     write_results(args.out, result)
     if not math.isfinite(rows[1]["final_train_loss_last10"]):

@@ -15,7 +15,7 @@ same batches:
   grouped-query attention the heads are cut in whole key-value groups (3 here), so a small ``p``
   rounds to no attention slicing at all (``p=0.1`` keeps 3 of 3 groups): the printed site summary
   shows the effective rate of each site. As in the paper, SliceOut is switched off
-  (``sliceout_fx.full_width``) for the last 1% of the steps (at least one step).
+  (``sliceout_fx.SliceSchedule``) for the last 1% of the steps (at least one step).
 
 It reports validation perplexity of both (eval mode, full width; the pretrained model's is
 printed for reference), the median ratio of training-step times (sliceout / dropout of the same
@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,9 +48,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sliceout_fx
-from sliceout_lab.bench.finetune_report import comparison_table, run_record, write_results
-from sliceout_lab.bench.memory import saved_activation_bytes
+from sliceout_lab.bench.workloads import resolve_device
 from sliceout_lab.corpora import load_brown, load_smollm2, split_documents
+from sliceout_lab.finetune import (
+    batch_indices,
+    comparison_rows,
+    comparison_table,
+    run_record,
+    summarise_sites,
+    warmup_schedule,
+    write_results,
+)
+from sliceout_lab.harness import Arm, run_interleaved
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WARMUP_STEPS = 2  # steps left out of the timing medians (allocator and thread-pool warm-up)
@@ -80,12 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where to write the JSON results",
     )
     args = ap.parse_args(argv)
-    if args.steps <= WARMUP_STEPS + 2:
-        ap.error(f"--steps must exceed {WARMUP_STEPS + 2} (warm-up, measuring, full-width steps)")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
+    if args.steps <= WARMUP_STEPS + 1:
+        ap.error(f"--steps must exceed {WARMUP_STEPS + 1} (warm-up and full-width steps)")
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as err:
+        ap.error(str(err))
     return args
 
 
@@ -122,60 +129,9 @@ def with_dropout(model: nn.Module, p: float) -> tuple[nn.Module, dict[str, float
     return copy_, changed
 
 
-def summarise_sites(report: sliceout_fx.Report) -> list[str]:
-    """One line per kind of site (layer indices folded): width kept and effective rate."""
-    kinds: dict[str, list[Any]] = {}
-    for s in report.sites:
-        kinds.setdefault(re.sub(r"\.\d+\.", ".*.", s.name), []).append(s)
-    lines = []
-    for name, sites in kinds.items():
-        live, total = sites[0].channels()
-        lines.append(
-            f"  {name} x{len(sites)}: {live}/{total} channels kept "
-            f"(p={sites[0].p:g}, effective p={sites[0].effective_p:.3f}, {sites[0].units} units)"
-        )
-    return lines
-
-
-def lr_factor(step: int, steps: int) -> float:
-    """Linear warm-up over the first 10% of steps, then cosine decay to 10%."""
-    warm = max(1, steps // 10)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, steps - warm)
-    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_step(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    x: Tensor,
-    device: str,
-    measure: bool = False,
-) -> tuple[float, float, int | None]:
-    """One optimiser step. Returns (loss, seconds, activation bytes saved or ``None``)."""
-    holder: list[Tensor] = []
-
-    def forward() -> None:
-        holder.append(model(input_ids=x, labels=x, use_cache=False).loss)
-
-    sync(device)
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    saved = saved_activation_bytes(forward, model.parameters()) if measure else None
-    if not measure:
-        forward()
-    loss = holder[0]
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sync(device)
-    return loss.item(), time.perf_counter() - start, saved
+def lm_loss(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's own next-token loss on a batch of token blocks."""
+    return model(input_ids=x, labels=x, use_cache=False).loss
 
 
 @torch.no_grad()
@@ -221,13 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_all = token_blocks(val_docs, tokenizer, args.seq_len)
     gen = torch.Generator().manual_seed(args.seed)
     val_blocks = val_all[torch.randperm(len(val_all), generator=gen)[: args.eval_blocks]]
-    need = args.steps * args.batch_size
-    order = torch.cat(
-        [
-            torch.randperm(len(train_blocks), generator=gen)
-            for _ in range(-(-need // len(train_blocks)))
-        ]
-    )[:need]
+    order = batch_indices(len(train_blocks), args.batch_size, args.steps, gen)
+    batches = (train_blocks[idx].to(device) for idx in order)
     print(
         f"Brown corpus: {len(train_docs)} training documents -> {len(train_blocks)} blocks, "
         f"{len(val_docs)} validation documents -> {len(val_all)} blocks (scoring "
@@ -262,65 +213,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"pretrained validation perplexity: {ppl_pretrained:.3f}")
     del plain
 
-    variants: dict[str, nn.Module] = {"dropout": baseline, "sliceout": sliced}
-    opts = {
-        name: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.01)
-        for name, m in variants.items()
-    }
-    scheds = {
-        name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps))
-        for name, opt in opts.items()
-    }
-    for m in variants.values():
-        m.train()
-
-    # --- interleaved fine-tuning -----------------------------------------------------------
+    # As in the paper, SliceOut trains at full width for the last 1% of the steps (at least one);
+    # those steps are left out of the step-time ratio.
     full_width_steps = max(1, math.ceil(0.01 * args.steps))
-    first_full = args.steps - full_width_steps
-    times: dict[str, list[float]] = {n: [] for n in variants}
-    losses: dict[str, list[float]] = {n: [] for n in variants}
-    saved: dict[str, int] = {}
-    names = list(variants)
-    bar = tqdm(range(args.steps), desc="fine-tuning", file=sys.stdout)
-    for step in bar:
-        x = train_blocks[order[step * args.batch_size : (step + 1) * args.batch_size]].to(device)
-        for name in names if step % 2 == 0 else names[::-1]:
-            model = variants[name]
-            if name == "sliceout" and step >= first_full:
-                with sliceout_fx.full_width(model):
-                    loss, seconds, nbytes = train_step(model, opts[name], x, device)
-            else:
-                loss, seconds, nbytes = train_step(
-                    model, opts[name], x, device, measure=(step == 0)
-                )
-            scheds[name].step()
-            losses[name].append(loss)
-            if WARMUP_STEPS < step < first_full:
-                times[name].append(seconds)
-            if nbytes is not None:
-                saved[name] = nbytes
-        bar.set_postfix({f"loss_{n[:4]}": f"{statistics.fmean(losses[n][-5:]):.3f}" for n in names})
-    bar.close()
+    slicing = sliceout_fx.SliceSchedule(
+        sliced, args.steps, full_width_last=full_width_steps / args.steps
+    )
+    arms = []
+    for name, model in (("dropout", baseline), ("sliceout", sliced)):
+        opt = torch.optim.AdamW(model.train().parameters(), lr=args.lr, weight_decay=0.01)
+        lr = warmup_schedule(opt, args.steps, warmup_fraction=0.1, decay="cosine", floor=0.1)
+        arms.append(
+            Arm(name, model, opt, loss=lm_loss, clip_grad_norm=1.0,
+                schedulers=[lr, slicing] if name == "sliceout" else [lr])  # fmt: skip
+        )
+
+    # --- interleaved fine-tuning: both variants step on each batch in turn ---------------------
+    run = run_interleaved(
+        arms,
+        batches,
+        rounds=args.steps,
+        warmup=WARMUP_STEPS,
+        timed=slicing.slices_at,
+        progress=True,
+        desc="fine-tuning",
+    )
 
     # --- evaluation and report ---------------------------------------------------------------
     ppl = {
-        name: perplexity(m, val_blocks, args.eval_batch_size, device, f"eval {name}")
-        for name, m in variants.items()
+        a.name: perplexity(a.model, val_blocks, args.eval_batch_size, device, f"eval {a.name}")
+        for a in arms
     }
-    ratios = [s / b for s, b in zip(times["sliceout"], times["dropout"], strict=True)]
-    median_ratio = statistics.median(ratios)
-    rows = [
-        {
-            "variant": name,
-            "val_perplexity": ppl[name],
-            "median_step_ms": 1000 * statistics.median(times[name]),
-            "step_time_ratio": 1.0 if name == "dropout" else median_ratio,
-            "saved_activation_bytes": saved[name],
-            "saved_activation_ratio": saved[name] / saved["dropout"],
-            "final_train_loss_last5": statistics.fmean(losses[name][-5:]),
-        }
-        for name in names
-    ]
+    rows = comparison_rows(run, {n: {"val_perplexity": v} for n, v in ppl.items()}, loss_last=5)
     elapsed = time.perf_counter() - t_start
     print()
     print(
@@ -330,11 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(
         comparison_table(
-            rows,
-            ratios,
-            metric=("val_perplexity", "val ppl"),
-            loss=("final_train_loss_last5", "(last 5)"),
-            elapsed=elapsed,
+            rows, run, metrics=[("val_perplexity", "val ppl")], loss_last=5, elapsed=elapsed
         )
     )
 
@@ -354,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pretrained_val_perplexity": ppl_pretrained,
         "full_width_steps": full_width_steps,
         "results": rows,
-        **run_record(report, ratios, times, losses, elapsed, device),
+        **run_record(report, run, elapsed, device),
     }
     write_results(args.out, result)
     return result

@@ -17,37 +17,29 @@ Run it with ``sliceout-fx demo`` or ``python -m sliceout_lab.demo``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
+from torch import Tensor, nn
 
 from sliceout_fx import convert
-from sliceout_lab.bench.memory import saved_activation_bytes
-from sliceout_lab.bench.timing import median_ratio
 from sliceout_lab.data import load_fashion_mnist
+from sliceout_lab.harness import ABResult, Arm, run_interleaved
 from sliceout_lab.models import paper_mlp
+from sliceout_lab.table import format_table
 
-__all__ = ["VariantResult", "format_table", "main", "run_demo"]
+__all__ = ["DemoResult", "format_result", "main", "run_demo"]
 
 _WARMUP_STEPS = 5
 
 
 @dataclass
-class VariantResult:
-    """What the demo measured for one training variant."""
+class DemoResult:
+    """What the demo measured: the interleaved training run and each variant's test accuracy."""
 
-    name: str
-    test_accuracy: float
-    step_times: list[float]
-    """Seconds per timed training step (warm-up steps excluded)."""
-    saved_bytes: int
-    final_loss: float
+    run: ABResult
+    test_accuracy: dict[str, float]
 
 
 def _build_argparser() -> argparse.ArgumentParser:
@@ -76,30 +68,14 @@ def _build_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> torch.Tensor:
-    """One full training step: forward, cross-entropy, backward, Adam update."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """A step without the optimizer update, for counting saved activations.
-
-    The weights are left untouched (no ``optimizer.step``) and the gradients are discarded, so
-    measuring does not change what is trained afterwards.
-    """
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
+def _epochs(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Shuffled batches, epoch after epoch (the harness takes as many as it trains on)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(x.shape[0], generator=gen)
+        for i in range(0, x.shape[0], batch_size):
+            idx = perm[i : i + batch_size]
+            yield x[idx], y[idx]
 
 
 @torch.no_grad()
@@ -124,8 +100,8 @@ def run_demo(
     seed: int = 0,
     max_steps: int | None = None,
     progress: bool = True,
-) -> list[VariantResult]:
-    """Train both variants interleaved and return their measurements (dropout first)."""
+) -> DemoResult:
+    """Train both variants interleaved (dropout is the baseline) and measure them."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if max_steps is not None and max_steps < 1:
@@ -139,88 +115,42 @@ def run_demo(
     # convert() deep-copies its input (inplace=False), so both variants start from the same
     # weights but never share parameters or optimizer state.
     sliceout_model = convert(dropout_model, p=p, seed=seed)
-    models = {"dropout": dropout_model, "sliceout": sliceout_model}
-    for m in models.values():
-        m.train()
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=lr) for name, m in models.items()}
-
-    # Activation memory of one step, on the first batch, before training starts. The batch is
-    # cloned: a slice of x_train would be a view of the whole 188 MB training set, and saved
-    # tensors are accounted by the storage they keep alive.
-    xb, yb = x_train[:batch_size].clone(), y_train[:batch_size].clone()
-    saved = {
-        name: saved_activation_bytes(_forward_backward(m, xb, yb), list(m.parameters()))
-        for name, m in models.items()
-    }
-
-    n = x_train.shape[0]
-    steps_per_epoch = (n + batch_size - 1) // batch_size
-    total = epochs * steps_per_epoch
+    arms = [
+        Arm(name, model.train(), torch.optim.Adam(model.parameters(), lr=lr))
+        for name, model in (("dropout", dropout_model), ("sliceout", sliceout_model))
+    ]
+    total = epochs * -(-x_train.shape[0] // batch_size)
     if max_steps is not None:
         total = min(total, max_steps)
     # The first steps pay one-off costs (Adam state allocation, allocator and cache warm-up);
     # keep them out of the timings when the run is long enough to spare them.
-    warmup = _WARMUP_STEPS if total >= 4 * _WARMUP_STEPS else 0
-    gen = torch.Generator().manual_seed(seed)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    last_loss: dict[str, float] = {name: float("nan") for name in models}
-    order = list(models)
-
-    step = 0
-    with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
-        while step < total:
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch_size):
-                if step >= total:
-                    break
-                idx = perm[i : i + batch_size]
-                xb, yb = x_train[idx], y_train[idx]
-                # Alternate which variant goes first, so neither always runs on a warmer cache.
-                for name in order if step % 2 == 0 else reversed(order):
-                    t0 = time.perf_counter()
-                    loss = _train_step(models[name], optimizers[name], xb, yb)
-                    elapsed = time.perf_counter() - t0
-                    if step >= warmup:
-                        times[name].append(elapsed)
-                    last_loss[name] = float(loss)
-                step += 1
-                bar.update(1)
-                if step % 20 == 0 or step == total:
-                    bar.set_postfix(
-                        loss_dropout=f"{last_loss['dropout']:.3f}",
-                        loss_sliceout=f"{last_loss['sliceout']:.3f}",
-                    )
-
-    return [
-        VariantResult(
-            name=name,
-            test_accuracy=_accuracy(m, x_test, y_test),
-            step_times=times[name],
-            saved_bytes=saved[name],
-            final_loss=last_loss[name],
-        )
-        for name, m in models.items()
-    ]
-
-
-def format_table(results: Sequence[VariantResult]) -> str:
-    """Render the results as a fixed-width text table; ratios are relative to the first row."""
-    base = results[0]
-    header = (
-        f"{'variant':<10} {'test acc':>9} {'median step':>12} {'step time':>10} "
-        f"{'saved activations':>18} {'memory':>7}"
+    run = run_interleaved(
+        arms,
+        _epochs(x_train, y_train, batch_size, seed),
+        rounds=total,
+        warmup=_WARMUP_STEPS if total >= 4 * _WARMUP_STEPS else 0,
+        progress=progress,
     )
-    sub = f"{'':<10} {'':>9} {'(ms)':>12} {'ratio':>10} {'(MiB)':>18} {'ratio':>7}"
-    lines = [header, sub, "-" * len(header)]
-    for r in results:
-        time_ratio = median_ratio(r.step_times, base.step_times)
-        mem_ratio = r.saved_bytes / base.saved_bytes if base.saved_bytes else float("nan")
-        lines.append(
-            f"{r.name:<10} {100 * r.test_accuracy:>8.2f}% "
-            f"{1000 * statistics.median(r.step_times):>12.2f} {time_ratio:>10.3f} "
-            f"{r.saved_bytes / 2**20:>18.2f} {mem_ratio:>7.3f}"
-        )
-    return "\n".join(lines)
+    return DemoResult(run, {arm.name: _accuracy(arm.model, x_test, y_test) for arm in arms})
+
+
+def format_result(result: DemoResult) -> str:
+    """The comparison as an aligned table; ratios are relative to dropout (the first row)."""
+    run = result.run
+    header = ["variant", "test acc", "median step (ms)", "step-time ratio", "saved activations",
+              "saved-act. ratio"]  # fmt: skip
+    rows = [
+        [
+            name,
+            f"{100 * result.test_accuracy[name]:.2f}%",
+            f"{run.median_ms(name):.2f}",
+            f"{run.time_ratio(name):.3f}",
+            f"{run.saved[name].bytes / 2**20:.2f} MiB",
+            f"{run.memory_ratio(name):.3f}",
+        ]
+        for name in run.names
+    ]
+    return format_table(header, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"batch {args.batch_size}, Adam lr={args.lr}, seed {args.seed}, "
         f"{torch.get_num_threads()} thread(s)"
     )
-    results = run_demo(
+    result = run_demo(
         epochs=args.epochs,
         p=args.p,
         batch_size=args.batch_size,
@@ -242,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_steps=args.max_steps,
     )
     print()
-    print(format_table(results))
+    print(format_result(result))
     print()
     print(
-        f"{len(results[0].step_times)} timed steps per variant (after any warm-up), interleaved "
-        "with the same batches.\n"
+        f"{len(result.run.step_times['dropout'])} timed steps per variant (after any warm-up), "
+        "interleaved with the same batches.\n"
         "step time: forward + backward + Adam step; ratio = median of per-step ratios vs dropout.\n"
         "saved activations: bytes autograd keeps for backward in one step (parameters excluded)."
     )

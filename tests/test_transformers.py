@@ -363,7 +363,7 @@ def test_gpt2_bench_workload_builds_and_steps():
     variants = workload.build()
     assert list(variants) == ["dropout", "sliceout-flow", "sliceout-prob", "sliceout-capturable"]
     for variant in variants.values():
-        variant.step()
+        variant.step(workload.batches[0])
     assert len(sliceout_fx.explain(variants["sliceout-flow"].model).sites) == 2
 
 

@@ -1,21 +1,14 @@
-"""Benchmarks of SliceOut against standard and controlled dropout.
+"""Benchmarks of SliceOut against standard and controlled dropout (``sliceout-fx bench``).
 
-Measurements are ratios to a baseline measured in the same process with interleaved runs (the
-machines are shared and noisy) plus exact saved-activation byte counts. See ``sliceout-fx bench``.
+A workload builds, for one dropout rate, a baseline and variants of one model as
+:class:`sliceout_lab.harness.Arm` objects over synthetic batches; the runner trains them through
+the lab's A/B harness (:func:`sliceout_lab.harness.run_interleaved`) and reports ratios to the
+baseline measured in the same process, plus exact saved-activation byte counts.
 """
 
-from .memory import (
-    SavedTensorStats,
-    current_rss_bytes,
-    measure_saved_tensors,
-    peak_rss_bytes,
-    saved_activation_bytes,
-)
-from .runner import format_table, plot_result, run_benchmark
-from .timing import interleaved_step_times, median_ratio, ratio_of_medians, round_order
+from .runner import format_result, plot_result, run_benchmark
 from .workloads import (
     BenchOptions,
-    Variant,
     Workload,
     WorkloadSpec,
     get_workload,
@@ -25,22 +18,12 @@ from .workloads import (
 
 __all__ = [
     "BenchOptions",
-    "SavedTensorStats",
-    "Variant",
     "Workload",
     "WorkloadSpec",
-    "current_rss_bytes",
-    "format_table",
+    "format_result",
     "get_workload",
-    "interleaved_step_times",
-    "measure_saved_tensors",
-    "median_ratio",
-    "peak_rss_bytes",
     "plot_result",
-    "ratio_of_medians",
     "register_workload",
-    "round_order",
     "run_benchmark",
-    "saved_activation_bytes",
     "workload_names",
 ]

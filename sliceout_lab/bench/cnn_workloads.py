@@ -90,7 +90,7 @@ def _cnn_workload(
     """Baseline + SliceOut flow/prob + controlled (+ patch) variants of the CNN ``base``.
 
     ``convert_kwargs`` (e.g. ``sites="expand"``) are passed to every converted variant. Every
-    variant is a deep copy of ``base`` (same initial weights) and cycles through the same batches.
+    variant is a deep copy of ``base`` (same initial weights) and trains on the same batches.
     ``base`` (built on the CPU) is moved to ``options.device``, where the batches are made too.
     """
     lr = options.lr if options.lr is not None else 0.1
@@ -139,7 +139,7 @@ def _cnn_workload(
     )
 
     factory = variant_factory(
-        base, lambda params: make_sgd(params, lr, options), batches, options.device, options
+        base, lambda params: make_sgd(params, lr, options), options.device, options
     )
 
     return Workload(
@@ -147,6 +147,7 @@ def _cnn_workload(
         p=p,
         baseline=baseline[0],
         factories={n: factory(n, fn, desc) for n, (desc, fn) in variants.items()},
+        batches=batches,
         descriptions={n: desc for n, (desc, _) in variants.items()},
         info={
             **info,

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .timing import interleaved_step_times, paired_ratios, quantile
+from ..harness import Arm
+from ..timing import interleaved_step_times, paired_ratios, quantile
 
 __all__ = ["OpCounter", "OverheadResult", "count_ops", "overhead_cases", "run_overhead"]
 
@@ -62,15 +63,11 @@ def count_ops(step: Step) -> collections.Counter[str]:
 
 
 def _adamw_step(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> Step:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    """One AdamW (foreach) training step of ``model`` on its fixed batch, as a closure."""
     model.train()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss(model).backward()
-        optimizer.step()
-
-    return step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    arm = Arm("step", model, optimizer, loss=lambda m, _batch: loss(m))
+    return lambda: arm.step(None)
 
 
 def _mlp_case(seed: int) -> tuple[dict[str, Step], dict[str, Any]]:

@@ -9,6 +9,7 @@ Run as ``python -m sliceout_lab.bench.rss '<json request>'``; prints one JSON li
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -22,15 +23,15 @@ def probe(
     workload: str, p: float, variant: str, options: dict[str, Any], steps: int
 ) -> dict[str, Any]:
     """Build one variant, then report peak RSS before and after ``steps`` training steps."""
-    from .memory import current_rss_bytes, peak_rss_bytes
+    from ..memory import current_rss_bytes, peak_rss_bytes
     from .workloads import BenchOptions, get_workload
 
     wl = get_workload(workload).build(p, BenchOptions(**options))
-    built = wl.factories[variant]()
+    arm = wl.factories[variant]()
     before_current = current_rss_bytes()
     before_peak = peak_rss_bytes()
-    for _ in range(steps):
-        built.step()
+    for _, batch in zip(range(steps), itertools.cycle(wl.batches), strict=False):
+        arm.step(batch)
     after_peak = peak_rss_bytes()
     reference = before_current if before_current is not None else before_peak
     return {

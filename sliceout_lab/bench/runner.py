@@ -11,26 +11,26 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import itertools
 import json
 import os
 import platform
-import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from .memory import measure_saved_tensors, peak_rss_bytes
-from .timing import interleaved_step_times, paired_ratios, quantile, ratio_of_medians
-from .workloads import BenchOptions, Variant, get_workload
+from ..harness import run_interleaved
+from ..memory import peak_rss_bytes
+from ..table import format_bytes, format_table
+from .workloads import BenchOptions, get_workload
 
 __all__ = [
     "SCHEMA_VERSION",
-    "cuda_step_peak_bytes",
     "environment_info",
-    "format_table",
+    "format_result",
     "plot_result",
     "run_benchmark",
     "validate_ps",
@@ -116,71 +116,6 @@ NOISY_SPREAD = 1.5
 """Baseline step times whose 90th/10th percentile ratio exceeds this flag a busy machine."""
 
 
-def _spread(samples: list[float]) -> float:
-    """90th/10th percentile of step times: ~1 on a quiet machine, >> 1 when load came and went."""
-    return quantile(samples, 0.9) / quantile(samples, 0.1)
-
-
-def _cuda_sync(device: str) -> Callable[[], None] | None:
-    """``torch.cuda.synchronize`` on ``device`` for the timing hook; ``None`` off CUDA."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return None
-    return lambda: torch.cuda.synchronize(dev)
-
-
-def cuda_step_peak_bytes(variant: Variant, device: str) -> int:
-    """Peak CUDA memory allocated during one training step, above what was allocated before it.
-
-    The variant's gradients are freed first (its step starts with ``zero_grad(set_to_none=True)``
-    anyway), so the figure is the step's working memory: activations kept for backward, gradients
-    and temporaries. Parameters, optimizer state and the other variants' models are resident
-    before and after, and cancel out. Runs one (untimed) step.
-    """
-    dev = torch.device(device)
-    variant.optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    before = torch.cuda.memory_allocated(dev)
-    variant.step()
-    torch.cuda.synchronize(dev)
-    return torch.cuda.max_memory_allocated(dev) - before
-
-
-def _variant_stats(
-    samples: list[float],
-    baseline_samples: list[float],
-    saved: Any,
-    baseline_bytes: int,
-    cuda_peak: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Per-variant figures; ``cuda_peak`` = (this variant's, the baseline's) step peak bytes."""
-    ratios = paired_ratios(samples, baseline_samples)
-    cuda: dict[str, Any] = {}
-    if cuda_peak is not None:
-        peak, base_peak = cuda_peak
-        cuda = {
-            "cuda_step_peak_bytes": peak,
-            "cuda_step_peak_ratio": peak / base_peak if base_peak else None,
-        }
-    return {
-        "time_ratio": statistics.median(ratios),
-        "time_ratio_q25": quantile(ratios, 0.25),
-        "time_ratio_q75": quantile(ratios, 0.75),
-        "time_ratio_of_medians": ratio_of_medians(samples, baseline_samples),
-        "step_time_spread": _spread(samples),
-        "median_ms": statistics.median(samples) * 1e3,
-        "saved_activation_bytes": saved.bytes,
-        "memory_ratio": saved.bytes / baseline_bytes if baseline_bytes else None,
-        "saved_tensors": saved.tensors,
-        "saved_storages": saved.storages,
-        "saved_parameter_views": saved.parameter_tensors,
-        **cuda,
-        "samples_s": samples,
-    }
-
-
 def run_benchmark(
     workload: str,
     ps: Sequence[float] | None = None,
@@ -198,16 +133,17 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Benchmark ``workload`` at each ``p``; return the result dict (also written under ``out``).
 
-    Per ``p``: build all variants from the same initial weights, count the bytes autograd saves in
-    one step of each (deterministic), then time ``repeats`` interleaved rounds after ``warmup``
-    untimed ones. ``out=None`` means ``bench-results/<workload>/`` (``<workload>-cuda/`` on CUDA).
+    Per ``p``: build all variants from the same initial weights and train them through the A/B
+    harness on the workload's batches: the bytes autograd saves in one step of each are counted
+    (deterministic), then ``repeats`` interleaved rounds are timed after ``warmup`` untimed ones.
+    ``out=None`` means ``bench-results/<workload>/`` (``<workload>-cuda/`` on CUDA).
     ``rss=True`` additionally measures each variant's peak-RSS growth in a fresh subprocess
     (slow-ish, informational).
 
     Everything runs on ``options.device``. On CUDA every timed step is bracketed by
     ``torch.cuda.synchronize``, and each variant's peak allocated memory in one step is measured
-    (outside the timed rounds, see :func:`cuda_step_peak_bytes`) and reported relative to the
-    baseline's.
+    (outside the timed rounds, see :meth:`sliceout_lab.harness.Arm.cuda_step_peak`) and reported
+    relative to the baseline's.
     """
     from tqdm.auto import tqdm
 
@@ -224,8 +160,7 @@ def run_benchmark(
         torch.set_num_threads(threads)
     stream = sys.stdout if stream is None else stream
     device = options.device
-    sync = _cuda_sync(device)
-    on_cuda = sync is not None
+    on_cuda = torch.device(device).type == "cuda"
     # GPU results go to their own default folder, so they never overwrite (or pass for) CPU ones.
     default_dir = workload if torch.device(device).type == "cpu" else f"{workload}-cuda"
     out_dir = Path(out) if out is not None else Path("bench-results") / default_dir
@@ -237,52 +172,38 @@ def run_benchmark(
         bar.set_postfix_str(f"p={p:g} building")
         wl = spec.build(p, options)
         baseline_name = wl.baseline
-        built = wl.build(variants)
-        bar.set_postfix_str(f"p={p:g} saved-tensor count")
-        saved = {name: measure_saved_tensors(v.step, v.params) for name, v in built.items()}
-        peaks: dict[str, int] = {}
-        if on_cuda:
-            bar.set_postfix_str(f"p={p:g} CUDA step peak")
-            peaks = {name: cuda_step_peak_bytes(v, device) for name, v in built.items()}
+        arms = wl.build(variants)
 
         def on_round(r: int, p: float = p) -> None:
-            bar.set_postfix_str(f"p={p:g} round {r + 1}/{repeats}")
+            if r >= warmup:
+                bar.set_postfix_str(f"p={p:g} round {r + 1 - warmup}/{repeats}")
 
-        times = interleaved_step_times(
-            {name: v.step for name, v in built.items()},
-            repeats,
-            warmup,
-            sync=sync,
+        bar.set_postfix_str(f"p={p:g} saved tensors, warm-up")
+        run = run_interleaved(
+            list(arms.values()),
+            itertools.cycle(wl.batches),
+            rounds=warmup + repeats,
+            warmup=warmup,
             on_round=on_round,
         )
-        base_bytes = saved[wl.baseline].bytes
         entry: dict[str, Any] = {
             "p": p,
             "workload_info": wl.info,
             "variants": {
-                name: {
-                    "description": wl.descriptions.get(name, built[name].description),
-                    **_variant_stats(
-                        times[name],
-                        times[wl.baseline],
-                        saved[name],
-                        base_bytes,
-                        (peaks[name], peaks[wl.baseline]) if on_cuda else None,
-                    ),
-                }
-                for name in built
+                name: {"description": wl.descriptions.get(name, arm.description), **run.stats(name)}
+                for name, arm in arms.items()
             },
         }
         if rss:
             from .rss import measure_rss_in_subprocess
 
-            for name in built:
+            for name in arms:
                 bar.set_postfix_str(f"p={p:g} rss {name}")
                 entry["variants"][name]["rss_subprocess"] = measure_rss_in_subprocess(
                     workload, p, name, options, threads=threads
                 )
         per_p.append(entry)
-        del built, wl
+        del arms, run, wl
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()
@@ -332,22 +253,13 @@ def run_benchmark(
         plot_result(result, plot_path)
         result["files"]["plot"] = str(plot_path)
 
-    print(format_table(result), file=stream)
+    print(format_result(result), file=stream)
     for kind, path in result["files"].items():
         print(f"{kind}: {path}", file=stream)
     return result
 
 
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_table(result: dict[str, Any]) -> str:
+def format_result(result: dict[str, Any]) -> str:
     """An aligned text table: ratios first; absolute milliseconds last, labelled informational."""
     settings = result["settings"]
     env = result["environment"]
@@ -379,7 +291,7 @@ def format_table(result: dict[str, Any]) -> str:
                 peak, peak_ratio = v.get("cuda_step_peak_bytes"), v.get("cuda_step_peak_ratio")
                 cuda_cells = [
                     "n/a" if peak_ratio is None else f"{peak_ratio:.3f}",
-                    "n/a" if peak is None else _fmt_bytes(peak),
+                    "n/a" if peak is None else format_bytes(peak),
                 ]
             rows.append(
                 [
@@ -388,7 +300,7 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{v['time_ratio']:.3f}",
                     "" if is_base else f"{v['time_ratio_q25']:.3f}-{v['time_ratio_q75']:.3f}",
                     "n/a" if mem_ratio is None else f"{mem_ratio:.3f}",
-                    _fmt_bytes(v["saved_activation_bytes"]),
+                    format_bytes(v["saved_activation_bytes"]),
                     *cuda_cells,
                     f"{v['median_ms']:.1f}",
                 ]
@@ -396,17 +308,8 @@ def format_table(result: dict[str, Any]) -> str:
             if has_rss:
                 rss = v.get("rss_subprocess", {})
                 growth = rss.get("peak_rss_growth_bytes")
-                rows[-1].append("error" if growth is None else _fmt_bytes(growth))
+                rows[-1].append("error" if growth is None else format_bytes(growth))
             first = False
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    right = set(range(len(header))) - {1}  # all but the variant name
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
     lines = [
         f"SliceOut benchmark: {result['workload']} (baseline: {result['baseline']})",
         f"{settings['repeats']} interleaved rounds after {settings['warmup']} warm-up rounds; "
@@ -423,16 +326,9 @@ def format_table(result: dict[str, Any]) -> str:
             if has_cuda
             else []
         ),
-        "",
-        fmt(header),
-        fmt(["-" * w for w in widths]),
     ]
-    prev_p = None
-    for row, entry_p in zip(rows, _row_ps(result), strict=True):
-        if prev_p is not None and entry_p != prev_p:
-            lines.append("")
-        lines.append(fmt(row))
-        prev_p = entry_p
+    groups = [entry["p"] for entry in result["results"] for _ in entry["variants"]]
+    lines += ["", format_table(header, rows, left=(1,), groups=groups)]
     noisy = [
         (entry["p"], entry["variants"][result["baseline"]]["step_time_spread"])
         for entry in result["results"]
@@ -457,10 +353,6 @@ def _device_label(env: dict[str, Any]) -> str:
     if torch.device(device).type == "cuda" and env.get("cuda_version"):
         name += f", CUDA {env['cuda_version']}"
     return f"{device} ({name})"
-
-
-def _row_ps(result: dict[str, Any]) -> list[float]:
-    return [entry["p"] for entry in result["results"] for _ in entry["variants"]]
 
 
 def plot_result(result: dict[str, Any], path: str | os.PathLike[str]) -> None:

@@ -12,22 +12,19 @@ Inputs are random token ids (timing and saved bytes do not depend on the text). 
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..harness import model_loss
 from .workloads import (
     BenchOptions,
-    Variant,
     Workload,
-    compiled_if_asked,
-    on_device,
     register_workload,
     sliceout_options,
+    variant_factory,
 )
 
 __all__ = ["bert_workload", "gpt2_workload"]
@@ -97,22 +94,13 @@ def _workload(
     lr = options.lr if options.lr is not None else 1e-4
     example = {k: v for k, v in batches[0].items() if k != "labels"}
 
-    def build(transform: Callable[[nn.Module], nn.Module], variant: str, desc: str):
-        def factory() -> Variant:
-            model = on_device(transform(copy.deepcopy(base)), options.device)
-            model.train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-            cycle = itertools.cycle(batches)
-            run = compiled_if_asked(model, options)
-
-            def step() -> None:
-                optimizer.zero_grad(set_to_none=True)
-                run(**next(cycle)).loss.backward()
-                optimizer.step()
-
-            return Variant(variant, model, optimizer, step, list(model.parameters()), desc)
-
-        return factory
+    factory = variant_factory(
+        base,
+        lambda params: torch.optim.AdamW(params, lr=lr),
+        options.device,
+        options,
+        loss=model_loss,
+    )
 
     def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
         import sliceout_fx
@@ -138,7 +126,8 @@ def _workload(
         name=name,
         p=p,
         baseline="dropout",
-        factories={n: build(fn, n, desc) for n, (desc, fn) in variants.items()},
+        factories={n: factory(n, fn, desc) for n, (desc, fn) in variants.items()},
+        batches=batches,
         descriptions={n: desc for n, (desc, _) in variants.items()},
         info={
             "model": type(base).__name__,

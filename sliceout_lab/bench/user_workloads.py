@@ -16,11 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..harness import call_model, logits_of
 from .workloads import (
     BenchOptions,
     Workload,
-    call_model,
-    logits_of,
     make_adam,
     on_device,
     register_workload,
@@ -103,7 +102,6 @@ def _user_workload(
     factory = variant_factory(
         base,
         lambda params: make_adam(params, options.lr or 1e-4, options),
-        batches,
         options.device,
         options,
     )
@@ -117,6 +115,7 @@ def _user_workload(
         p=p,
         baseline="dropout",
         factories={n: factory(n, transforms[n], descriptions[n]) for n in transforms},
+        batches=batches,
         descriptions=descriptions,
         info={
             "model": spec,

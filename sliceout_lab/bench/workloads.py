@@ -9,23 +9,19 @@ same initial weights and sees the same sequence of batches, so only the dropout 
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..harness import Arm, Batch, cross_entropy
 
 __all__ = [
     "BenchOptions",
-    "Variant",
-    "call_model",
-    "logits_of",
     "Workload",
     "WorkloadSpec",
-    "classification_step",
     "compiled_if_asked",
     "get_workload",
     "make_adam",
@@ -112,25 +108,15 @@ class BenchOptions:
 
 
 @dataclass
-class Variant:
-    """One model under test with its own optimizer and a closure doing one full training step."""
-
-    name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    step: Callable[[], None]
-    params: list[torch.Tensor]
-    description: str = ""
-
-
-@dataclass
 class Workload:
-    """The variants of one workload at one dropout rate, built on demand."""
+    """The variants of one workload at one dropout rate, built on demand, and their batches."""
 
     name: str
     p: float
     baseline: str
-    factories: dict[str, Callable[[], Variant]]
+    factories: dict[str, Callable[[], Arm]]
+    batches: list[Batch]
+    """Generated up front and cycled by the bench: no data loading inside the timed step."""
     descriptions: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -138,7 +124,7 @@ class Workload:
     def variant_names(self) -> list[str]:
         return list(self.factories)
 
-    def build(self, names: Sequence[str] | None = None) -> dict[str, Variant]:
+    def build(self, names: Sequence[str] | None = None) -> dict[str, Arm]:
         """Build the named variants (all by default); the baseline is always included, first."""
         wanted = self.variant_names if names is None else list(names)
         unknown = [n for n in wanted if n not in self.factories]
@@ -252,81 +238,35 @@ def sliceout_options(options: BenchOptions, kwargs: dict[str, Any]) -> dict[str,
     return kwargs
 
 
-def logits_of(out: Any) -> torch.Tensor:
-    """The logits of a model's output: the tensor itself, its first item, or ``.logits``."""
-    logits = getattr(out, "logits", out)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
-        raise ValueError(
-            "the benchmark needs logits: a (batch, ..., classes) tensor output or an output "
-            "with .logits"
-        )
-    return logits
-
-
-def call_model(model: Callable[..., Any], inputs: Any) -> Any:
-    """``model(**inputs)`` for keyword inputs (``{"input_ids": ...}``), else ``model(inputs)``."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def classification_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Sequence[tuple[Any, torch.Tensor]],
-) -> Callable[[], None]:
-    """A closure doing one training step (zero_grad, forward, cross-entropy, backward, update).
-
-    Inputs are a tensor, or keyword tensors (a HuggingFace model's ``input_ids``); labels with
-    more than one axis (one per token) are scored against the logits flattened alike.
-    """
-    batch_iter = itertools.cycle(batches)
-    plain = not isinstance(batches[0][0], dict) and batches[0][1].dim() == 1
-
-    def step() -> None:
-        x, y = next(batch_iter)
-        optimizer.zero_grad(set_to_none=True)
-        if plain:  # the built-in workloads: a (batch, classes) output
-            loss = F.cross_entropy(model(x), y)
-        else:
-            logits = logits_of(call_model(model, x))
-            loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
 def variant_factory(
     base: nn.Module,
     make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     device: str | torch.device | None = None,
     options: BenchOptions | None = None,
-) -> Callable[[str, Callable[[nn.Module], nn.Module], str], Callable[[], Variant]]:
-    """``factory(name, transform, description)`` -> a builder of that variant.
+    loss: Callable[[Callable[..., Any], Batch], torch.Tensor] = cross_entropy,
+) -> Callable[[str, Callable[[nn.Module], nn.Module], str], Callable[[], Arm]]:
+    """``factory(name, transform, description)`` -> a builder of that variant's :class:`Arm`.
 
     Each variant is ``transform`` applied to its own deep copy of ``base`` (so all start from the
-    same weights), with its own optimizer, stepping over the same batches. The transformed model is
-    moved to ``device`` (default: where ``base``'s parameters are), see :func:`on_device`, and
-    compiled when ``options.compile`` (see :func:`runner`).
+    same weights), with its own optimizer. The transformed model is moved to ``device`` (default:
+    where ``base``'s parameters are), see :func:`on_device`, and its forward is compiled when
+    ``options.compile`` (see :func:`compiled_if_asked`).
     """
     if device is None:
         device = next((t.device for t in base.parameters()), torch.device("cpu"))
 
     def factory(
         name: str, transform: Callable[[nn.Module], nn.Module], description: str
-    ) -> Callable[[], Variant]:
-        def build() -> Variant:
+    ) -> Callable[[], Arm]:
+        def build() -> Arm:
             model = on_device(transform(copy.deepcopy(base)), device)
             model.train()
-            optimizer = make_optimizer(model.parameters())
-            return Variant(
+            return Arm(
                 name=name,
                 model=model,
-                optimizer=optimizer,
-                step=classification_step(compiled_if_asked(model, options), optimizer, batches),
-                params=list(model.parameters()),
+                optimizer=make_optimizer(model.parameters()),
+                loss=loss,
+                forward=compiled_if_asked(model, options),
                 description=description,
             )
 
@@ -401,7 +341,7 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
     example_inputs = (batches[0][0],)
 
     factory = variant_factory(
-        base, lambda params: make_adam(params, lr, options), batches, options.device, options
+        base, lambda params: make_adam(params, lr, options), options.device, options
     )
 
     def sliceout(**kwargs: Any) -> Callable[[nn.Module], nn.Module]:
@@ -432,6 +372,7 @@ def mlp_workload(p: float, options: BenchOptions) -> Workload:
         p=p,
         baseline="dropout",
         factories={name: factory(name, fn, desc) for name, (desc, fn) in variants.items()},
+        batches=batches,
         descriptions={name: desc for name, (desc, _) in variants.items()},
         info={
             "batch_size": batch,

@@ -12,17 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sliceout_fx.cli import main
-from sliceout_lab.bench import memory, timing
+from sliceout_lab import memory, timing
 from sliceout_lab.bench.runner import JSON_NAME, PLOT_NAME, run_benchmark
 from sliceout_lab.bench.workloads import (
     BenchOptions,
-    Variant,
     Workload,
-    classification_step,
     get_workload,
     make_adam,
     register_workload,
 )
+from sliceout_lab.harness import Arm
 
 F32 = 4  # bytes per float32 element
 
@@ -109,7 +108,7 @@ def test_interleaving_rotates_order_every_round() -> None:
     steps = {name: (lambda name=name: log.append(name)) for name in "ABC"}
     times = timing.interleaved_step_times(steps, repeats=4, warmup=2)
     warm = ["A", "B", "C", "B", "C", "A"]
-    timed = ["A", "B", "C", "B", "C", "A", "C", "A", "B", "A", "B", "C"]
+    timed = ["C", "A", "B", "A", "B", "C", "B", "C", "A", "C", "A", "B"]
     assert log == warm + timed
     assert set(times) == {"A", "B", "C"}
     assert all(len(v) == 4 and all(t >= 0 for t in v) for v in times.values())
@@ -148,13 +147,10 @@ def _toy_workload(p: float, options: BenchOptions) -> Workload:
     batches = [(torch.randn(16, 8), torch.randint(0, 2, (16,)))]
 
     def factory(name: str, hidden: int) -> Any:
-        def build() -> Variant:
+        def build() -> Arm:
             torch.manual_seed(0)
             model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-            opt = make_adam(model.parameters(), 1e-3, options)
-            return Variant(
-                name, model, opt, classification_step(model, opt, batches), list(model.parameters())
-            )
+            return Arm(name, model, make_adam(model.parameters(), 1e-3, options))
 
         return build
 
@@ -163,6 +159,7 @@ def _toy_workload(p: float, options: BenchOptions) -> Workload:
         p=p,
         baseline="wide",
         factories={"wide": factory("wide", 32), "narrow": factory("narrow", 16)},
+        batches=batches,
         info={"note": "test workload"},
     )
 
@@ -241,7 +238,7 @@ def test_mlp_variants_start_from_same_weights() -> None:
         assert all(torch.equal(state[k], ref[k]) for k in ref)
         assert variant.model.training
     # The models are independent copies: stepping one leaves the others' weights alone.
-    built["sliceout-flow"].step()
+    built["sliceout-flow"].step(wl.batches[0])
     assert torch.equal(built["dropout"].model.state_dict()["head.weight"], ref["head.weight"])
     assert not torch.equal(
         built["sliceout-flow"].model.state_dict()["head.weight"], ref["head.weight"]
@@ -333,17 +330,17 @@ def test_cli_demo_forwards_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_table_warns_when_the_machine_was_busy(tmp_path: Path) -> None:
-    from sliceout_lab.bench.runner import format_table
+    from sliceout_lab.bench.runner import format_result
 
     result = run_benchmark(
         "toy-test", [0.25], repeats=2, warmup=0, out=tmp_path, plot=False, progress=False
     )
     baseline = result["results"][0]["variants"]["wide"]
     baseline["step_time_spread"] = 1.1
-    assert "warning" not in format_table(result)
+    assert "warning" not in format_result(result)
     baseline["step_time_spread"] = 3.0
     assert "warning: baseline step times varied a lot within the run at p=0.25 (x3.0)" in (
-        format_table(result)
+        format_result(result)
     )
 
 
@@ -516,7 +513,7 @@ def test_workload_builds_and_steps_on_the_device(workload: str, device: str) -> 
     for variant in built.values():
         tensors = [*variant.model.parameters(), *variant.model.buffers()]
         assert {t.device.type for t in tensors} == {device}
-        variant.step()  # batches on another device than the model would fail here
+        variant.step(wl.batches[0])  # batches on another device than the model would fail here
         for state in variant.optimizer.state.values():
             assert all(v.device.type == device for v in state.values() if v.dim() > 0)
     assert spec.example_model is not None
@@ -555,7 +552,7 @@ def test_cli_device_cuda_without_cuda_is_one_line_exit_2(
 def test_results_and_table_name_the_device(tmp_path: Path) -> None:
     import io
 
-    from sliceout_lab.bench.runner import format_table
+    from sliceout_lab.bench.runner import format_result
 
     text = io.StringIO()
     result = run_benchmark(
@@ -579,7 +576,7 @@ def test_results_and_table_name_the_device(tmp_path: Path) -> None:
             "cuda_step_peak_bytes": peak,
             "cuda_step_peak_ratio": peak / 4096,
         }
-    cuda_table = format_table(result)
+    cuda_table = format_result(result)
     assert "device: cuda (NVIDIA H200, CUDA 13.0)" in cuda_table
     header = next(line for line in cuda_table.splitlines() if line.startswith("   p"))
     assert "CUDA step-peak ratio" in header and header.rstrip().endswith("informational)")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
+    "interleaved_rounds",
     "interleaved_step_times",
     "median_ratio",
     "paired_ratios",
@@ -36,6 +37,59 @@ def round_order(names: Sequence[str], round_index: int) -> list[str]:
     return list(names[k:]) + list(names[:k])
 
 
+def interleaved_rounds(
+    names: Sequence[str],
+    rounds: int,
+    run: Callable[[str, int], None],
+    *,
+    timed: Callable[[int], bool] | None = None,
+    sync: Callable[[], None] | None = None,
+    before_round: Callable[[int], None] | None = None,
+    after_round: Callable[[int], None] | None = None,
+    collect_every: int = 50,
+) -> dict[str, list[float]]:
+    """Call ``run(name, r)`` for every name in every round ``r``, in :func:`round_order`.
+
+    The one timing loop of the lab. Returns the seconds of each call in the rounds where
+    ``timed(r)`` (all by default), keyed like ``names``: entry ``i`` of every list comes from the
+    same round, so lists pair round by round (see :func:`paired_ratios`).
+
+    ``sync`` (``torch.cuda.synchronize`` on an accelerator, where kernels run asynchronously) is
+    called before the clock starts, so no earlier work is billed to the step, and after the step
+    before it stops. Automatic garbage collection is off for the whole loop, so that a collection
+    triggered by one variant is not billed to it; the collector runs between rounds instead,
+    every ``collect_every`` rounds, outside the clocks.
+    """
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            if before_round is not None:
+                before_round(r)
+            clocked = timed is None or timed(r)
+            for name in round_order(names, r):
+                if sync is not None:
+                    sync()
+                start = time.perf_counter()
+                run(name, r)
+                if sync is not None:
+                    sync()
+                if clocked:
+                    times[name].append(time.perf_counter() - start)
+            if after_round is not None:
+                after_round(r)
+            if collect_every and (r + 1) % collect_every == 0:
+                gc.collect()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
 def interleaved_step_times(
     steps: Mapping[str, Callable[[], None]],
     repeats: int,
@@ -44,47 +98,26 @@ def interleaved_step_times(
     sync: Callable[[], None] | None = None,
     on_round: Callable[[int], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Time each step callable ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
-
-    Returns seconds per call, keyed like ``steps``; entry ``i`` of every list comes from round
-    ``i``, so lists can be paired round by round (see :func:`paired_ratios`).
-
-    ``sync`` (e.g. ``torch.cuda.synchronize`` on an accelerator, where kernels run asynchronously)
-    is called around each timed step: before the clock starts, so no earlier work is billed to it,
-    and after the step before the clock stops; also after each warm-up step. The garbage collector
-    is paused during the timed rounds so that a collection triggered by one variant is not billed
-    to it.
+    """Time each argument-less step ``repeats`` times, round-robin, after ``warmup`` untimed
+    rounds (:func:`interleaved_rounds` for closures; ``on_round`` gets the timed round's index).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup):
-        for name in round_order(names, r):
-            steps[name]()
-            if sync is not None:
-                sync()
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for name in round_order(names, r):
-                if sync is not None:
-                    sync()
-                start = time.perf_counter()
-                steps[name]()
-                if sync is not None:
-                    sync()
-                times[name].append(time.perf_counter() - start)
-            if on_round is not None:
-                on_round(r)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
+
+    def after_round(r: int) -> None:
+        if on_round is not None and r >= warmup:
+            on_round(r - warmup)
+
+    return interleaved_rounds(
+        list(steps),
+        warmup + repeats,
+        lambda name, _r: steps[name](),
+        timed=lambda r: r >= warmup,
+        sync=sync,
+        after_round=after_round,
+    )
 
 
 def paired_ratios(samples: Sequence[float], baseline: Sequence[float]) -> list[float]:
