@@ -49,8 +49,10 @@ from sliceout_lab.finetune import (
     batch_indices,
     comparison_rows,
     comparison_table,
+    example_parser,
     run_record,
     same_weights,
+    start_run,
     warmup_schedule,
     write_results,
 )
@@ -63,7 +65,12 @@ WARMUP_STEPS = 5  # steps left out of the timing medians (allocator and thread-p
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = example_parser(
+        __doc__, steps=1000, batch_size=32, p=0.3, p_help="SliceOut rate of every expand site",
+        eval_batch_size=250, out=None,
+        out_help="where to write the JSON results (default: examples/results/efficientnet_lite/"
+        "[MODEL_]pP_seedS.json)",
+    )  # fmt: skip
     ap.add_argument(
         "--model",
         choices=("efficientnet_lite0", "mobilenet_v3_small"),
@@ -77,16 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SliceOut sites policy (library default: auto; 'expand' slices every inverted "
         "residual's expand conv)",
     )
-    ap.add_argument("--steps", type=int, default=1000, help="training steps per variant")
-    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=64, help="input resolution (multiple of 32)")
-    ap.add_argument("--p", type=float, default=0.3, help="SliceOut rate of every expand site")
-    ap.add_argument(
-        "--normalisation",
-        choices=("flow", "probabilistic"),
-        default="flow",
-        help="SliceOut rescaling (library default: flow; the paper used probabilistic)",
-    )
     ap.add_argument(
         "--placement",
         choices=("immediate", "delayed"),
@@ -125,16 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override every batch norm's momentum (default: the model's own, 0.01)",
     )
     ap.add_argument("--eval-samples", type=int, default=2000, help="test images to evaluate on")
-    ap.add_argument("--eval-batch-size", type=int, default=250)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="where to write the JSON results (default: examples/results/efficientnet_lite/"
-        "[MODEL_]pP_seedS.json)",
-    )
     args = ap.parse_args(argv)
     if args.out is None:
         prefix = "" if args.model == "efficientnet_lite0" else f"{args.model}_"
@@ -208,10 +196,7 @@ def evaluate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Build, convert, fine-tune and evaluate both variants; print and save the results."""
     args = parse_args(argv)
-    t_start = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    t_start = start_run(args)
 
     # --- data ------------------------------------------------------------------------------
     x_train, y_train = load_fashion_mnist("train")

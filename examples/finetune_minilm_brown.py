@@ -52,8 +52,10 @@ from sliceout_lab.finetune import (
     batch_indices,
     comparison_rows,
     comparison_table,
+    example_parser,
     run_record,
     same_weights,
+    start_run,
     summarise_sites,
     warmup_schedule,
     write_results,
@@ -66,27 +68,17 @@ WARMUP_STEPS = 4  # steps left out of the timing medians (allocator and thread-p
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=80, help="training steps per variant")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap = example_parser(
+        __doc__, steps=80, batch_size=16, p=0.2, p_help="SliceOut rate of heads and FFN units",
+        eval_batch_size=64, out=RESULTS_DIR / "finetune_minilm_brown.json",
+    )  # fmt: skip
     ap.add_argument(
         "--seq-len", type=int, default=64, help="tokens per chunk, [CLS]/[SEP] included"
     )
-    ap.add_argument("--p", type=float, default=0.2, help="SliceOut rate of heads and FFN units")
-    ap.add_argument("--normalisation", choices=("flow", "probabilistic"), default="flow")
     ap.add_argument("--lr", type=float, default=5e-5, help="learning rate of the encoder")
     ap.add_argument("--head-lr", type=float, default=2e-3, help="learning rate of the head")
     ap.add_argument("--held-out", type=float, default=0.2, help="fraction of documents per genre")
     ap.add_argument("--eval-chunks", type=int, default=768, help="held-out chunks to evaluate")
-    ap.add_argument("--eval-batch-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=RESULTS_DIR / "finetune_minilm_brown.json",
-        help="where to write the JSON results",
-    )
     args = ap.parse_args(argv)
     if args.steps <= WARMUP_STEPS:
         ap.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
@@ -217,10 +209,7 @@ def subset(data: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Load, convert, fine-tune and evaluate both variants; print and save the results."""
     args = parse_args(argv)
-    t_start = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    t_start = start_run(args)
 
     # --- data ------------------------------------------------------------------------------
     docs = load_brown()

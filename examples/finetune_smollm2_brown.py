@@ -54,7 +54,9 @@ from sliceout_lab.finetune import (
     batch_indices,
     comparison_rows,
     comparison_table,
+    example_parser,
     run_record,
+    start_run,
     summarise_sites,
     warmup_schedule,
     write_results,
@@ -67,25 +69,15 @@ WARMUP_STEPS = 2  # steps left out of the timing medians (allocator and thread-p
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30, help="training steps per variant")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap = example_parser(
+        __doc__, steps=30, batch_size=4, p=0.1, p_help="dropout / SliceOut rate",
+        eval_batch_size=8, out=RESULTS_DIR / "finetune_smollm2_brown.json",
+    )  # fmt: skip
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    ap.add_argument("--p", type=float, default=0.1, help="dropout / SliceOut rate")
-    ap.add_argument("--normalisation", choices=("flow", "probabilistic"), default="flow")
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     ap.add_argument("--held-out", type=float, default=0.1, help="fraction of documents per genre")
     ap.add_argument("--eval-blocks", type=int, default=32, help="validation sequences to score")
-    ap.add_argument("--eval-batch-size", type=int, default=8)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=RESULTS_DIR / "finetune_smollm2_brown.json",
-        help="where to write the JSON results",
-    )
     args = ap.parse_args(argv)
     if args.steps <= WARMUP_STEPS + 1:
         ap.error(f"--steps must exceed {WARMUP_STEPS + 1} (warm-up and full-width steps)")
@@ -163,10 +155,7 @@ def eval_logits_equal(a: nn.Module, b: nn.Module, x: Tensor) -> bool:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Load, convert, fine-tune and evaluate both variants; print and save the results."""
     args = parse_args(argv)
-    t_start = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    t_start = start_run(args)
     device = args.device
 
     # --- data ------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ This script runs every (variant, p, seed) on the real data set (``sliceout_lab.d
   training-step time;
 * the results JSON is rewritten after every finished run and runs already in it are skipped, so an
   interrupted run resumes where it stopped;
-* separately, for each ``p``, freshly built copies of the variants are timed side by side in this
-  process (interleaved rounds, median of per-round ratios to standard dropout) and the bytes
-  autograd saves for backward in one step are counted - the ``sliceout_lab.bench`` utilities.
+* separately, for each ``p``, freshly built copies of the variants are trained side by side in
+  this process through the lab's A/B harness (``sliceout_lab.harness.run_interleaved``:
+  interleaved rounds, median of per-round step-time ratios to standard dropout), which also counts
+  the bytes autograd saves for backward in one step and, on CUDA, each variant's peak allocated
+  memory in one training step.
 
 The whole data set is put on the device once; batches are gathered there with an on-device
 permutation, and nothing in the training loop waits for the device except once per epoch (the
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -54,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -63,21 +65,17 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
     sys.path.insert(0, str(REPO))
 
 from sliceout_fx import convert  # noqa: E402
-from sliceout_lab.bench.memory import measure_saved_tensors  # noqa: E402
 from sliceout_lab.bench.runner import environment_info  # noqa: E402
-from sliceout_lab.bench.timing import (  # noqa: E402
-    interleaved_step_times,
-    paired_ratios,
-    quantile,
-    ratio_of_medians,
-)
 from sliceout_lab.bench.workloads import (  # noqa: E402
     BenchOptions,
     make_adam,
+    resolve_device,
     variant_factory,
 )
 from sliceout_lab.data import load_fashion_mnist  # noqa: E402
+from sliceout_lab.harness import Arm, run_interleaved  # noqa: E402
 from sliceout_lab.models import paper_mlp  # noqa: E402
+from sliceout_lab.table import format_table as render_table  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS = REPO / "examples" / "results" / "fashion_mnist.json"
@@ -185,23 +183,12 @@ def _now() -> str:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return str(environment_info().get("processor") or "cpu")
+    return str(environment_info(str(device)).get("device_name") or device.type)
 
 
-def _sync_fn(device: torch.device) -> Callable[[], None] | None:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    return torch.device(name)
+def _make_optimizer(cfg: RunConfig) -> Callable[..., torch.optim.Optimizer]:
+    """The paper's Adam at ``cfg.lr`` (``make_adam``: betas 0.9/0.999, eps 1e-8, no decay)."""
+    return lambda params: make_adam(params, cfg.lr, BenchOptions())
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -264,13 +251,26 @@ def train_run(
     position: int = 0,
     leave: bool = False,
 ) -> dict[str, Any]:
-    """Train one (variant, p, seed) for ``cfg.epochs`` epochs; return its JSON record."""
+    """Train one (variant, p, seed) for ``cfg.epochs`` epochs; return its JSON record.
+
+    Every step is :meth:`sliceout_lab.harness.Arm.step` (cross-entropy, the paper's Adam); its
+    losses are summed on the device, so the host waits for the device once per epoch only.
+    """
     t_start = time.perf_counter()
     model = build_model(variant, p, seed, cfg).to(device)
     model.train()
-    optimizer = make_adam(model.parameters(), cfg.lr, BenchOptions())
+    arm = Arm(
+        name=variant,
+        model=model,
+        optimizer=_make_optimizer(cfg)(model.parameters()),
+        description=VARIANTS[variant][0],
+    )
     gen = torch.Generator(device=device).manual_seed(seed)
-    sync = _sync_fn(device) or (lambda: None)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     n = data.x_train.shape[0]
     bs = cfg.batch_size
     steps = math.ceil(n / bs)
@@ -293,12 +293,9 @@ def train_run(
         loss_sum = torch.zeros((), device=device)
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
-            xb, yb = data.x_train.index_select(0, idx), data.y_train.index_select(0, idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += arm.step(
+                (data.x_train.index_select(0, idx), data.y_train.index_select(0, idx))
+            )
             bar.update(1)
         sync()
         epoch_s.append(time.perf_counter() - t0)
@@ -352,13 +349,15 @@ def measure_ratios(
     warmup: int,
     num_batches: int = 4,
 ) -> dict[str, Any]:
-    """Step-time and saved-activation ratios of each variant vs standard dropout at ``p``.
+    """Step-time and memory ratios of each variant vs standard dropout at ``p``.
 
-    Every variant is a fresh copy of one ``paper_mlp(p)`` (seed 0) with its own Adam, stepping
-    over the same real training batches; steps are timed in interleaved rounds
-    (:func:`sliceout_lab.bench.timing.interleaved_step_times`, a device sync after each step) and
-    the bytes autograd saves for backward in one step are counted
-    (:func:`sliceout_lab.bench.memory.measure_saved_tensors`, parameters excluded).
+    Every variant is a fresh copy of one ``paper_mlp(p)`` (seed 0) with its own Adam
+    (:func:`sliceout_lab.bench.workloads.variant_factory`); all are trained side by side on the
+    same real training batches by the A/B harness (:func:`sliceout_lab.harness.run_interleaved`):
+    ``warmup`` untimed rounds, then ``repeats`` timed ones in rotating order with a device sync
+    around each step. The harness also counts the bytes autograd saves for backward in one step
+    (parameters excluded) and, on CUDA, each variant's peak allocated memory in one training step.
+    Each variant's record is :meth:`sliceout_lab.harness.ABResult.stats`.
     """
     torch.manual_seed(0)
     base = paper_mlp(p, hidden=cfg.hidden, depth=cfg.depth)
@@ -375,35 +374,14 @@ def measure_ratios(
     def transform(name: str) -> Callable[[nn.Module], nn.Module]:
         kwargs = VARIANTS[name][1]
         if kwargs is None:
-            return lambda m: m.to(device)
-        return lambda m: convert(m, p, seed=0, **kwargs).to(device)
+            return lambda m: m
+        return lambda m: convert(m, p, seed=0, **kwargs)
 
-    factory = variant_factory(
-        base, lambda params: make_adam(params, cfg.lr, BenchOptions()), batches
-    )
+    # Built on the CPU (the same initial weights whatever the device); each arm is moved.
+    factory = variant_factory(base, _make_optimizer(cfg), device)
     names = [BASELINE] + [v for v in variants if v != BASELINE]
-    built = {name: factory(name, transform(name), VARIANTS[name][0])() for name in names}
-    sync = _sync_fn(device)
-    saved = {name: measure_saved_tensors(v.step, v.params) for name, v in built.items()}
-    peak: dict[str, int] = {}
-    times = interleaved_step_times(
-        {name: v.step for name, v in built.items()}, repeats, warmup, sync=sync
-    )
-    if device.type == "cuda":
-        # Peak device memory of one forward + backward (activations, gradients, temporaries)
-        # above what is allocated with the gradients freed (weights, Adam state, data).
-        # Informational: the paper's Table 7 is the max memory *cached* over a whole epoch.
-        x0, y0 = batches[0]
-        for name, v in built.items():
-            v.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            F.cross_entropy(v.model(x0), y0).backward()
-            torch.cuda.synchronize(device)
-            peak[name] = torch.cuda.max_memory_allocated(device) - before
-            v.optimizer.zero_grad(set_to_none=True)
-    base_t, base_b = times[BASELINE], saved[BASELINE].bytes
+    arms = [factory(name, transform(name), VARIANTS[name][0])() for name in names]
+    run = run_interleaved(arms, itertools.cycle(batches), rounds=warmup + repeats, warmup=warmup)
     out: dict[str, Any] = {
         "p": p,
         "repeats": repeats,
@@ -413,22 +391,11 @@ def measure_ratios(
         "device_name": _device_name(device),
         "torch_version": torch.__version__,
         "measured": _now(),
-        "variants": {},
+        "variants": {
+            arm.name: {"description": arm.description, **run.stats(arm.name)} for arm in arms
+        },
     }
-    for name in names:
-        ratios = paired_ratios(times[name], base_t)
-        out["variants"][name] = {
-            "time_ratio": statistics.median(ratios),
-            "time_ratio_q25": quantile(ratios, 0.25),
-            "time_ratio_q75": quantile(ratios, 0.75),
-            "time_ratio_of_medians": ratio_of_medians(times[name], base_t),
-            "median_step_ms": 1e3 * statistics.median(times[name]),
-            "saved_activation_bytes": saved[name].bytes,
-            "memory_ratio": saved[name].bytes / base_b if base_b else None,
-            "cuda_fwd_bwd_peak_bytes": peak.get(name),
-            "cuda_peak_ratio": (peak[name] / peak[BASELINE]) if peak.get(BASELINE) else None,
-        }
-    del built
+    del arms, run
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -445,9 +412,11 @@ def empty_results() -> dict[str, Any]:
         "accuracy": "test accuracy of the full-width model (eval mode) after every epoch; "
         "best = highest over epochs (the paper's Table 5 figure), final = last epoch",
         "time_ratio": "median over interleaved rounds of variant / standard-dropout step time "
-        "(fresh models, same batches, device sync after each step)",
+        "(fresh models, same batches, device sync after each step; sliceout_lab.harness)",
         "memory_ratio": "bytes autograd saves for backward in one step / standard dropout's "
         "(saved_tensors_hooks, distinct storages, parameters excluded)",
+        "cuda_step_peak_ratio": "CUDA only: peak allocated device memory in one training step "
+        "above what was allocated before it / standard dropout's",
         "runs": {},
         "ratios": {},
         "environment": {},
@@ -489,7 +458,7 @@ class Row:
     time_ratio: float | None
     time_iqr: tuple[float, float] | None
     memory_ratio: float | None
-    cuda_peak_ratio: float | None
+    cuda_step_peak_ratio: float | None
     paper_best: tuple[float, float] | None
     paper_time: tuple[float, float] | None
     paper_mem: float | None
@@ -533,7 +502,10 @@ def summarise(results: dict[str, Any]) -> list[Row]:
                 if ratios is None
                 else (ratios["time_ratio_q25"], ratios["time_ratio_q75"]),
                 memory_ratio=None if ratios is None else ratios["memory_ratio"],
-                cuda_peak_ratio=None if ratios is None else ratios.get("cuda_peak_ratio"),
+                # Files written before the harness have "cuda_peak_ratio" (forward + backward).
+                cuda_step_peak_ratio=None
+                if ratios is None
+                else ratios.get("cuda_step_peak_ratio", ratios.get("cuda_peak_ratio")),
                 paper_best=_paper(PAPER_BEST_ACC, p, variant),
                 paper_time=_paper(PAPER_TIME, p, variant),
                 paper_mem=_paper(PAPER_MEM, p, variant),
@@ -573,7 +545,7 @@ def _paper_mem(row: Row) -> str:
 
 def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     """Header and string cells shared by the text and the Markdown tables."""
-    has_peak = any(r.cuda_peak_ratio is not None for r in rows)
+    has_peak = any(r.cuda_step_peak_ratio is not None for r in rows)
     header = [
         "variant",
         "p",
@@ -587,7 +559,7 @@ def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
         "saved activations",
     ]
     if has_peak:
-        header.append("CUDA fwd+bwd peak")
+        header.append("CUDA step peak")
     header.append("paper memory (T7)")
     body = []
     for r in rows:
@@ -605,7 +577,7 @@ def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
             _pct(r.memory_ratio, base),
         ]
         if has_peak:
-            cells.append(_pct(r.cuda_peak_ratio, base))
+            cells.append(_pct(r.cuda_step_peak_ratio, base))
         cells.append(_paper_mem(r))
         body.append(cells)
     return header, body
@@ -642,40 +614,25 @@ def format_table(results: dict[str, Any]) -> str:
     """Aligned text table of every (variant, p), with the paper's figures beside ours."""
     rows = summarise(results)
     header, body = table_cells(rows)
-    widths = [
-        max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(header)
-    ]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
     lines = [
         "Fashion-MNIST MLP (SliceOut paper, Appendix F.1): test accuracy mean ± sd over seeds;",
         "time and memory as % of standard dropout at the same p.",
         *_setup_lines(results),
         "",
-        fmt(header),
-        fmt(["-" * w for w in widths]),
+        render_table(header, body, groups=[r.p for r in rows]),
+        "",
+        *_legend(rows),
     ]
-    prev = None
-    for row, cells in zip(rows, body, strict=True):
-        if prev is not None and row.p != prev:
-            lines.append("")
-        lines.append(fmt(cells))
-        prev = row.p
-    lines += ["", *_legend(rows)]
     return "\n".join(lines)
 
 
 def _legend(rows: Sequence[Row] = ()) -> list[str]:
     peak = []
-    if any(r.cuda_peak_ratio is not None for r in rows):
+    if any(r.cuda_step_peak_ratio is not None for r in rows):
         peak = [
-            "CUDA fwd+bwd peak: peak allocated device memory in one forward + backward "
-            "(activations, full-size gradients, temporaries) over weights, Adam state and data."
+            "CUDA step peak: peak allocated device memory in one training step (activations, "
+            "gradients, temporaries, the update) above what was allocated before it (weights, "
+            "Adam state, data and the other variants' models)."
         ]
     return [
         "best acc: highest test accuracy over epochs (the paper's Table 5 figure); "
@@ -699,12 +656,10 @@ def format_markdown(results: dict[str, Any], plot_link: str | None = None) -> st
         "",
         *(f"- {line}" for line in _setup_lines(results)),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        render_table(header, body, markdown=True),
+        "",
+        *(f"- {line}" for line in _legend(rows)),
     ]
-    for cells in body:
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *(f"- {line}" for line in _legend(rows))]
     if plot_link:
         lines += ["", f"![Fashion-MNIST test accuracy per epoch]({plot_link})"]
     lines += ["", "### Differences from the paper, in numbers", "", *differences(results, rows)]
@@ -968,11 +923,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(f"--p: dropout rate must be in [0, 1), got {p}")
         if args.epochs < 1 or args.jobs < 1:
             raise SystemExit("--epochs and --jobs must be >= 1")
-        device = resolve_device(args.device)
+        try:
+            device = torch.device(resolve_device(args.device))
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
         cuda = device.type == "cuda"
         eval_batch = args.eval_batch or (10000 if cuda else 2000)
         repeats = args.timing_repeats or (100 if cuda else 10)
         warmup = args.timing_warmup if args.timing_warmup is not None else (20 if cuda else 2)
+        if repeats < 1 or warmup < 0:
+            raise SystemExit("--timing-repeats must be >= 1 and --timing-warmup >= 0")
         cfg = RunConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -998,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     f"not the requested {asdict(cfg)}: use another --results file or "
                     "--overwrite-mismatched"
                 )
-        results["environment"] = environment_info() | {"device_name": _device_name(device)}
+        results["environment"] = environment_info(str(device))
         data = load_data(device, cfg.limit_train, cfg.limit_test)
         print(
             f"device {device} ({_device_name(device)}), torch {torch.__version__}; "

@@ -9,9 +9,11 @@ sliced, and the comparison table and JSON record made from the harness's :class:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,8 @@ from .table import format_table
 
 __all__ = [
     "batch_indices",
+    "example_parser",
+    "start_run",
     "comparison_rows",
     "comparison_table",
     "run_record",
@@ -33,6 +37,43 @@ __all__ = [
     "warmup_schedule",
     "write_results",
 ]
+
+
+def example_parser(
+    doc: str,
+    *,
+    steps: int,
+    batch_size: int,
+    p: float,
+    p_help: str,
+    eval_batch_size: int,
+    out: Path | None,
+    out_help: str = "where to write the JSON results",
+) -> argparse.ArgumentParser:
+    """The options every fine-tuning example has, with its defaults; it adds its own after."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=steps, help="training steps per variant")
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--p", type=float, default=p, help=p_help)
+    ap.add_argument(
+        "--normalisation",
+        choices=("flow", "probabilistic"),
+        default="flow",
+        help="SliceOut rescaling (library default: flow; the paper used probabilistic)",
+    )
+    ap.add_argument("--eval-batch-size", type=int, default=eval_batch_size)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--out", type=Path, default=out, help=out_help)
+    return ap
+
+
+def start_run(args: argparse.Namespace) -> float:
+    """Apply ``--threads`` and seed torch with ``--seed``; returns the start time (seconds)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return time.perf_counter()
 
 
 def batch_indices(

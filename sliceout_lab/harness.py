@@ -151,9 +151,12 @@ class Arm:
 
         The gradients are freed first, so the figure is the step's working memory: activations
         kept for backward, gradients and temporaries. Parameters, optimizer state and the other
-        arms' models are resident before and after and cancel out. The step trains.
+        arms' models are resident before and after and cancel out: an optimizer without state yet
+        (Adam's moments are made by its first step) takes one step first. The steps train.
         """
         device = next(self.model.parameters()).device
+        if not self.optimizer.state:
+            self.step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.synchronize(device)

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ..table import format_table
 from .workloads import BenchOptions
 
 __all__ = ["SuiteEntry", "format_suite", "run_gpu_suite", "suite_entries"]
@@ -196,22 +197,17 @@ def format_suite(suite: dict[str, Any]) -> str:
     """The suite's markdown table: one row per workload and mode."""
     env = suite["environment"]
     device = env.get("device_name") or suite["device"]
-    lines = [
-        f"SliceOut (flow) vs dropout in the same mode, on {device}; ratios < 1 favour SliceOut.",
-        "",
-        "| workload | p | mode | step time ratio (IQR) | CUDA peak memory ratio "
-        "| saved bytes ratio |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["workload", "p", "mode", "step time ratio (IQR)", "CUDA peak memory ratio",
+              "saved bytes ratio"]  # fmt: skip
+    rows = []
     for r in suite["rows"]:
-        head = f"| {r['entry']} | {r['p']} | {r['mode']} |"
+        head = [r["entry"], str(r["p"]), r["mode"]]
         if "skipped" in r or "error" in r:
-            lines.append(f"{head} {r.get('skipped') or r.get('error')} | | |")
+            rows.append([*head, r.get("skipped") or r.get("error"), "", ""])
             continue
         q25, q75 = r["time_ratio_iqr"]
         peak = "-" if r["cuda_peak_ratio"] is None else f"{r['cuda_peak_ratio']:.3f}"
-        lines.append(
-            f"{head} {r['time_ratio']:.3f} ({q25:.3f}-{q75:.3f}) | {peak} | "
-            f"{r['saved_bytes_ratio']:.3f} |"
-        )
-    return "\n".join(lines)
+        rows.append([*head, f"{r['time_ratio']:.3f} ({q25:.3f}-{q75:.3f})", peak,
+                     f"{r['saved_bytes_ratio']:.3f}"])  # fmt: skip
+    title = f"SliceOut (flow) vs dropout in the same mode, on {device}; ratios < 1 favour SliceOut."
+    return f"{title}\n\n{format_table(header, rows, left=(0, 2), markdown=True)}"

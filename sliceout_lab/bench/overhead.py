@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..harness import Arm
+from ..table import format_table
 from ..timing import interleaved_step_times, paired_ratios, quantile
 
 __all__ = ["OpCounter", "OverheadResult", "count_ops", "overhead_cases", "run_overhead"]
@@ -168,17 +169,19 @@ def _measure(name: str, build, seed: int, repeats: int, warmup: int, calls: int)
 
 def format_overhead(results: list[OverheadResult]) -> str:
     """A markdown table of :func:`run_overhead`'s results."""
-    lines = [
-        "| workload | ATen ops / step, dropout | SliceOut | op ratio | host time ratio (IQR) |",
-        "|---|---|---|---|---|",
+    header = ["workload", "ATen ops / step, dropout", "SliceOut", "op ratio",
+              "host time ratio (IQR)"]  # fmt: skip
+    rows = [
+        [
+            f"{r.workload}: {r.info['model']}",
+            str(r.ops_dropout),
+            str(r.ops_sliceout),
+            f"{r.op_ratio:.2f}",
+            f"{r.time_ratio:.3f} ({r.time_ratio_q25:.3f}-{r.time_ratio_q75:.3f})",
+        ]
+        for r in results
     ]
-    for r in results:
-        lines.append(
-            f"| {r.workload}: {r.info['model']} | {r.ops_dropout} | {r.ops_sliceout} | "
-            f"{r.op_ratio:.2f} | {r.time_ratio:.3f} ({r.time_ratio_q25:.3f}-"
-            f"{r.time_ratio_q75:.3f}) |"
-        )
-    return "\n".join(lines)
+    return format_table(header, rows, markdown=True)
 
 
 def run_overhead(

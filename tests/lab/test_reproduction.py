@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "reproduce_fashion_mnist.py"
@@ -69,6 +70,10 @@ def test_runs_resume_table_and_docs(repro, tmp_path, capsys):
     assert ratios["dropout"]["memory_ratio"] == 1.0
     assert 0.0 < ratios["sliceout-flow"]["memory_ratio"] < 1.0  # SliceOut saves less
     assert ratios["sliceout-flow"]["time_ratio"] > 0
+    # The records are the A/B harness's stats: 2 timed rounds, no CUDA step peak on the CPU.
+    assert all(len(r["samples_s"]) == 2 and r["median_ms"] > 0 for r in ratios.values())
+    assert ratios["dropout"]["time_ratio"] == 1.0
+    assert "cuda_step_peak_ratio" not in ratios["sliceout-flow"]
     assert plot.is_file()
 
     # Resume: everything is already there, so nothing is trained and nothing is rewritten.
@@ -121,3 +126,49 @@ def test_paper_tables_transcribed(repro):
     assert all(len(row) == 4 for p, row in repro.PAPER_BEST_ACC.items() if p > 0)
     assert all(len(row) == 3 for row in repro.PAPER_TIME.values())
     assert all(len(row) == 3 for row in repro.PAPER_MEM.values())
+
+
+def _ratios_entry(p: float, peak_key: str) -> dict:
+    def record(peak: float) -> dict:
+        return {
+            "time_ratio": 0.5,
+            "time_ratio_q25": 0.4,
+            "time_ratio_q75": 0.6,
+            "memory_ratio": 0.25,
+            peak_key: peak,
+        }
+
+    return {"p": p, "variants": {"dropout": record(1.0), "sliceout-flow": record(0.75)}}
+
+
+def test_tables_group_by_p_and_show_the_cuda_step_peak(repro):
+    results = repro.empty_results()
+    # 0.5 as written before the harness ("cuda_peak_ratio"): still read, in the same column.
+    results["ratios"] = {
+        "0.1": _ratios_entry(0.1, "cuda_step_peak_ratio"),
+        "0.5": _ratios_entry(0.5, "cuda_peak_ratio"),
+    }
+    lines = repro.format_table(results).splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("variant"))
+    assert "CUDA step peak" in lines[top] and set(lines[top + 1]) == {"-", " "}
+    body = lines[top + 2 : top + 7]
+    assert [line.split()[:2] for line in body] == [
+        ["dropout", "0.1"],
+        ["sliceout-flow", "0.1"],
+        [],  # a blank line between the p groups
+        ["dropout", "0.5"],
+        ["sliceout-flow", "0.5"],
+    ]
+    assert len({len(line) for line in [lines[top], lines[top + 1], *body] if line}) == 1
+    assert all("75.0%" in line for line in body if line.startswith("sliceout-flow"))
+    assert any(line.startswith("CUDA step peak: peak allocated device memory") for line in lines)
+
+    markdown = repro.format_markdown(results)
+    assert "| CUDA step peak |" in markdown and "| sliceout-flow | 0.5 |" in markdown
+    assert "- CUDA step peak: peak allocated device memory in one training step" in markdown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_exits_with_the_reason(repro, tmp_path):
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        repro.main(["--device", "cuda", "--results", str(tmp_path / "fm.json"), "--no-progress"])
