@@ -274,9 +274,9 @@ def run_interleaved(
     ``warmup`` rounds are not timed (one-off costs: optimizer state, allocator, kernel choice),
     nor are rounds for which ``timed(r)`` is false (e.g. a full-width tail one does not want in
     the ratio). On CUDA every timed step is bracketed by ``torch.cuda.synchronize`` and, unless
-    ``measure_cuda_peak=False``, each arm's step peak is measured by one extra step on the first
-    batch before round 0. With ``measure_saved`` the saved activations are counted on the first
-    batch (no training, see :meth:`Arm.saved_tensors`).
+    ``measure_cuda_peak=False``, each arm's step peak is measured by an extra step on the first
+    batch before round 0 (see :meth:`Arm.cuda_step_peak`). With ``measure_saved`` the saved
+    activations are counted on the first batch (no training, see :meth:`Arm.saved_tensors`).
     """
     names = [arm.name for arm in arms]
     if not arms:
