@@ -25,6 +25,7 @@ from . import mha
 from ._probe import untouched
 from .adapters import is_lora_linear, lora_linear_forward
 from .errors import ExampleInputsError, UntraceableModelError
+from .functions import functions_kept_whole
 
 LeafSpec = Iterable[type[nn.Module] | str]
 #: ``GraphModule.meta`` key: the modules a traced call kept whole, though they can be spelt out.
@@ -159,7 +160,8 @@ def trace(
     model.train(training)
     tracer = SliceOutTracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with functions_kept_whole("fx"):
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         inside = tracer.entered[-1] if tracer.entered else None
         if inside and inside[0]:

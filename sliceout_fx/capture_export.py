@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from ._probe import training_mode
 from .errors import UntraceableModelError
+from .functions import functions_kept_whole, replace_stand_ins
 from .mha import spelt_out_attention
 
 __all__ = ["CallSpec", "ExportedCall", "call_key", "export_call", "normalise_call"]
@@ -154,6 +155,7 @@ def export_call(
             _quiet_export_logs(),
             _outside_checkpointing(),
             spelt_out_attention() if training else contextlib.nullcontext(),
+            functions_kept_whole("export"),
         ):
             warnings.simplefilter("ignore")
             exported = torch.export.export(
@@ -167,6 +169,8 @@ def export_call(
             "model is called, or convert a submodule."
         ) from error
     gm = _plain_graph_module(module, exported)
+    replace_stand_ins(gm)
+    gm.recompile()
     key, _ = call_key(args, kwargs)
     return ExportedCall(gm, spec, exported.call_spec.out_spec, tensors, key)
 

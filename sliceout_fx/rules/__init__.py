@@ -24,6 +24,7 @@ from . import (
     conv,
     dropout,
     elementwise,
+    function,
     gather,
     layernorm,
     layout,
@@ -64,6 +65,7 @@ _FAMILIES = (
     gather,
     boundary,
     stochastic_depth,
+    function,
 )
 
 
