@@ -19,6 +19,7 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx.functions import apply_function, resolve_function
+from sliceout_fx.module import built_conversion
 
 from .helpers import assert_sliced_matches_mask, train_step_outputs
 
@@ -218,3 +219,19 @@ def test_capture_leaves_function_apply_as_it_was() -> None:
         sliceout_fx.convert(nn.Sequential(nn.Dropout(0.5)), p=0.5, example_inputs=("not",))
     assert torch.autograd.Function.__dict__["apply"] is before
     assert RoundSTE.apply(torch.tensor([0.4])).item() == 0.0  # plain calls are plain
+
+
+def test_timm_memory_efficient_activations_are_sliced_through_exactly() -> None:
+    """timm's ``*Me`` activations are Functions that save only their input (real model)."""
+    pytest.importorskip("timm")
+    import timm
+    from timm.layers import activations_me
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "mobilenetv3_small_050", act_layer=activations_me.HardSwishMe, num_classes=4
+    ).double()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).double()
+    sliced, _ = assert_sliced_matches_mask(model, (x,), steps=2, p=0.3, example_inputs=(x,))
+    graph = built_conversion(sliced).sliced_gm.graph
+    assert sum(n.target is apply_function for n in graph.nodes) > 10  # kept whole, not traced
