@@ -1,4 +1,5 @@
-"""Experiments beside the pass: benchmarks, the demo, data and corpus loaders, reference models
+"""Experiments beside the pass: the A/B harness every comparison runs through
+(:mod:`sliceout_lab.harness`), benchmarks, the demo, data and corpus loaders, reference models
 and pretrained-weight fetchers.
 
 ``sliceout_fx`` is the transformation and imports nothing from here; this package uses it as a
