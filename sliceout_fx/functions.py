@@ -92,7 +92,9 @@ def _fx_apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> 
     if not proxies or kwargs or not _kept(cls) or _PASS_THROUGH.get():
         return _original_apply(cls, *args, **kwargs)
     tracer = proxies[0].tracer
-    return tracer.create_proxy("call_function", apply_function, (function_name(cls), *args), {})
+    return tracer.create_proxy(
+        "call_function", apply_function, (function_name(cls), *args), {}, name=cls.__name__
+    )
 
 
 # ----------------------------------------------------------------------------- torch.export
@@ -161,7 +163,9 @@ def replace_stand_ins(gm: fx.GraphModule) -> None:
             continue
         name, tensors = node.args
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(apply_function, (name, *tensors))
+            call = gm.graph.create_node(
+                "call_function", apply_function, (name, *tensors), name=name.rpartition(".")[2]
+            )
         call.meta = dict(node.meta)
         for user in list(node.users):
             if not _RETURNS_TUPLE[name] and user.target is operator.getitem:
