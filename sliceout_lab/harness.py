@@ -115,6 +115,11 @@ class Arm:
     def params(self) -> list[Tensor]:
         return list(self.model.parameters())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (the CPU for a model without any)."""
+        return next((t.device for t in self.model.parameters()), torch.device("cpu"))
+
     def _loss(self, batch: Batch) -> Tensor:
         return self.loss(self.model if self.forward is None else self.forward, batch)
 
@@ -154,7 +159,7 @@ class Arm:
         arms' models are resident before and after and cancel out: an optimizer without state yet
         (Adam's moments are made by its first step) takes one step first. The steps train.
         """
-        device = next(self.model.parameters()).device
+        device = self.device
         if not self.optimizer.state:
             self.step(batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -251,10 +256,6 @@ class ABResult:
 # ------------------------------------------------------------------------------------------ loop
 
 
-def _device_of(arm: Arm) -> torch.device:
-    return next((t.device for t in arm.model.parameters()), torch.device("cpu"))
-
-
 def run_interleaved(
     arms: Sequence[Arm],
     batches: Iterable[Batch],
@@ -288,7 +289,7 @@ def run_interleaved(
     if not 0 <= warmup < rounds:
         raise ValueError(f"warmup must be in [0, rounds), got {warmup} of {rounds} rounds")
     by_name = {arm.name: arm for arm in arms}
-    device = _device_of(arms[0])
+    device = arms[0].device
     on_cuda = device.type == "cuda"
     stream: Iterator[Batch] = iter(batches)
     try:

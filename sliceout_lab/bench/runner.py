@@ -291,7 +291,7 @@ def format_result(result: dict[str, Any]) -> str:
                 peak, peak_ratio = v.get("cuda_step_peak_bytes"), v.get("cuda_step_peak_ratio")
                 cuda_cells = [
                     "n/a" if peak_ratio is None else f"{peak_ratio:.3f}",
-                    "n/a" if peak is None else format_bytes(peak),
+                    format_bytes(peak),
                 ]
             rows.append(
                 [
