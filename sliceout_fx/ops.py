@@ -25,6 +25,7 @@ modes, and the mask reference exercises exactly the same graph positions as the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -449,24 +450,32 @@ class _SlicedFusedLinear(torch.autograd.Function):
 
     The live rows of the parts are not contiguous, so the forward copies them into one matrix; the
     copy is rebuilt in backward instead of being kept (it would count as activation memory), and
-    the weight gradient is written into one zero tensor of the parameter's shape.
+    the weight gradient is written into one zero tensor of the parameter's shape. Small weights
+    (below :data:`NATIVE_BLOCK_LIMIT`) and every bias are copied with one ``index_select`` on a
+    cached index vector and written back with one ``index_copy_``: one op each where the strided
+    views take four, at sizes where a step is bound by ops dispatched; large weights keep the
+    views, whose copies are plain memcpys.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, parts, start, width, layout):
         dtype = _compute_dtype(x)  # honour autocast explicitly, as _SlicedLinear does
         out_dim = 0 if layout == "out_in" else 1
-        w = _fused_rows(weight, parts, start, width, out_dim).to(dtype)
+        index = _fused_index(weight, parts, start, width, out_dim)
+        w = _fused_rows(weight, parts, start, width, out_dim, index).to(dtype)
         xc = x.to(dtype)
-        x2 = xc.reshape(-1, x.shape[-1])
+        x2 = xc if xc.dim() == 2 else xc.reshape(-1, x.shape[-1])
         wt = w.t() if layout == "out_in" else w
-        y = x2.new_empty(*x.shape[:-1], wt.shape[1])  # not a view: see _SlicedLinear
+        b = None if bias is None else _fused_bias(bias, parts, start, width, index).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            if bias is None:
-                torch.mm(x2, wt, out=y.view(-1, wt.shape[1]))
+            if x.dim() == 2:
+                y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
             else:
-                b = bias.unflatten(0, (parts, -1))[:, start : start + width].flatten()
-                torch.addmm(b.to(dtype), x2, wt, out=y.view(-1, wt.shape[1]))
+                y = x2.new_empty(*x.shape[:-1], wt.shape[1])  # not a view: see _SlicedLinear
+                if b is None:
+                    torch.mm(x2, wt, out=y.view(-1, wt.shape[1]))
+                else:
+                    torch.addmm(b, x2, wt, out=y.view(-1, wt.shape[1]))
         ctx.save_for_backward(xc, weight)
         ctx.meta = (parts, start, width, layout, bias is not None, x.dtype)
         return y
@@ -477,29 +486,86 @@ class _SlicedFusedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         parts, start, width, layout, has_bias, x_dtype = ctx.meta
         out_dim = 0 if layout == "out_in" else 1
-        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
+        index = _fused_index(weight, parts, start, width, out_dim)
+        flat = x.dim() == 2
+        g2 = (grad_y if flat else grad_y.reshape(-1, grad_y.shape[-1])).to(x.dtype)
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w = _fused_rows(weight, parts, start, width, out_dim).to(x.dtype)
-            grad_x = torch.mm(g2, w if layout == "out_in" else w.t()).view(*x.shape).to(x_dtype)
+            w = _fused_rows(weight, parts, start, width, out_dim, index).to(x.dtype)
+            grad_x = torch.mm(g2, w if layout == "out_in" else w.t())
+            grad_x = (grad_x if flat else grad_x.view(*x.shape)).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(weight)
-            block = grad_w.unflatten(out_dim, (parts, -1)).narrow(out_dim + 1, start, width)
-            if layout == "out_in":
-                block.copy_(torch.mm(g2.t(), x2).view(parts, width, -1))
-            else:
-                block.copy_(torch.mm(x2.t(), g2).view(-1, parts, width))
+            block = torch.mm(g2.t(), x2) if layout == "out_in" else torch.mm(x2.t(), g2)
+            grad_w = _fused_scatter(
+                block, weight.shape, weight.dtype, parts, start, width, out_dim, index
+            )
         if has_bias and ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(weight.shape[out_dim], dtype=weight.dtype, device=g2.device)
-            grad_b.view(parts, -1)[:, start : start + width].copy_(g2.sum(0).view(parts, width))
+            shape, dtype = (weight.shape[out_dim],), weight.dtype  # the bias's
+            grad_b = _fused_scatter(
+                g2.sum(0), shape, dtype, parts, start, width, 0, index, always=True
+            )
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _fused_rows(weight: Tensor, parts: int, start: int, width: int, out_dim: int) -> Tensor:
+@functools.lru_cache(maxsize=4096)
+def _cached_fused_index(
+    parts: int, part: int, start: int, width: int, device: torch.device
+) -> Tensor:
+    rows = torch.arange(parts).mul_(part).add_(start)[:, None] + torch.arange(width)
+    return rows.flatten().to(device)
+
+
+def _fused_index(weight: Tensor, parts: int, start: int, width: int, out_dim: int) -> Tensor | None:
+    """The positions of every part's live outputs on the fused axis, cached per draw.
+
+    A layer sees at most ``part - width + 1`` different starts, so the cache holds a few small
+    vectors per layer shape. ``None`` under ``torch.compile`` (which traces the views instead).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    part = weight.shape[out_dim] // parts
+    return _cached_fused_index(parts, part, start, width, weight.device)
+
+
+def _fused_rows(
+    weight: Tensor, parts: int, start: int, width: int, out_dim: int, index: Tensor | None = None
+) -> Tensor:
     """The live outputs of every part of a fused weight, as one contiguous matrix."""
+    if index is not None and weight.numel() < NATIVE_BLOCK_LIMIT:
+        return weight.index_select(out_dim, index)
     w = weight.unflatten(out_dim, (parts, -1)).narrow(out_dim + 1, start, width)
     return w.flatten(out_dim, out_dim + 1)
+
+
+def _fused_bias(bias: Tensor, parts: int, start: int, width: int, index: Tensor | None) -> Tensor:
+    """The live entries of every part of a fused bias, as one vector."""
+    if index is not None:
+        return bias.index_select(0, index)
+    return bias.unflatten(0, (parts, -1))[:, start : start + width].flatten()
+
+
+def _fused_scatter(
+    block: Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    parts: int,
+    start: int,
+    width: int,
+    dim: int,
+    index: Tensor | None,
+    *,
+    always: bool = False,
+) -> Tensor:
+    """A zero gradient of ``shape`` holding ``block`` at the live outputs of every part along
+    ``dim`` (:func:`_fused_rows` backwards); ``always``: by index at any size."""
+    grad = block.new_zeros(shape, dtype=dtype)
+    small = always or grad.numel() < NATIVE_BLOCK_LIMIT
+    if index is not None and small:
+        return grad.index_copy_(dim, index, block.to(grad.dtype))
+    live = grad.unflatten(dim, (parts, -1)).narrow(dim + 1, start, width)
+    live.copy_(block.unflatten(dim, (parts, width)))
+    return grad
 
 
 def live_size(cut: Cut) -> int:

@@ -81,3 +81,49 @@ def test_a_sliced_linear_output_takes_an_in_place_activation(monkeypatch) -> Non
         outside[1:7, 4:9] = False
         assert weight.grad[1:7, 4:9].abs().sum() > 0
         assert weight.grad[outside].abs().sum() == 0
+
+
+PARTS, PART = 3, 8  # a fused Q|K|V projection of three parts of 8 features
+
+
+@pytest.mark.parametrize("path", ["index", "views"])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_sliced_fused_linear_equals_the_dense_reference(
+    path: str, layout: str, rank: int, has_bias: bool, monkeypatch
+) -> None:
+    """Every part's live outputs, by cached index (small weights) or by strided views (large)."""
+    monkeypatch.setattr(ops, "NATIVE_BLOCK_LIMIT", 1 << 30 if path == "index" else 0)
+    torch.manual_seed(0)
+    out = PARTS * PART
+    shape = (out, IN) if layout == "out_in" else (IN, out)
+    weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out, dtype=torch.float64, requires_grad=True) if has_bias else None
+    lead = (4,) if rank == 2 else (2, 3)
+    x = torch.randn(*lead, IN, dtype=torch.float64, requires_grad=True)
+    start, width = 2, 5
+    y = ops.sliced_fused_linear(
+        x, weight, bias, PARTS, make_cut(start, width, PART, 1, "slice"), None, layout
+    )
+    assert y.shape == (*lead, PARTS * width)
+    weights = torch.randn(y.shape, dtype=torch.float64)
+    (y * weights).sum().backward()
+    got = [y.detach(), x.grad, weight.grad] + ([bias.grad] if has_bias else [])
+
+    live = torch.cat([torch.arange(k * PART + start, k * PART + start + width) for k in range(3)])
+    params = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    ref_bias = bias.detach().clone().requires_grad_() if has_bias else None
+    w = params[1] if layout == "out_in" else params[1].t()
+    y_ref = F.linear(params[0], w[live], None if ref_bias is None else ref_bias[live])
+    (y_ref * weights).sum().backward()
+    expected = [y_ref.detach(), params[0].grad, params[1].grad]
+    expected += [ref_bias.grad] if has_bias else []
+    names = ["output", "x", "weight", "bias"][: len(got)]
+    for name, a, b in zip(names, got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
+    # an in-place activation on the output is allowed (it is no view of an internal tensor)
+    y2 = ops.sliced_fused_linear(
+        x, weight, bias, PARTS, make_cut(start, width, PART, 1, "slice"), None, layout
+    )
+    F.relu(y2, inplace=True).sum().backward()
