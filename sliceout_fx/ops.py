@@ -512,6 +512,7 @@ class _SlicedFusedLinear(torch.autograd.Function):
 def _cached_fused_index(
     parts: int, part: int, start: int, width: int, device: torch.device
 ) -> Tensor:
+    """``[k * part + start + j for k < parts, j < width]`` on ``device`` (host-side cache)."""
     rows = torch.arange(parts).mul_(part).add_(start)[:, None] + torch.arange(width)
     return rows.flatten().to(device)
 
