@@ -462,7 +462,9 @@ class _SlicedFusedLinear(torch.autograd.Function):
         dtype = _compute_dtype(x)  # honour autocast explicitly, as _SlicedLinear does
         out_dim = 0 if layout == "out_in" else 1
         index = _fused_index(weight, parts, start, width, out_dim)
-        w = _fused_rows(weight, parts, start, width, out_dim, index).to(dtype)
+        # the weight by index only while small; the bias always (see the class docstring)
+        w_index = index if weight.numel() < NATIVE_BLOCK_LIMIT else None
+        w = _fused_rows(weight, parts, start, width, out_dim, w_index).to(dtype)
         xc = x.to(dtype)
         x2 = xc if xc.dim() == 2 else xc.reshape(-1, x.shape[-1])
         wt = w.t() if layout == "out_in" else w
@@ -478,6 +480,7 @@ class _SlicedFusedLinear(torch.autograd.Function):
                     torch.addmm(b, x2, wt, out=y.view(-1, wt.shape[1]))
         ctx.save_for_backward(xc, weight)
         ctx.meta = (parts, start, width, layout, bias is not None, x.dtype)
+        ctx.index = (index, w_index)  # constants of the draw, not saved activations
         return y
 
     @staticmethod
@@ -485,26 +488,24 @@ class _SlicedFusedLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         parts, start, width, layout, has_bias, x_dtype = ctx.meta
+        index, w_index = ctx.index
         out_dim = 0 if layout == "out_in" else 1
-        index = _fused_index(weight, parts, start, width, out_dim)
         flat = x.dim() == 2
         g2 = (grad_y if flat else grad_y.reshape(-1, grad_y.shape[-1])).to(x.dtype)
         x2 = x if flat else x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w = _fused_rows(weight, parts, start, width, out_dim, index).to(x.dtype)
+            w = _fused_rows(weight, parts, start, width, out_dim, w_index).to(x.dtype)
             grad_x = torch.mm(g2, w if layout == "out_in" else w.t())
             grad_x = (grad_x if flat else grad_x.view(*x.shape)).to(x_dtype)
         if ctx.needs_input_grad[1]:
             block = torch.mm(g2.t(), x2) if layout == "out_in" else torch.mm(x2.t(), g2)
             grad_w = _fused_scatter(
-                block, weight.shape, weight.dtype, parts, start, width, out_dim, index
+                block, weight.shape, weight.dtype, parts, start, width, out_dim, w_index
             )
         if has_bias and ctx.needs_input_grad[2]:
             shape, dtype = (weight.shape[out_dim],), weight.dtype  # the bias's
-            grad_b = _fused_scatter(
-                g2.sum(0), shape, dtype, parts, start, width, 0, index, always=True
-            )
+            grad_b = _fused_scatter(g2.sum(0), shape, dtype, parts, start, width, 0, index)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -532,8 +533,9 @@ def _fused_index(weight: Tensor, parts: int, start: int, width: int, out_dim: in
 def _fused_rows(
     weight: Tensor, parts: int, start: int, width: int, out_dim: int, index: Tensor | None = None
 ) -> Tensor:
-    """The live outputs of every part of a fused weight, as one contiguous matrix."""
-    if index is not None and weight.numel() < NATIVE_BLOCK_LIMIT:
+    """The live outputs of every part of a fused weight, as one contiguous matrix (gathered by
+    ``index`` if given, else copied through views)."""
+    if index is not None:
         return weight.index_select(out_dim, index)
     w = weight.unflatten(out_dim, (parts, -1)).narrow(out_dim + 1, start, width)
     return w.flatten(out_dim, out_dim + 1)
@@ -555,14 +557,11 @@ def _fused_scatter(
     width: int,
     dim: int,
     index: Tensor | None,
-    *,
-    always: bool = False,
 ) -> Tensor:
     """A zero gradient of ``shape`` holding ``block`` at the live outputs of every part along
-    ``dim`` (:func:`_fused_rows` backwards); ``always``: by index at any size."""
+    ``dim`` (:func:`_fused_rows` backwards): by ``index`` if given, else through views."""
     grad = block.new_zeros(shape, dtype=dtype)
-    small = always or grad.numel() < NATIVE_BLOCK_LIMIT
-    if index is not None and small:
+    if index is not None:
         return grad.index_copy_(dim, index, block.to(grad.dtype))
     live = grad.unflatten(dim, (parts, -1)).narrow(dim + 1, start, width)
     live.copy_(block.unflatten(dim, (parts, width)))

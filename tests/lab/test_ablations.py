@@ -72,16 +72,8 @@ def test_the_ablation_fine_tunes_end_to_end(tmp_path: Path, name: str) -> None:
         pytest.skip("EfficientNet-Lite0 weights are not installed (scripts/setup.sh installs them)")
     out = tmp_path / "result.json"
     args = ["--steps", "7", "--batch-size", "8", "--image-size", "32", "--eval-samples", "40"]
-    args += [
-        "--eval-batch-size",
-        "20",
-        "--recalibrate-bn",
-        "0",
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-    ]
+    args += ["--eval-batch-size", "20", "--recalibrate-bn", "0", "--threads", "1"]
+    args += ["--out", str(out)]
     done = subprocess.run(
         [sys.executable, str(ABLATIONS / f"{name}.py"), *args],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
