@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -262,6 +262,7 @@ class BlockAnalysis:
     block: nn.Module
     exported: ExportedCall
     analysis: Any  # sliceout_fx.api.Analysis
+    config: SliceOutConfig  # the model's config, its site names and rates narrowed to this block
 
 
 def analyse_blocks(
@@ -274,12 +275,46 @@ def analyse_blocks(
             f"{type(model).__name__}: found no ModuleList of repeated layers to convert block by "
             "block; convert a submodule that torch.fx can trace instead"
         )
+    configs = block_configs(config, [name for name, _ in blocks])
     calls = record_calls(model, blocks, example_inputs)
     found = []
     for name, block in blocks:
         exported = export_call(block, *calls[name], training=True)
-        found.append(BlockAnalysis(name, block, exported, _analyse(exported, name, block, config)))
+        analysis = _analyse(exported, name, block, configs[name])
+        found.append(BlockAnalysis(name, block, exported, analysis, configs[name]))
     return found
+
+
+def block_configs(config: SliceOutConfig, names: Sequence[str]) -> dict[str, SliceOutConfig]:
+    """``config`` for each block, with a site list and a rate mapping cut to that block's names.
+
+    Site names are model paths (``model.layers.3.mlp.gate_proj``) but each block is analysed on
+    its own, so a list naming sites of every layer is split up here; a name under no block is an
+    error now rather than a site silently left out.
+    """
+    listed = None if isinstance(config.sites, str) else list(config.sites)
+    rates = dict(config.p) if isinstance(config.p, Mapping) else None
+    named = set(listed or ()) | set(rates or ())
+    stray = sorted(n for n in named if not any(n.startswith(f"{b}.") for b in names))
+    if stray:
+        raise SliceOutConfigError(
+            f"site name(s) {stray} are in none of the converted layers {_shorten(names)}; this "
+            "model is converted layer by layer, so only sites inside those layers can be named "
+            "(sliceout_fx.explain(model) lists them)"
+        )
+    out = {}
+    for block in names:
+        mine = {n for n in named if n.startswith(f"{block}.")}
+        out[block] = replace(
+            config,
+            sites=config.sites if listed is None else [n for n in listed if n in mine],
+            p=config.p if rates is None else {n: r for n, r in rates.items() if n in mine},
+        )
+    return out
+
+
+def _shorten(names: Sequence[str]) -> str:
+    return str(list(names)) if len(names) <= 3 else f"[{names[0]!r}, ..., {names[-1]!r}]"
 
 
 def _analyse(exported: ExportedCall, name: str, block: nn.Module, config: SliceOutConfig) -> Any:
@@ -297,7 +332,8 @@ def convert_blocks(
     states = []
     for index, item in enumerate(found):
         # Each block draws its own slices: one seed for all would cut every layer alike.
-        own = config if config.seed is None else replace(config, seed=config.seed + index)
+        own = item.config
+        own = own if own.seed is None else replace(own, seed=own.seed + index)
         state = BlockConversion(own, type(item.block), item.name)
         install(item.block, state)
         state.adopt(item.block, item.exported, item.analysis)

@@ -504,3 +504,29 @@ def test_constants_lifted_by_export_are_kept():
     for name in grads_m:
         torch.testing.assert_close(grads_s[name], grads_m[name], atol=1e-10, rtol=1e-9, msg=name)
     assert not any("sliceout_constant" in n for n, _ in sliced.named_buffers())
+
+
+def test_site_names_and_rates_of_every_layer_can_be_given():
+    """A site list and a rate mapping name sites of all layers; each layer takes its own."""
+    model = _build("llama")
+    ffn = [f"model.layers.{i}.mlp.gate_proj" for i in range(LAYERS)]
+    by_list = sliceout_fx.convert(
+        model, p=0.25, sites=ffn, example_inputs=_inputs("llama"), seed=SEED
+    )
+    assert sorted(s.name for s in sliceout_fx.explain(by_list).sites) == ffn
+    rates = {ffn[0]: 0.5, ffn[1]: 0.25}
+    by_rate = sliceout_fx.convert(
+        model, p=rates, sites=ffn, example_inputs=_inputs("llama"), seed=SEED
+    )
+    assert {s.name: s.p for s in sliceout_fx.explain(by_rate).sites} == rates
+
+
+def test_a_site_name_outside_every_layer_is_refused():
+    with pytest.raises(sliceout_fx.SliceOutConfigError, match="none of the converted layers"):
+        sliceout_fx.convert(
+            _build("llama"), sites=["lm_head"], example_inputs=_inputs("llama")
+        )
+    with pytest.raises(sliceout_fx.SliceOutConfigError, match="known sites"):
+        sliceout_fx.convert(
+            _build("llama"), sites=["model.layers.0.mlp.nope"], example_inputs=_inputs("llama")
+        )
