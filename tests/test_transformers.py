@@ -523,9 +523,7 @@ def test_site_names_and_rates_of_every_layer_can_be_given():
 
 def test_a_site_name_outside_every_layer_is_refused():
     with pytest.raises(sliceout_fx.SliceOutConfigError, match="none of the converted layers"):
-        sliceout_fx.convert(
-            _build("llama"), sites=["lm_head"], example_inputs=_inputs("llama")
-        )
+        sliceout_fx.convert(_build("llama"), sites=["lm_head"], example_inputs=_inputs("llama"))
     with pytest.raises(sliceout_fx.SliceOutConfigError, match="known sites"):
         sliceout_fx.convert(
             _build("llama"), sites=["model.layers.0.mlp.nope"], example_inputs=_inputs("llama")
