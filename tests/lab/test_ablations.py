@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sliceout_fx
 import sliceout_fx.sampling
 from sliceout_fx.sampling import DrawSpec, SliceSampler
 
@@ -82,3 +83,30 @@ def test_the_ablation_fine_tunes_end_to_end(tmp_path: Path, name: str) -> None:
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) == {"baseline", "sliceout"}
     assert 0.0 <= rows["sliceout"]["test_accuracy"] <= 1.0
+
+
+def test_the_circular_ablation_runs_the_example_named_first() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ABLATIONS / "circular_windows.py"), "smollm2", "--help"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SmolLM2" in done.stdout and "--seq-len" in done.stdout
+
+
+def test_the_noise_diagnostic_names_real_sites_and_leaves_no_hook_behind() -> None:
+    pytest.importorskip("transformers")
+    from tests.models import tiny_llama
+
+    noise = _load("pretrained_noise")
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = torch.randint(1, 100, (2, 8))
+    ffn = noise.sites_named(model, "mlp.gate_proj")
+    converted = sliceout_fx.convert(model, p=0.5, sites=ffn, example_inputs={"input_ids": x})
+    assert sorted(s.name for s in sliceout_fx.explain(converted).sites) == ffn
+    clean = noise.mean_loss(model, [x], train=False)
+    noisy = noise.iid_ffn_dropout_loss(model, [x], 0.5)
+    assert noisy != clean  # the hooks dropped FFN units
+    assert all(not layer.mlp.down_proj._forward_pre_hooks for layer in model.model.layers)
+    assert noise.mean_loss(model, [x], train=False) == clean
