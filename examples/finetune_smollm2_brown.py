@@ -15,7 +15,8 @@ same batches:
   grouped-query attention the heads are cut in whole key-value groups (3 here), so a small ``p``
   rounds to no attention slicing at all (``p=0.1`` keeps 3 of 3 groups): the printed site summary
   shows the effective rate of each site. As in the paper, SliceOut is switched off
-  (``sliceout_fx.SliceSchedule``) for the last 1% of the steps (at least one step).
+  (``sliceout_fx.SliceSchedule``) for the last 1% of the steps (at least one step;
+  ``--full-width-last`` sets the fraction).
 
 It reports validation perplexity of both (eval mode, full width; the pretrained model's is
 printed for reference), the median ratio of training-step times (sliceout / dropout of the same
@@ -77,8 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     ap.add_argument("--held-out", type=float, default=0.1, help="fraction of documents per genre")
     ap.add_argument("--eval-blocks", type=int, default=32, help="validation sequences to score")
+    ap.add_argument(
+        "--full-width-last",
+        type=float,
+        default=0.01,
+        help="fraction of the last steps SliceOut trains at full width (the paper's 1%%)",
+    )
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.full_width_last < 1.0:
+        ap.error(f"--full-width-last must be in [0, 1), got {args.full_width_last}")
     if args.steps <= WARMUP_STEPS + 1:
         ap.error(f"--steps must exceed {WARMUP_STEPS + 1} (warm-up and full-width steps)")
     try:
@@ -202,9 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"pretrained validation perplexity: {ppl_pretrained:.3f}")
     del plain
 
-    # As in the paper, SliceOut trains at full width for the last 1% of the steps (at least one);
-    # those steps are left out of the step-time ratio.
-    full_width_steps = max(1, math.ceil(0.01 * args.steps))
+    # As in the paper, SliceOut trains at full width for the last 1% of the steps (at least one;
+    # --full-width-last); those steps are left out of the step-time ratio, not the total-time one.
+    full_width_steps = max(1, math.ceil(args.full_width_last * args.steps))
     slicing = sliceout_fx.SliceSchedule(
         sliced, args.steps, full_width_last=full_width_steps / args.steps
     )
