@@ -17,8 +17,8 @@ internals and is kept as the record of that measurement, not as a feature::
 
 On SmolLM2-135M it does not help either (150 steps, p = 0.3, seed 0: validation perplexity 77.71
 against 73.38 with the library's windows; ``docs/benchmarks.md``), although a circular window
-damages the pretrained model less before fine-tuning (loss 7.96 against 9.80 with every FFN
-sliced)::
+damages the pretrained model a little less before fine-tuning (loss 8.16 against 8.59 with every
+FFN sliced; ``examples/ablations/pretrained_noise.py``)::
 
     python examples/ablations/circular_windows.py smollm2 --steps 150 --p 0.3 --seed 0 \\
         --batch-size 4 --seq-len 64 --eval-blocks 64 \\
