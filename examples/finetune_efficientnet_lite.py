@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         __doc__, steps=1000, batch_size=32, p=0.3, p_help="SliceOut rate of every expand site",
         eval_batch_size=250, out=None,
         out_help="where to write the JSON results (default: examples/results/efficientnet_lite/"
-        "[MODEL_]pP_seedS.json)",
+        "[MODEL_]pP_seedS.json)", full_width_last=0.01,
     )  # fmt: skip
     ap.add_argument(
         "--model",
@@ -102,12 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("full_width", "sliced"),
         default="full_width",
         help="batch-norm running statistics rule (library default: full_width)",
-    )
-    ap.add_argument(
-        "--full-width-last",
-        type=float,
-        default=0.01,
-        help="fraction of the last steps SliceOut trains at full width (the paper's 1%%)",
     )
     ap.add_argument(
         "--recalibrate-bn",

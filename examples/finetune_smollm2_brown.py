@@ -72,22 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     ap = example_parser(
         __doc__, steps=30, batch_size=4, p=0.1, p_help="dropout / SliceOut rate",
-        eval_batch_size=8, out=RESULTS_DIR / "finetune_smollm2_brown.json",
+        eval_batch_size=8, out=RESULTS_DIR / "finetune_smollm2_brown.json", full_width_last=0.01,
     )  # fmt: skip
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
     ap.add_argument("--held-out", type=float, default=0.1, help="fraction of documents per genre")
     ap.add_argument("--eval-blocks", type=int, default=32, help="validation sequences to score")
-    ap.add_argument(
-        "--full-width-last",
-        type=float,
-        default=0.01,
-        help="fraction of the last steps SliceOut trains at full width (the paper's 1%%)",
-    )
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = ap.parse_args(argv)
-    if not 0.0 <= args.full_width_last < 1.0:
-        ap.error(f"--full-width-last must be in [0, 1), got {args.full_width_last}")
     if args.steps <= WARMUP_STEPS + 1:
         ap.error(f"--steps must exceed {WARMUP_STEPS + 1} (warm-up and full-width steps)")
     try:

@@ -293,7 +293,7 @@ def block_configs(config: SliceOutConfig, names: Sequence[str]) -> dict[str, Sli
     error now rather than a site silently left out.
     """
     listed = None if isinstance(config.sites, str) else list(config.sites)
-    rates = dict(config.p) if isinstance(config.p, Mapping) else None
+    rates = config.p if isinstance(config.p, Mapping) else None
     named = set(listed or ()) | set(rates or ())
     stray = sorted(n for n in named if not any(n.startswith(f"{b}.") for b in names))
     if stray:

@@ -49,8 +49,13 @@ def example_parser(
     eval_batch_size: int,
     out: Path | None,
     out_help: str = "where to write the JSON results",
+    full_width_last: float | None = None,
 ) -> argparse.ArgumentParser:
-    """The options every fine-tuning example has, with its defaults; it adds its own after."""
+    """The options every fine-tuning example has, with its defaults; it adds its own after.
+
+    ``full_width_last`` (the default fraction) adds ``--full-width-last`` to an example that
+    trains SliceOut with a :class:`sliceout_fx.SliceSchedule`.
+    """
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=steps, help="training steps per variant")
     ap.add_argument("--batch-size", type=int, default=batch_size)
@@ -65,7 +70,22 @@ def example_parser(
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=out, help=out_help)
+    if full_width_last is not None:
+        ap.add_argument(
+            "--full-width-last",
+            type=_fraction,
+            default=full_width_last,
+            help="fraction of the last steps SliceOut trains at full width (the paper's 1%%)",
+        )
     return ap
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a float in ``[0, 1)``, refused before any data or model is loaded."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def start_run(args: argparse.Namespace) -> float:

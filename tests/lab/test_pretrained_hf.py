@@ -14,6 +14,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,14 +180,10 @@ def test_smollm2_eval_and_generate_exact_sliced_step_finite(smollm2, brown):
 
 
 def test_the_smollm2_example_refuses_a_full_width_fraction_out_of_range():
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parents[2] / "examples" / "finetune_smollm2_brown.py"
     done = subprocess.run(
         [sys.executable, str(script), "--full-width-last", "1.5"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2
-    assert "--full-width-last must be in [0, 1)" in done.stderr
+    assert "argument --full-width-last: must be in [0, 1)" in done.stderr
