@@ -135,6 +135,20 @@ _ADAPTER_REASON = (
     "slice it anyway"
 )
 
+def _keeps_every_unit(p: float, units: int, replaces_dropout: bool) -> str:
+    """Why a site whose slice would keep every unit is left out (its dropout, if any, stays).
+
+    A slice is a whole number of units, so a rate below ``0.5 / units`` rounds to the full
+    width: converting the site would remove its dropout and slice nothing.
+    """
+    kept = "its dropout stays in the training graph" if replaces_dropout else "nothing to slice"
+    return (
+        f"p={p:g} keeps all {units} units (a slice is a whole number of units: "
+        f"round((1 - {p:g}) * {units}) = {units}), so {kept}; a rate above {0.5 / units:.3g} "
+        "drops one unit"
+    )
+
+
 def _group_of(groups: list[AlignmentGroup], axis: Axis) -> AlignmentGroup | None:
     return next((g for g in groups if axis in g.axes), None)
 
@@ -195,6 +209,9 @@ def select_sites(
         p = config.rate_for(name, own_rate)
         units = _units(group, config.width_multiple, name)
         width = slice_width(units, p, site=name)
+        if width == units and config.scheme == "channel":
+            skipped.append(SkippedSite(name, _keeps_every_unit(p, units, dropout is not None)))
+            return
         sites[group.id] = Site(
             name, kind, group, p, units, width, [dropout] if dropout is not None else []
         )

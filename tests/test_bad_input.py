@@ -74,6 +74,31 @@ def test_a_width_that_rounds_to_zero_keeps_one_unit_with_a_warning():
     assert converted.train()(torch.randn(5, 3)).shape == (5, 2)
 
 
+def test_a_rate_that_rounds_to_the_full_width_leaves_its_dropout_in_place():
+    """0.1 of 3 units rounds to 3 kept: slicing nothing must not silently remove the dropout."""
+    model = mlp(width=32)
+    model.fc2 = nn.Linear(32, 3)
+    model.fc3 = nn.Linear(3, 32)
+    converted = sliceout_fx.convert(model, p={"drop1": 0.3, "drop2": 0.1, "drop3": 0.3})
+    assert [s.name for s in converted.report.sites] == ["drop1", "drop3"]
+    (skipped,) = converted.report.skipped
+    assert skipped.name == "drop2"
+    assert "keeps all 3 units" in skipped.reason and "dropout stays" in skipped.reason
+    assert "above 0.167" in skipped.reason
+
+    kept = [n.target for n in converted.sliced_graph.graph.nodes if n.op == "call_module"]
+    assert "drop2" in kept and "drop1" not in kept and "drop3" not in kept
+    # With drop1 and drop3 kept whole (p=0), the sliced forward is the original's, drop2's mask
+    # included: same seed, same output.
+    with pytest.warns(UserWarning, match="found no site"):
+        only_drop2 = sliceout_fx.convert(model, p={"drop1": 0.0, "drop2": 0.1, "drop3": 0.0})
+    x = torch.randn(6, 12)
+    torch.manual_seed(0)
+    expected = model.train()(x)
+    torch.manual_seed(0)
+    assert torch.equal(only_drop2.train()(x), expected)
+
+
 def test_a_model_without_sites_warns_and_still_works():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.warns(UserWarning, match="found no site"):
