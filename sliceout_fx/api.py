@@ -149,6 +149,8 @@ def convert(
         model: any ``nn.Module`` that ``torch.fx`` can trace (see ``leaf_modules``), or a
             HuggingFace model (bare or wrapped by PEFT), whose layers are exported one by one.
         p: drop rate, a ``{site: rate}`` mapping, or ``None`` to reuse each dropout's own rate.
+            A site whose rate keeps every unit (``p=0``, or 0.1 of 3 heads) is skipped, its
+            dropout left in place.
         normalisation: ``"flow"`` or ``"probabilistic"`` (see :class:`SliceOutConfig`).
         placement: ``"delayed"`` (default) scales the slice where it is read (just before the
             linear or conv that sums over it, after any batch norm); ``"immediate"`` scales

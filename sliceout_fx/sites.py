@@ -12,7 +12,9 @@ A *site* is a sliceable group chosen by a policy, with its rate and slice width.
   the inner channels of every ResNet bottleneck);
 * an explicit list of names: dropout module names / node names, or the name of a source op.
 
-Anything a policy wanted but could not slice becomes a :class:`SkippedSite` with the reason.
+Anything a policy wanted but could not slice becomes a :class:`SkippedSite` with the reason,
+and so does a site whose rate rounds to its full width (``p=0`` among them): a dropout it would
+have replaced stays in the training graph.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ _ADAPTER_REASON = (
     "part of a PEFT adapter (its rank or its dropout), kept as it is; name it in sites=[...] to "
     "slice it anyway"
 )
+
 
 def _keeps_every_unit(p: float, units: int, replaces_dropout: bool) -> str:
     """Why a site whose slice would keep every unit is left out (its dropout, if any, stays).
