@@ -267,9 +267,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.channel_dropout_control:
         models.append(("channel_dropout", channel_dropout_control(baseline, report)))
 
-    # As in the paper, SliceOut trains at full width for the last steps (--full-width-last);
-    # those steps are left out of the step-time ratio.
-    slicing = sliceout_fx.SliceSchedule(sliced, args.steps, full_width_last=args.full_width_last)
+    # As in the paper, SliceOut trains at full width for the last steps (--full-width-last), and
+    # optionally every K-th step (--full-width-every); those steps are left out of the step-time
+    # ratio, not the total-time one.
+    slicing = sliceout_fx.SliceSchedule(
+        sliced,
+        args.steps,
+        full_width_last=args.full_width_last,
+        full_width_every=args.full_width_every,
+    )
     arms = []
     for name, model in models:
         opt = make_optimizer(model.train(), args)
@@ -326,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.optimizer} "
         f"lr={args.lr:g}, SliceOut p={args.p} ({args.normalisation}, "
         f"{sliced.report.config.placement}, bn_stats={args.bn_stats}, last "
-        f"{args.full_width_last:.0%} full width) on "
+        f"{args.full_width_last:.0%} full width"
+        f"{f', every {args.full_width_every}th step too' if args.full_width_every else ''}) on "
         f"{len(report.sites)} sites; test accuracy on {len(x_eval)} images"
     )
     metrics = [("test_accuracy", "test acc"), ("test_accuracy_bn_recalibrated", "acc, BN recal.")]

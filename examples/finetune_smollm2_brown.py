@@ -13,10 +13,11 @@ same batches:
 * ``sliceout`` - ``sliceout_fx.convert(model, p)`` of the model as published (no dropout): every
   layer trains on a random contiguous slice of its FFN units and of its attention heads. With
   grouped-query attention the heads are cut in whole key-value groups (3 here), so a small ``p``
-  rounds to no attention slicing at all (``p=0.1`` keeps 3 of 3 groups): the printed site summary
-  shows the effective rate of each site. As in the paper, SliceOut is switched off
-  (``sliceout_fx.SliceSchedule``) for the last 1% of the steps (at least one step;
-  ``--full-width-last`` sets the fraction).
+  rounds to no attention slicing at all (``p=0.1`` keeps 3 of 3 groups, and the site is
+  skipped): the printed site summary shows the effective rate of each site. As in the paper,
+  SliceOut is switched off (``sliceout_fx.SliceSchedule``) for the last 1% of the steps (at least
+  one step; ``--full-width-last`` sets the fraction; ``--full-width-every K`` also trains every
+  K-th step at full width).
 
 It reports validation perplexity of both (eval mode, full width; the pretrained model's is
 printed for reference), the median ratio of training-step times (sliceout / dropout of the same
@@ -204,10 +205,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del plain
 
     # As in the paper, SliceOut trains at full width for the last 1% of the steps (at least one;
-    # --full-width-last); those steps are left out of the step-time ratio, not the total-time one.
+    # --full-width-last), and optionally every K-th step (--full-width-every); those steps are
+    # left out of the step-time ratio, not the total-time one.
     full_width_steps = max(1, math.ceil(args.full_width_last * args.steps))
     slicing = sliceout_fx.SliceSchedule(
-        sliced, args.steps, full_width_last=full_width_steps / args.steps
+        sliced,
+        args.steps,
+        full_width_last=full_width_steps / args.steps,
+        full_width_every=args.full_width_every,
     )
     arms = []
     for name, model in (("dropout", baseline), ("sliceout", sliced)):
@@ -236,11 +241,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     rows = comparison_rows(run, {n: {"val_perplexity": v} for n, v in ppl.items()}, loss_last=5)
     elapsed = time.perf_counter() - t_start
+    every = f", every {args.full_width_every}th too" if args.full_width_every else ""
     print()
     print(
         f"SmolLM2-135M fine-tuned on Brown text: {args.steps} steps ({full_width_steps} last at "
-        f"full width), batch {args.batch_size} x {args.seq_len} tokens, AdamW lr={args.lr:g}, "
-        f"p={args.p}; pretrained validation perplexity {ppl_pretrained:.3f}"
+        f"full width{every}), batch {args.batch_size} x {args.seq_len} tokens, "
+        f"AdamW lr={args.lr:g}, p={args.p}; pretrained validation perplexity {ppl_pretrained:.3f}"
     )
     print(
         comparison_table(

@@ -15,6 +15,11 @@ The ramp keeps shapes static - every sliced step uses the full rate ``p`` - and 
 the share of sliced steps linearly from 0 to 1 over ``ramp_steps``, so the expected drop rate
 rises from 0 to ``p``. Changing the slice width itself would give every step of the ramp new
 shapes (and ``torch.compile`` a recompilation per width).
+
+``full_width_every=k`` trains every ``k``-th step at full width throughout the run: the full
+network that eval uses is then trained all along, not only in the final steps - the cure for a
+pretrained model whose full-width quality drifts while its slices learn (measured on SmolLM2,
+``docs/benchmarks.md``). It costs the saving of one step in ``k``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class SliceSchedule:
         full_width_last: the fraction of the last steps trained at full width (paper: 0.01).
         ramp_steps: over the first ``ramp_steps`` steps, step ``t`` slices with probability
             ``t / ramp_steps`` (decided by a generator seeded with ``seed``, so reruns agree).
+        full_width_every: ``k >= 2`` trains steps ``k - 1, 2k - 1, ...`` at full width; 0: off.
         seed: seed of the ramp's decisions.
 
     Call :meth:`step` once after each optimiser step; the state before the first step is set at
@@ -52,6 +58,7 @@ class SliceSchedule:
         *,
         full_width_last: float = 0.01,
         ramp_steps: int = 0,
+        full_width_every: int = 0,
         seed: int = 0,
     ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -62,10 +69,18 @@ class SliceSchedule:
             )
         if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
             raise SliceOutConfigError(f"ramp_steps must be an int >= 0, got {ramp_steps!r}")
+        every = full_width_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0 or every == 1:
+            raise SliceOutConfigError(
+                "full_width_every is 0 (off) or an int k >= 2 (every k-th step at full width), "
+                f"got {full_width_every!r}; to train every step at full width, use "
+                "sliceout_fx.set_slicing(model, False)"
+            )
         self.model = model
         self.total_steps = total_steps
         self.full_width_from = total_steps - round(full_width_last * total_steps)
         self.ramp_steps = ramp_steps
+        self.full_width_every = full_width_every
         self.seed = seed
         self.step_count = 0
         self._apply()
@@ -73,6 +88,8 @@ class SliceSchedule:
     def slices_at(self, step: int) -> bool:
         """Whether training step ``step`` (0-based) runs sliced."""
         if step >= self.full_width_from:
+            return False
+        if self.full_width_every and step % self.full_width_every == self.full_width_every - 1:
             return False
         if step < self.ramp_steps:
             return random.Random(self.seed * 1_000_003 + step).random() < step / self.ramp_steps

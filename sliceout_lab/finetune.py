@@ -53,8 +53,9 @@ def example_parser(
 ) -> argparse.ArgumentParser:
     """The options every fine-tuning example has, with its defaults; it adds its own after.
 
-    ``full_width_last`` (the default fraction) adds ``--full-width-last`` to an example that
-    trains SliceOut with a :class:`sliceout_fx.SliceSchedule`.
+    ``full_width_last`` (the default fraction) adds ``--full-width-last`` and
+    ``--full-width-every`` to an example that trains SliceOut with a
+    :class:`sliceout_fx.SliceSchedule`.
     """
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=steps, help="training steps per variant")
@@ -77,6 +78,13 @@ def example_parser(
             default=full_width_last,
             help="fraction of the last steps SliceOut trains at full width (the paper's 1%%)",
         )
+        ap.add_argument(
+            "--full-width-every",
+            type=_every,
+            default=0,
+            metavar="K",
+            help="also train every K-th step at full width (0: off)",
+        )
     return ap
 
 
@@ -85,6 +93,14 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _every(text: str) -> int:
+    """An argparse type: 0 (off) or an int >= 2, as :class:`sliceout_fx.SliceSchedule` takes."""
+    value = int(text)
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or an int >= 2, got {text}")
     return value
 
 

@@ -248,6 +248,18 @@ def test_hf_trainer_runs_the_last_quarter_at_full_width(hf_run):
     assert hf_run.recorder.enabled == [[True] * blocks] * 15 + [[False] * blocks] * 5
 
 
+def test_hf_trainer_interleaves_full_width_steps(tmp_path):
+    """full_width_every=3 with the last quarter at full width: steps 2, 5, ... 14 and 15-19."""
+    from sliceout_fx.integrations import SliceOutTrainerCallback
+
+    recorder = _step_recorder()
+    callback = SliceOutTrainerCallback(full_width_last=0.25, full_width_every=3)
+    _hf_train(_tiny_gpt2(0), tmp_path, [callback, recorder])
+    pattern = [step % 3 != 2 for step in range(15)] + [False] * 5
+    assert [all(e) for e in recorder.enabled] == pattern
+    assert [any(e) for e in recorder.enabled] == pattern
+
+
 def test_hf_trainer_resume_is_bit_identical(hf_run, tmp_path):
     """Resumed at checkpoint-10, a fresh conversion ends with the uninterrupted run's parameters."""
     from sliceout_fx.integrations import SliceOutTrainerCallback
@@ -504,6 +516,17 @@ def test_lightning_runs_the_last_quarter_at_full_width(lit_run):
     # every sliced step draws once, except the batch-norm refresh calls (full-width graph)
     assert recorder.draws == [0 if r else 1 for r in recorder.refreshed[:15]] + [0] * 5
     assert 0 < sum(recorder.refreshed) < 15
+
+
+def test_lightning_interleaves_full_width_steps(tmp_path):
+    """full_width_every=4 with the last quarter at full width: steps 3, 7, 11 and 15-19."""
+    from sliceout_fx.integrations import SliceOutLightningCallback
+
+    module, loader = _lit_setup(0)
+    recorder = _lit_step_recorder()
+    callback = SliceOutLightningCallback(full_width_last=0.25, full_width_every=4)
+    _lit_fit(module, loader, tmp_path, [callback, recorder])
+    assert recorder.enabled == [step % 4 != 3 for step in range(15)] + [False] * 5
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:

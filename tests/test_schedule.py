@@ -62,6 +62,19 @@ def test_ramp_raises_the_share_of_sliced_steps_linearly() -> None:
     assert again.slicing == schedule.slices_at(700)
 
 
+def test_every_kth_step_runs_full_width_and_the_tail_still_applies() -> None:
+    model = sliceout_fx.convert(_mlp(), p=0.5, seed=0)
+    schedule = sliceout_fx.SliceSchedule(
+        model, total_steps=40, full_width_last=0.1, full_width_every=4
+    )
+    sliced = _run(model, schedule, 40)
+    assert sliced == [step % 4 != 3 for step in range(36)] + [False] * 4
+    # Resuming at a step picks the same pattern up.
+    again = sliceout_fx.SliceSchedule(model, 40, full_width_last=0.1, full_width_every=4)
+    again.go_to(7)
+    assert not again.slicing and again.slices_at(8)
+
+
 def test_schedule_switches_block_converted_models() -> None:
     model = sliceout_fx.convert(tiny_gpt2(), p=0.3, seed=0)
     schedule = sliceout_fx.SliceSchedule(model, total_steps=10, full_width_last=0.2)
@@ -79,7 +92,15 @@ def test_schedule_switches_block_converted_models() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"total_steps": 0}, {"full_width_last": 1.5}, {"ramp_steps": -1}, {"total_steps": True}],
+    [
+        {"total_steps": 0},
+        {"full_width_last": 1.5},
+        {"ramp_steps": -1},
+        {"total_steps": True},
+        {"full_width_every": 1},
+        {"full_width_every": -2},
+        {"full_width_every": 2.5},
+    ],
 )
 def test_invalid_schedules_are_refused(kwargs) -> None:
     model = sliceout_fx.convert(_mlp(), p=0.5)

@@ -26,6 +26,7 @@ class SliceOutTrainerCallback(TrainerCallback):
         full_width_last: fraction of the last optimiser steps trained at full width (paper: 0.01).
         ramp_steps: over the first steps, the share of sliced steps rises from 0 to 1
             (see :class:`~sliceout_fx.SliceSchedule`).
+        full_width_every: ``k >= 2`` trains every ``k``-th step at full width (0: off).
         recalibrate_batches: at the end of training, re-estimate batch-norm running statistics
             at full width on this many training batches (0: no re-estimation).
         resume_from: the checkpoint folder to restore the sampler from; by default the Trainer's
@@ -42,11 +43,13 @@ class SliceOutTrainerCallback(TrainerCallback):
         self,
         full_width_last: float = 0.01,
         ramp_steps: int = 0,
+        full_width_every: int = 0,
         recalibrate_batches: int = 0,
         resume_from: str | os.PathLike | None = None,
     ) -> None:
         self.full_width_last = full_width_last
         self.ramp_steps = ramp_steps
+        self.full_width_every = full_width_every
         self.recalibrate_batches = recalibrate_batches
         self.resume_from = resume_from
         self.schedule: SliceSchedule | None = None
@@ -57,6 +60,7 @@ class SliceOutTrainerCallback(TrainerCallback):
             max(state.max_steps, 1),
             full_width_last=self.full_width_last,
             ramp_steps=self.ramp_steps,
+            full_width_every=self.full_width_every,
         )
         if state.global_step > 0:
             self._restore(model, args, state.global_step)

@@ -27,6 +27,7 @@ class SliceOutLightningCallback(Callback):
     Args:
         full_width_last: fraction of the last optimiser steps trained at full width (paper: 0.01).
         ramp_steps: over the first steps, the share of sliced steps rises from 0 to 1.
+        full_width_every: ``k >= 2`` trains every ``k``-th step at full width (0: off).
         recalibrate_batches: at the end of ``fit``, re-estimate batch-norm running statistics at
             full width on this many training batches (0: no re-estimation).
         inputs_of: turns a training batch into the converted model's input (default: the first
@@ -37,11 +38,13 @@ class SliceOutLightningCallback(Callback):
         self,
         full_width_last: float = 0.01,
         ramp_steps: int = 0,
+        full_width_every: int = 0,
         recalibrate_batches: int = 0,
         inputs_of: Callable[[Any], Any] | None = None,
     ) -> None:
         self.full_width_last = full_width_last
         self.ramp_steps = ramp_steps
+        self.full_width_every = full_width_every
         self.recalibrate_batches = recalibrate_batches
         self.inputs_of = inputs_of or _first_element
         self.schedule: SliceSchedule | None = None
@@ -73,6 +76,7 @@ class SliceOutLightningCallback(Callback):
             max(int(trainer.estimated_stepping_batches), 1),
             full_width_last=self.full_width_last,
             ramp_steps=self.ramp_steps,
+            full_width_every=self.full_width_every,
         )
         self.schedule.go_to(trainer.global_step)
 

@@ -179,11 +179,17 @@ def test_smollm2_eval_and_generate_exact_sliced_step_finite(smollm2, brown):
     )
 
 
-def test_the_smollm2_example_refuses_a_full_width_fraction_out_of_range():
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--full-width-last", "1.5"], "argument --full-width-last: must be in [0, 1)"),
+        (["--full-width-every", "1"], "argument --full-width-every: must be 0 (off) or an int"),
+    ],
+)
+def test_the_smollm2_example_refuses_a_full_width_schedule_out_of_range(option, message):
     script = Path(__file__).resolve().parents[2] / "examples" / "finetune_smollm2_brown.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--full-width-last", "1.5"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, str(script), *option], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2
-    assert "argument --full-width-last: must be in [0, 1)" in done.stderr
+    assert message in done.stderr
