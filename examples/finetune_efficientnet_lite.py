@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"lr={args.lr:g}, SliceOut p={args.p} ({args.normalisation}, "
         f"{sliced.report.config.placement}, bn_stats={args.bn_stats}, last "
         f"{args.full_width_last:.0%} full width"
-        f"{f', every {args.full_width_every}th step too' if args.full_width_every else ''}) on "
+        f"{f' and one step in {args.full_width_every}' if args.full_width_every else ''}) on "
         f"{len(report.sites)} sites; test accuracy on {len(x_eval)} images"
     )
     metrics = [("test_accuracy", "test acc"), ("test_accuracy_bn_recalibrated", "acc, BN recal.")]

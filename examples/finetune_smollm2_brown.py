@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     rows = comparison_rows(run, {n: {"val_perplexity": v} for n, v in ppl.items()}, loss_last=5)
     elapsed = time.perf_counter() - t_start
-    every = f", every {args.full_width_every}th too" if args.full_width_every else ""
+    every = f" and one in {args.full_width_every}" if args.full_width_every else ""
     print()
     print(
         f"SmolLM2-135M fine-tuned on Brown text: {args.steps} steps ({full_width_steps} last at "

@@ -36,6 +36,13 @@ from .errors import SliceOutConfigError
 __all__ = ["SliceSchedule"]
 
 
+def full_width_every_problem(k: object) -> str | None:
+    """What is wrong with ``full_width_every=k``, or ``None`` (a command line checks it early)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+        return f"must be 0 (off) or an int k >= 2 (every k-th step at full width), got {k!r}"
+    return None
+
+
 class SliceSchedule:
     """Switches a converted model between sliced and full-width training, step by step.
 
@@ -70,11 +77,10 @@ class SliceSchedule:
             )
         if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 0:
             raise SliceOutConfigError(f"ramp_steps must be an int >= 0, got {ramp_steps!r}")
-        every = full_width_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0 or every == 1:
+        why = full_width_every_problem(full_width_every)
+        if why is not None:
             raise SliceOutConfigError(
-                "full_width_every is 0 (off) or an int k >= 2 (every k-th step at full width), "
-                f"got {full_width_every!r}; to train every step at full width, use "
+                f"full_width_every {why}; to train every step at full width, use "
                 "sliceout_fx.set_slicing(model, False)"
             )
         self.model = model

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from sliceout_fx.schedule import full_width_every_problem
+
 from .harness import ABResult
 from .table import format_table
 
@@ -97,10 +99,11 @@ def _fraction(text: str) -> float:
 
 
 def _every(text: str) -> int:
-    """An argparse type: 0 (off) or an int >= 2, as :class:`sliceout_fx.SliceSchedule` takes."""
+    """An argparse type: a ``full_width_every`` that :class:`sliceout_fx.SliceSchedule` takes."""
     value = int(text)
-    if value < 0 or value == 1:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or an int >= 2, got {text}")
+    why = full_width_every_problem(value)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
     return value
 
 
