@@ -179,6 +179,7 @@ def test_smollm2_eval_and_generate_exact_sliced_step_finite(smollm2, brown):
     )
 
 
+@pytest.mark.parametrize("example", ["finetune_smollm2_brown.py", "finetune_minilm_brown.py"])
 @pytest.mark.parametrize(
     ("option", "message"),
     [
@@ -186,8 +187,8 @@ def test_smollm2_eval_and_generate_exact_sliced_step_finite(smollm2, brown):
         (["--full-width-every", "1"], "argument --full-width-every: must be 0 (off) or an int"),
     ],
 )
-def test_the_smollm2_example_refuses_a_full_width_schedule_out_of_range(option, message):
-    script = Path(__file__).resolve().parents[2] / "examples" / "finetune_smollm2_brown.py"
+def test_the_hf_examples_refuse_a_full_width_schedule_out_of_range(example, option, message):
+    script = Path(__file__).resolve().parents[2] / "examples" / example
     done = subprocess.run(
         [sys.executable, str(script), *option], capture_output=True, text=True, timeout=300
     )
