@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from sliceout_fx.schedule import full_width_every_problem
+from sliceout_fx.schedule import DEFAULT_FULL_WIDTH_EVERY, full_width_every_problem
 
 from .harness import ABResult
 from .table import format_table
@@ -83,9 +83,9 @@ def example_parser(
         ap.add_argument(
             "--full-width-every",
             type=_every,
-            default=0,
+            default=DEFAULT_FULL_WIDTH_EVERY,
             metavar="K",
-            help="also train every K-th step at full width (0: off)",
+            help="also train every K-th step at full width (library default: %(default)s; 0: off)",
         )
     return ap
 

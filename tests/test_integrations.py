@@ -219,7 +219,8 @@ def _step_recorder():
 
 @pytest.fixture(scope="module", params=[0, None], ids=["seeded", "global-rng"])
 def hf_run(request, tmp_path_factory):
-    """The uninterrupted 20-step Trainer run (full width for the last 5), checkpoints at 10, 20."""
+    """The uninterrupted 20-step Trainer run with the default one step in five at full width
+    (steps 4, 9, 14) and the last 5, checkpoints at 10, 20."""
     pytest.importorskip("transformers")
     from sliceout_fx.integrations import SliceOutTrainerCallback
 
@@ -240,12 +241,14 @@ def hf_run(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("hf_run", [0], indirect=True, ids=["seeded"])
-def test_hf_trainer_runs_the_last_quarter_at_full_width(hf_run):
-    """full_width_last=0.25 of 20 steps: steps 0-14 draw one slice per block, 15-19 none."""
+def test_hf_trainer_runs_the_last_quarter_and_one_step_in_five_at_full_width(hf_run):
+    """full_width_last=0.25 of 20 steps and the default full_width_every=5: the sliced steps
+    (0-14 but 4, 9, 14) draw one slice per block, the full-width ones none."""
     blocks = len(conversions_in(hf_run.model))
     assert blocks == 2
-    assert hf_run.recorder.draws == [[1] * blocks] * 15 + [[0] * blocks] * 5
-    assert hf_run.recorder.enabled == [[True] * blocks] * 15 + [[False] * blocks] * 5
+    sliced = [step % 5 != 4 for step in range(15)] + [False] * 5
+    assert hf_run.recorder.draws == [[int(s)] * blocks for s in sliced]
+    assert hf_run.recorder.enabled == [[s] * blocks for s in sliced]
 
 
 def test_hf_trainer_interleaves_full_width_steps(tmp_path):
@@ -271,13 +274,13 @@ def test_hf_trainer_resume_is_bit_identical(hf_run, tmp_path):
     trainer = _hf_train(resumed, tmp_path, [callback], resume=start)
     assert trainer.state.global_step == STEPS
     _assert_same_parameters(resumed, hf_run.model)
-    # the resumed run's sliced steps 10-14 continued the seeded draw counters
+    # the resumed run's sliced steps 10-13 continued the seeded draw counters (8 before)
     if hf_run.seed is not None:
-        assert _draw_counts(resumed) == [15, 15]
+        assert _draw_counts(resumed) == [12, 12]
 
 
 def test_hf_trainer_resume_without_the_sampler_file(hf_run, tmp_path, caplog):
-    """Without sliceout_sampler.pt a seeded run draws steps 0-4's slices again: it ends elsewhere,
+    """Without sliceout_sampler.pt a seeded run draws steps 0-3's slices again: it ends elsewhere,
     with a warning. Unseeded draws come from torch's generator, which the Trainer restores from
     rng_state.pth itself: that run still ends bit-identical, and nothing is logged.
     """
@@ -294,7 +297,7 @@ def test_hf_trainer_resume_without_the_sampler_file(hf_run, tmp_path, caplog):
         _assert_same_parameters(model, hf_run.model)
         assert not warned
     else:
-        assert _draw_counts(model) == [5, 5]
+        assert _draw_counts(model) == [4, 4]
         assert _parameters_differ(model, hf_run.model)
         assert len(warned) == 1
 
@@ -322,9 +325,10 @@ def test_hf_trainer_gradient_checkpointing(hf_run, tmp_path):
         conv.sampler.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     callback = SliceOutTrainerCallback(full_width_last=0.25)
     trainer = _hf_train(model, tmp_path, [callback], save_strategy="no", **_checkpointing())
-    # each sliced step ran every block twice (forward, recomputation in backward), drew once
-    assert calls == [2 * 15, 2 * 15]
-    assert _draw_counts(model) == [15, 15]
+    # each of the 12 sliced steps ran every block twice (forward, recomputation in backward),
+    # drew once
+    assert calls == [2 * 12, 2 * 12]
+    assert _draw_counts(model) == [12, 12]
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == STEPS // 5 and losses[-1] < losses[0]
     assert _parameters_differ(model, initial)
@@ -492,7 +496,8 @@ def _lit_step_recorder():
 
 @pytest.fixture(scope="module", params=[0, None], ids=["seeded", "global-rng"])
 def lit_run(request, tmp_path_factory):
-    """The uninterrupted 20-step Lightning run: full width for the last 5, checkpoints at 10, 20."""
+    """The uninterrupted 20-step Lightning run: full width for the default one step in five
+    (steps 4, 9, 14) and the last 5, checkpoints at 10, 20."""
     pytest.importorskip("lightning")
     from sliceout_fx.integrations import SliceOutLightningCallback
 
@@ -509,13 +514,16 @@ def lit_run(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("lit_run", [0], indirect=True, ids=["seeded"])
-def test_lightning_runs_the_last_quarter_at_full_width(lit_run):
-    """full_width_last=0.25 of 20 steps: steps 0-14 sliced, 15-19 at full width (no draw)."""
+def test_lightning_runs_the_last_quarter_and_one_step_in_five_at_full_width(lit_run):
+    """full_width_last=0.25 of 20 steps and the default full_width_every=5: steps 0-14 but 4, 9,
+    14 sliced, the others at full width (no draw)."""
     recorder = lit_run.recorder
-    assert recorder.enabled == [True] * 15 + [False] * 5
+    sliced = [step % 5 != 4 for step in range(15)] + [False] * 5
+    assert recorder.enabled == sliced
     # every sliced step draws once, except the batch-norm refresh calls (full-width graph)
-    assert recorder.draws == [0 if r else 1 for r in recorder.refreshed[:15]] + [0] * 5
-    assert 0 < sum(recorder.refreshed) < 15
+    refreshed = list(zip(sliced, recorder.refreshed, strict=True))
+    assert recorder.draws == [int(s and not r) for s, r in refreshed]
+    assert 0 < sum(r for s, r in refreshed if s) < 12
 
 
 def test_lightning_interleaves_full_width_steps(tmp_path):

@@ -1,4 +1,5 @@
-"""SliceSchedule: full width for the last steps, a ramp of sliced steps at the start."""
+"""SliceSchedule: full width for the last steps and one step in k, a ramp of sliced steps at the
+start."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 import sliceout_fx
 from sliceout_fx.errors import SliceOutConfigError
+from sliceout_fx.schedule import DEFAULT_FULL_WIDTH_EVERY
 from tests.models import tiny_gpt2
 
 
@@ -36,7 +38,9 @@ def _run(model: nn.Module, schedule: sliceout_fx.SliceSchedule, steps: int) -> l
 
 def test_last_fraction_runs_full_width_and_equals_the_original_step() -> None:
     model = sliceout_fx.convert(_mlp(), p=0.5, seed=0)
-    schedule = sliceout_fx.SliceSchedule(model, total_steps=200, full_width_last=0.05)
+    schedule = sliceout_fx.SliceSchedule(
+        model, total_steps=200, full_width_last=0.05, full_width_every=0
+    )
     sliced = _run(model, schedule, 200)
     assert sliced == [True] * 190 + [False] * 10
     # A full-width step is the original model's training step (its dropout included).
@@ -50,14 +54,18 @@ def test_last_fraction_runs_full_width_and_equals_the_original_step() -> None:
 
 def test_ramp_raises_the_share_of_sliced_steps_linearly() -> None:
     model = sliceout_fx.convert(_mlp(), p=0.5, seed=0)
-    schedule = sliceout_fx.SliceSchedule(model, 2000, full_width_last=0.0, ramp_steps=1000)
+    schedule = sliceout_fx.SliceSchedule(
+        model, 2000, full_width_last=0.0, ramp_steps=1000, full_width_every=0
+    )
     sliced = _run(model, schedule, 1200)
     first, second = sum(sliced[:500]), sum(sliced[500:1000])
     assert 0.15 < first / 500 < 0.35  # expected share 0.25
     assert 0.65 < second / 500 < 0.85  # expected share 0.75
     assert all(sliced[1000:])
     # The decisions are reproducible and resume with the step count.
-    again = sliceout_fx.SliceSchedule(model, 2000, full_width_last=0.0, ramp_steps=1000)
+    again = sliceout_fx.SliceSchedule(
+        model, 2000, full_width_last=0.0, ramp_steps=1000, full_width_every=0
+    )
     again.load_state_dict({"step_count": 700})
     assert again.slicing == schedule.slices_at(700)
 
@@ -73,6 +81,14 @@ def test_every_kth_step_runs_full_width_and_the_tail_still_applies() -> None:
     again = sliceout_fx.SliceSchedule(model, 40, full_width_last=0.1, full_width_every=4)
     again.go_to(7)
     assert not again.slicing and again.slices_at(8)
+
+
+def test_the_default_trains_one_step_in_five_and_the_last_percent_at_full_width() -> None:
+    model = sliceout_fx.convert(_mlp(), p=0.5, seed=0)
+    schedule = sliceout_fx.SliceSchedule(model, total_steps=300)
+    assert schedule.full_width_every == DEFAULT_FULL_WIDTH_EVERY == 5
+    sliced = _run(model, schedule, 300)
+    assert sliced == [step % 5 != 4 for step in range(297)] + [False] * 3
 
 
 def test_schedule_switches_block_converted_models() -> None:

@@ -1,7 +1,8 @@
 """Ready-made callbacks for ``transformers.Trainer`` and Lightning.
 
-Both do what a SliceOut run needs from its trainer: the paper's schedule (full width for the last
-fraction of the steps, optionally a ramp at the start), an optional batch-norm re-estimation at the
+Both do what a SliceOut run needs from its trainer: a :class:`~sliceout_fx.SliceSchedule` (full
+width for the last fraction of the steps and one step in five, optionally a ramp at the start), an
+optional batch-norm re-estimation at the
 end, and the sampler state saved with every checkpoint and restored on resume, so a resumed run
 draws the slices the uninterrupted run would have drawn.
 

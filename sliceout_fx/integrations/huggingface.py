@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from ..calibration import recalibrate_batch_norm
 from ..module import conversions_in
 from ..resume import load_sampler_state, sampler_state
-from ..schedule import SliceSchedule
+from ..schedule import DEFAULT_FULL_WIDTH_EVERY, SliceSchedule
 from . import SAMPLER_FILE
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ class SliceOutTrainerCallback(TrainerCallback):
         full_width_last: fraction of the last optimiser steps trained at full width (paper: 0.01).
         ramp_steps: over the first steps, the share of sliced steps rises from 0 to 1
             (see :class:`~sliceout_fx.SliceSchedule`).
-        full_width_every: ``k >= 2`` trains every ``k``-th step at full width (0: off).
+        full_width_every: ``k >= 2`` trains every ``k``-th step at full width (default 5;
+            0: only the last steps).
         recalibrate_batches: at the end of training, re-estimate batch-norm running statistics
             at full width on this many training batches (0: no re-estimation).
         resume_from: the checkpoint folder to restore the sampler from; by default the Trainer's
@@ -43,7 +44,7 @@ class SliceOutTrainerCallback(TrainerCallback):
         self,
         full_width_last: float = 0.01,
         ramp_steps: int = 0,
-        full_width_every: int = 0,
+        full_width_every: int = DEFAULT_FULL_WIDTH_EVERY,
         recalibrate_batches: int = 0,
         resume_from: str | os.PathLike | None = None,
     ) -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from ..calibration import recalibrate_batch_norm
 from ..module import conversions_in
 from ..resume import load_sampler_state, sampler_state
-from ..schedule import SliceSchedule
+from ..schedule import DEFAULT_FULL_WIDTH_EVERY, SliceSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ class SliceOutLightningCallback(Callback):
     Args:
         full_width_last: fraction of the last optimiser steps trained at full width (paper: 0.01).
         ramp_steps: over the first steps, the share of sliced steps rises from 0 to 1.
-        full_width_every: ``k >= 2`` trains every ``k``-th step at full width (0: off).
+        full_width_every: ``k >= 2`` trains every ``k``-th step at full width (default 5;
+            0: only the last steps).
         recalibrate_batches: at the end of ``fit``, re-estimate batch-norm running statistics at
             full width on this many training batches (0: no re-estimation).
         inputs_of: turns a training batch into the converted model's input (default: the first
@@ -38,7 +39,7 @@ class SliceOutLightningCallback(Callback):
         self,
         full_width_last: float = 0.01,
         ramp_steps: int = 0,
-        full_width_every: int = 0,
+        full_width_every: int = DEFAULT_FULL_WIDTH_EVERY,
         recalibrate_batches: int = 0,
         inputs_of: Callable[[Any], Any] | None = None,
     ) -> None:
