@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models.append(("channel_dropout", channel_dropout_control(baseline, report)))
 
     # As in the paper, SliceOut trains at full width for the last steps (--full-width-last), and
-    # optionally every K-th step (--full-width-every); those steps are left out of the step-time
+    # every K-th step (--full-width-every, default 5); those steps are left out of the step-time
     # ratio, not the total-time one.
     slicing = sliceout_fx.SliceSchedule(
         sliced,

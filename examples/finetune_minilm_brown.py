@@ -14,7 +14,8 @@ step on the same batches:
   ``state_dict`` keys stay as they are). Dropouts that cannot be sliced (those on the residual
   stream, right before a LayerNorm) are kept as they are; ``sliceout_fx.explain`` lists them.
   As in the paper, ``sliceout_fx.SliceSchedule`` trains the last 1% of the steps at full width
-  (``--full-width-last``), and ``--full-width-every K`` also every K-th step.
+  (``--full-width-last``), and, as the library does by default, every 5th step
+  (``--full-width-every K``; 0: the last steps only).
 
 Before training, the script checks that the converted model's eval embeddings are *exactly* equal
 to the original's on real held-out chunks (eval runs the original code). It reports held-out
@@ -55,6 +56,7 @@ from sliceout_lab.finetune import (
     comparison_rows,
     comparison_table,
     example_parser,
+    example_slice_schedule,
     run_record,
     same_weights,
     start_run,
@@ -264,15 +266,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("WARNING: the converted model's eval output differs from the original's")
 
     # As in the paper, SliceOut trains at full width for the last 1% of the steps (at least one;
-    # --full-width-last), and optionally every K-th step (--full-width-every); those steps are
+    # --full-width-last), and every K-th step (--full-width-every, default 5); those steps are
     # left out of the step-time ratio, not the total-time one.
-    full_width_steps = max(1, math.ceil(args.full_width_last * args.steps))
-    slicing = sliceout_fx.SliceSchedule(
-        sliced_encoder,
-        args.steps,
-        full_width_last=full_width_steps / args.steps,
-        full_width_every=args.full_width_every,
-    )
+    slicing = example_slice_schedule(sliced_encoder, args)
+    full_width_steps = slicing.total_steps - slicing.full_width_from
     arms = []
     for name, model in (("baseline", baseline), ("sliceout", sliced)):
         opt = make_optimizer(model.train(), args)

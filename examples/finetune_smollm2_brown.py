@@ -16,8 +16,8 @@ same batches:
   rounds to no attention slicing at all (``p=0.1`` keeps 3 of 3 groups, and the site is
   skipped): the printed site summary shows the effective rate of each site. As in the paper,
   SliceOut is switched off (``sliceout_fx.SliceSchedule``) for the last 1% of the steps (at least
-  one step; ``--full-width-last`` sets the fraction; ``--full-width-every K`` also trains every
-  K-th step at full width).
+  one step; ``--full-width-last`` sets the fraction) and, as the library does by default, for
+  every 5th step (``--full-width-every K``; 0: the last steps only).
 
 It reports validation perplexity of both (eval mode, full width; the pretrained model's is
 printed for reference), the median ratio of training-step times (sliceout / dropout of the same
@@ -57,6 +57,7 @@ from sliceout_lab.finetune import (
     comparison_rows,
     comparison_table,
     example_parser,
+    example_slice_schedule,
     run_record,
     start_run,
     summarise_sites,
@@ -205,15 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del plain
 
     # As in the paper, SliceOut trains at full width for the last 1% of the steps (at least one;
-    # --full-width-last), and optionally every K-th step (--full-width-every); those steps are
+    # --full-width-last), and every K-th step (--full-width-every, default 5); those steps are
     # left out of the step-time ratio, not the total-time one.
-    full_width_steps = max(1, math.ceil(args.full_width_last * args.steps))
-    slicing = sliceout_fx.SliceSchedule(
-        sliced,
-        args.steps,
-        full_width_last=full_width_steps / args.steps,
-        full_width_every=args.full_width_every,
-    )
+    slicing = example_slice_schedule(sliced, args)
+    full_width_steps = slicing.total_steps - slicing.full_width_from
     arms = []
     for name, model in (("dropout", baseline), ("sliceout", sliced)):
         opt = torch.optim.AdamW(model.train().parameters(), lr=args.lr, weight_decay=0.01)

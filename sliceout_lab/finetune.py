@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from sliceout_fx.schedule import DEFAULT_FULL_WIDTH_EVERY, full_width_every_problem
+from sliceout_fx.schedule import DEFAULT_FULL_WIDTH_EVERY, SliceSchedule, full_width_every_problem
 
 from .harness import ABResult
 from .table import format_table
@@ -30,6 +30,7 @@ from .table import format_table
 __all__ = [
     "batch_indices",
     "example_parser",
+    "example_slice_schedule",
     "start_run",
     "comparison_rows",
     "comparison_table",
@@ -105,6 +106,22 @@ def _every(text: str) -> int:
     if why is not None:
         raise argparse.ArgumentTypeError(why)
     return value
+
+
+def example_slice_schedule(model: nn.Module, args: argparse.Namespace) -> SliceSchedule:
+    """The SliceOut arm's schedule from ``--steps``, ``--full-width-last``, ``--full-width-every``.
+
+    The last fraction is rounded up to at least one step: the paper's 1% of a short run would
+    otherwise be no step at all. ``schedule.total_steps - schedule.full_width_from`` is the
+    number of last steps at full width.
+    """
+    tail = max(1, math.ceil(args.full_width_last * args.steps))
+    return SliceSchedule(
+        model,
+        args.steps,
+        full_width_last=tail / args.steps,
+        full_width_every=args.full_width_every,
+    )
 
 
 def start_run(args: argparse.Namespace) -> float:

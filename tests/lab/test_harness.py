@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import sliceout_fx
-from sliceout_lab.finetune import batch_indices, same_weights, warmup_schedule
+from sliceout_lab.finetune import (
+    batch_indices,
+    example_parser,
+    example_slice_schedule,
+    same_weights,
+    warmup_schedule,
+)
 from sliceout_lab.harness import ABResult, Arm, cross_entropy, run_interleaved
 from sliceout_lab.memory import SavedTensorStats, measure_saved_tensors
 from sliceout_lab.table import format_bytes, format_table
@@ -227,3 +233,20 @@ def test_batch_indices_cover_each_epoch_once_and_draw_eagerly() -> None:
     assert torch.equal(gen.get_state(), drawn_now)
     assert sorted(order[:10].tolist()) == list(range(10))
     assert sorted(order[10:].tolist()) == list(range(10))
+
+
+def test_example_slice_schedule_keeps_at_least_one_last_step_and_the_every_option() -> None:
+    model = sliceout_fx.convert(
+        nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2)), p=0.5
+    )
+    short = example_parser(
+        "doc", steps=10, batch_size=2, p=0.5, p_help="", eval_batch_size=2, out=None,
+        full_width_last=0.01,
+    ).parse_args([])  # fmt: skip
+    schedule = example_slice_schedule(model, short)
+    # 1% of 10 steps rounds up to one; one step in five (the library's default) as well
+    assert [schedule.slices_at(t) for t in range(10)] == [t not in (4, 9) for t in range(10)]
+    short.full_width_every, short.full_width_last, short.steps = 0, 0.2, 200
+    schedule = example_slice_schedule(model, short)
+    assert schedule.total_steps - schedule.full_width_from == 40
+    assert [schedule.slices_at(t) for t in (159, 160)] == [True, False]
