@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sites=args.sites,
         placement=args.placement,
         normalisation=args.normalisation,
+        mode=args.mode,
         bn_stats=args.bn_stats,
         seed=args.seed,
         example_inputs=(example,),

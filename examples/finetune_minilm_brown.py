@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # every layer. A fixed convert(seed=...) seeds each layer's sampler alike, so all layers
     # would draw the same slice start at every step.
     sliced_encoder = sliceout_fx.convert(
-        encoder, p=args.p, seed=None, normalisation=args.normalisation
+        encoder, p=args.p, seed=None, normalisation=args.normalisation, mode=args.mode
     )
     sliced = GenreClassifier(sliced_encoder, copy.deepcopy(head))
     report = sliceout_fx.explain(sliced_encoder)

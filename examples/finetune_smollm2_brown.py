@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # would draw the same slice start at every step. The example inputs have the structure of
     # the training calls (no attention mask, no cache), so training runs the graphs exported here.
     sliced = sliceout_fx.convert(
-        plain, p=args.p, seed=None, normalisation=args.normalisation, example_inputs=example
+        plain, p=args.p, seed=None, normalisation=args.normalisation, mode=args.mode,
+        example_inputs=example,
     )
     report = sliceout_fx.explain(sliced)
     print(

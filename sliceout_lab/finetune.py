@@ -70,6 +70,13 @@ def example_parser(
         default="flow",
         help="SliceOut rescaling (library default: flow; the paper used probabilistic)",
     )
+    ap.add_argument(
+        "--mode",
+        choices=("slice", "gather"),
+        default="slice",
+        help="slice: contiguous slices (SliceOut, the default); gather: random unit subsets "
+        "(controlled dropout)",
+    )
     ap.add_argument("--eval-batch-size", type=int, default=eval_batch_size)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

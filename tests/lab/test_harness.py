@@ -250,3 +250,13 @@ def test_example_slice_schedule_keeps_at_least_one_last_step_and_the_every_optio
     schedule = example_slice_schedule(model, short)
     assert schedule.total_steps - schedule.full_width_from == 40
     assert [schedule.slices_at(t) for t in (159, 160)] == [True, False]
+
+
+def test_examples_choose_slices_or_controlled_dropout() -> None:
+    parser = example_parser(
+        "doc", steps=10, batch_size=2, p=0.5, p_help="", eval_batch_size=2, out=None
+    )
+    assert parser.parse_args([]).mode == "slice"
+    assert parser.parse_args(["--mode", "gather"]).mode == "gather"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "mask"])  # the reference mode saves nothing: not a variant
