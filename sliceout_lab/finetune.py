@@ -53,11 +53,13 @@ def example_parser(
     out: Path | None,
     out_help: str = "where to write the JSON results",
     full_width_last: float | None = None,
+    full_width_every: int = DEFAULT_FULL_WIDTH_EVERY,
 ) -> argparse.ArgumentParser:
     """The options every fine-tuning example has, with its defaults; it adds its own after.
 
     ``full_width_last`` (the default fraction) adds ``--full-width-last`` and
-    ``--full-width-every`` to an example that trains SliceOut with a
+    ``--full-width-every`` (default ``full_width_every``, the library's unless an example has
+    measured a better one for its model) to an example that trains SliceOut with a
     :class:`sliceout_fx.SliceSchedule`.
     """
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -91,9 +93,10 @@ def example_parser(
         ap.add_argument(
             "--full-width-every",
             type=_every,
-            default=DEFAULT_FULL_WIDTH_EVERY,
+            default=full_width_every,
             metavar="K",
-            help="also train every K-th step at full width (library default: %(default)s; 0: off)",
+            help="also train every K-th step at full width (default: %(default)s; the library's: "
+            f"{DEFAULT_FULL_WIDTH_EVERY}; 0: off)",
         )
     return ap
 

@@ -246,6 +246,12 @@ def test_example_slice_schedule_keeps_at_least_one_last_step_and_the_every_optio
     schedule = example_slice_schedule(model, short)
     # 1% of 10 steps rounds up to one; one step in five (the library's default) as well
     assert [schedule.slices_at(t) for t in range(10)] == [t not in (4, 9) for t in range(10)]
+    every_3rd = example_parser(
+        "doc", steps=10, batch_size=2, p=0.5, p_help="", eval_batch_size=2, out=None,
+        full_width_last=0.01, full_width_every=3,
+    ).parse_args([])  # fmt: skip
+    schedule = example_slice_schedule(model, every_3rd)  # an example's own measured default
+    assert [schedule.slices_at(t) for t in range(10)] == [t not in (2, 5, 8, 9) for t in range(10)]
     short.full_width_every, short.full_width_last, short.steps = 0, 0.2, 200
     schedule = example_slice_schedule(model, short)
     assert schedule.total_steps - schedule.full_width_from == 40
