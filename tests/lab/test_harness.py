@@ -265,4 +265,4 @@ def test_examples_choose_slices_or_controlled_dropout() -> None:
     assert parser.parse_args([]).mode == "slice"
     assert parser.parse_args(["--mode", "gather"]).mode == "gather"
     with pytest.raises(SystemExit):
-        parser.parse_args(["--mode", "mask"])  # the reference mode saves nothing: not a variant
+        parser.parse_args(["--mode", "mask"])  # the full-width reference: no saving to compare
