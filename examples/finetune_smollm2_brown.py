@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del plain
 
     # As in the paper, SliceOut trains at full width for the last 1% of the steps (at least one;
-    # --full-width-last), and every K-th step (--full-width-every, FULL_WIDTH_EVERY); those steps are
-    # left out of the step-time ratio, not the total-time one.
+    # --full-width-last), and every K-th step (--full-width-every, FULL_WIDTH_EVERY); those
+    # steps are left out of the step-time ratio, not the total-time one.
     slicing = example_slice_schedule(sliced, args)
     full_width_steps = slicing.total_steps - slicing.full_width_from
     arms = []
