@@ -26,9 +26,10 @@ from .config import (
     SliceOutConfig,
 )
 from .depgraph import DependencyGraph, build_dependency_graph
+from .errors import SliceOutConfigError
 from .groups import AlignmentGroup, find_groups
 from .module import conversions_in, converted_parts, install, uninstall
-from .options import check_example_inputs, resolve, traced_root
+from .options import DEFAULT_RATE, check_example_inputs, resolve, traced_root
 from .patch import assign_patches
 from .report import Report, combine_reports, expected_ratios
 from .rules import OpRule, conversion_rules
@@ -247,17 +248,29 @@ def _warn_if_nothing_sliced(model: nn.Module, sites: list, skipped: list) -> Non
 
 def explain(
     model: nn.Module,
-    p: Rate = 0.5,
+    p: Rate = DEFAULT_RATE,
     *,
     example_inputs: Any = None,
     **options: Any,
 ) -> Report:
     """The analysis report of ``convert(model, p, **options)`` without converting anything.
 
-    For an already converted model, returns its own report (options must then be left out).
+    ``p`` is 0.5 unless given. For an already converted model, returns its own report: options
+    (``p`` included) and ``example_inputs`` must then be left out, or a
+    :class:`SliceOutConfigError` says so.
     """
     converted = conversions_in(model)
     if converted:
+        given = (["p"] if p is not DEFAULT_RATE else []) + list(options)
+        given += ["example_inputs"] if example_inputs is not None else []
+        if given:
+            raise SliceOutConfigError(
+                f"explain() got a converted {type(model).__name__} and {given}: the report of a "
+                "converted model is its own conversion's, returned without options. To try other "
+                "options, explain the unconverted model: the model you converted, or "
+                "sliceout_fx.to_original(copy.deepcopy(model)) (to_original alone restores this "
+                "model in place)"
+            )
         if converted[0][1].kind == "whole":
             converted[0][1].ensure_built(converted[0][0])
             return converted[0][1].report
@@ -266,6 +279,7 @@ def explain(
         return combine_reports(
             type(model).__name__, converted[0][1].config, [s.report for _, s in converted]
         )
+    p = float(p) if p is DEFAULT_RATE else p  # a plain 0.5 in the config and the report
     options.pop("inplace", None)
     concrete_args = options.pop("concrete_args", None)
     end, config = resolve(model, options.pop("capture", "auto"), p=p, **options)

@@ -19,7 +19,6 @@ sampler.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,11 +32,16 @@ from .capture import example_inputs_error, module_stack
 from .capture_export import INNER, ExportedCall, call_key, export_call, fill_leaves
 from .config import SliceOutConfig
 from .errors import SliceOutConfigError, UntraceableModelError
-from .module import Conversion, install, watch
+from .guards import hooked_modules, recording_reads
+from .module import Conversion, install
 from .options import is_huggingface_model
 from .sampling import SAMPLER_NAME
 
 logger = logging.getLogger(__name__)
+
+#: Graphs one layer keeps for input sizes its export was specialised on (a recurrent layer's
+#: loop unrolled for each sequence length); past that, the layer trains at full width.
+RESIZED_LIMIT = 32
 
 __all__ = [
     "BlockAnalysis",
@@ -133,6 +137,7 @@ class BlockConversion(Conversion):
     """
 
     kind = "block"
+    built_fields = ("analysis", "graphs", "resized")
 
     def __init__(
         self,
@@ -144,6 +149,9 @@ class BlockConversion(Conversion):
         super().__init__(config, original_class, name)
         self.analysis: Any = None  # sliceout_fx.api.Analysis of the first call
         self.graphs: dict[tuple, _BlockGraph] = {}  # call_key -> its graph
+        # (call_key, specialised sizes) -> graph, for calls whose sizes the first graph of their
+        # structure was specialised on differently (a loop over the sequence unrolled)
+        self.resized: dict[tuple, _BlockGraph] = {}
         self.example_call = example_call
 
     @property
@@ -177,7 +185,7 @@ class BlockConversion(Conversion):
         from .rewrite import build_sampler
 
         self.analysis = analysis
-        self.graphs = {}
+        self.graphs, self.resized = {}, {}
         device = next(module.parameters()).device
         self.use_sampler(module, build_sampler(analysis.sites, self.config).to(device))
         self.graphs[exported.key] = self._sliced_graph(module, exported, analysis)
@@ -201,19 +209,49 @@ class BlockConversion(Conversion):
             )
         gm = analysis.train_gm
         gm.add_submodule(SAMPLER_NAME, self.sampler)
-        rewrite_training_graph(gm, analysis.dep, analysis.sites, self.config)
-        _share_children(gm, module)
+        hooked_calls, unhookable = _hooked_calls(gm, module, self.name)
+        rewrite_training_graph(gm, analysis.dep, analysis.sites, self.config, hooked_calls)
+        _share_children(gm, module, {path.split(".")[0] for path in hooked_calls.values()})
+        if unhookable:
+            self.fall_back(
+                f"hooks are registered on {unhookable[:3]}, which its exported graph computes "
+                "in more than one op, so they cannot fire around the sliced ops (hooks on a "
+                "single layer - a Linear, a norm - or on the converted layer itself can)"
+            )
         return _BlockGraph(gm, exported)
 
     def run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self.stale:
-            self.ensure_built(module, args, kwargs)
         key, tensors = call_key(args, kwargs)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._graph_for_new_structure(module, args, kwargs)
+        elif entry.call.specialised and not entry.call.fits(tensors):
+            entry = self._graph_for_new_sizes(module, key, tensors, args, kwargs)
+            if entry is None:
+                return self.original_class.forward(module, *args, **kwargs)
         # `.forward`: the graph module has no hooks, and its generated code is what dynamo inlines.
         return entry.call.unflatten_output(entry.gm.forward(*tensors))
+
+    def _graph_for_new_sizes(
+        self, module: nn.Module, key: tuple, tensors: list, args: tuple, kwargs: dict
+    ) -> _BlockGraph | None:
+        """A graph for a call whose sizes the graph of its structure was specialised against.
+
+        ``None`` past :data:`RESIZED_LIMIT` captures: the layer then trains at full width.
+        """
+        sized = (key, self.graphs[key].call.sizes(tensors))
+        entry = self.resized.get(sized)
+        if entry is None or not entry.call.fits(tensors):
+            if len(self.resized) >= RESIZED_LIMIT:
+                self.fall_back(
+                    f"its exported graph is specialised on input sizes (a Python loop over the "
+                    f"sequence, say), and {RESIZED_LIMIT} sizes have been captured already"
+                )
+                return None
+            entry = self._graph_for_new_structure(module, args, kwargs)
+            self.resized[(key, entry.call.sizes(tensors))] = entry
+        self.graphs[key] = entry
+        return entry
 
     @torch.compiler.disable
     def _graph_for_new_structure(
@@ -247,11 +285,44 @@ def _stored_call(exported: ExportedCall) -> tuple[tuple, dict[str, Any]]:
     return tuple(args), dict(kwargs)
 
 
-def _share_children(gm: fx.GraphModule, block: nn.Module) -> None:
-    """Point the graph module at the block's real children, not fx's copied attribute stubs."""
-    for name in list(gm._modules):
+def _share_children(gm: fx.GraphModule, block: nn.Module, also: set[str] = frozenset()) -> None:
+    """Point the graph module at the block's real children, not fx's copied attribute stubs.
+
+    ``also``: children the graph reads as modules (to fire their hooks) though it may hold no stub.
+    """
+    for name in [*gm._modules, *also]:
         if name in block._modules:
             gm._modules[name] = block._modules[name]
+
+
+def _hooked_calls(
+    gm: fx.GraphModule, block: nn.Module, prefix: str
+) -> tuple[dict[fx.Node, str], list[str]]:
+    """The op of each hooked submodule of ``block`` in its exported graph, by module path.
+
+    Export inlines submodule calls; a node's ``nn_module_stack`` says which calls it belongs to.
+    A submodule computed by exactly one op (a Linear, a norm) gets that op wrapped in its hooks;
+    the paths of hooked submodules made of more ops are returned second.
+    """
+    hooked = hooked_modules(block)
+    if not hooked:
+        return {}, []
+    ops: dict[str, list[fx.Node]] = {path: [] for path in hooked}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        for model_path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            path = model_path.removeprefix(prefix + ".") if model_path != prefix else ""
+            if path in ops:
+                ops[path].append(node)
+    calls, unhookable = {}, []
+    for path, nodes in ops.items():
+        first = nodes[0].args[0] if len(nodes) == 1 and nodes[0].args else None
+        if isinstance(first, fx.Node) and first.op != "get_attr":
+            calls[nodes[0]] = path
+        elif nodes:
+            unhookable.append(path)
+    return calls, unhookable
 
 
 @dataclass
@@ -263,6 +334,7 @@ class BlockAnalysis:
     exported: ExportedCall
     analysis: Any  # sliceout_fx.api.Analysis
     config: SliceOutConfig  # the model's config, its site names and rates narrowed to this block
+    reads: Any = None  # what the block's forward read while it was exported (guards)
 
 
 def analyse_blocks(
@@ -279,9 +351,10 @@ def analyse_blocks(
     calls = record_calls(model, blocks, example_inputs)
     found = []
     for name, block in blocks:
-        exported = export_call(block, *calls[name], training=True)
+        with recording_reads(block) as reads:
+            exported = export_call(block, *calls[name], training=True)
         analysis = _analyse(exported, name, block, configs[name])
-        found.append(BlockAnalysis(name, block, exported, analysis, configs[name]))
+        found.append(BlockAnalysis(name, block, exported, analysis, configs[name], reads))
     return found
 
 
@@ -337,22 +410,8 @@ def convert_blocks(
         state = BlockConversion(own, type(item.block), item.name)
         install(item.block, state)
         state.adopt(item.block, item.exported, item.analysis)
-        state.stale = False
-        watch(item.block, state)
+        state.captured(item.block, item.reads)
         states.append(state)
-    hooked = [
-        f"{item.name}.{name}"
-        for item in found
-        for name, sub in item.block.named_modules()
-        if name and (sub._forward_hooks or sub._forward_pre_hooks)
-    ]
-    if hooked:
-        warnings.warn(
-            f"sliceout_fx: forward hooks on {hooked[:4]} will not see sliced training calls: a "
-            "converted layer runs one exported graph, without calling its submodules (they fire "
-            "in eval and at full width). Register the hook on the layer itself instead.",
-            stacklevel=3,
-        )
     return states
 
 

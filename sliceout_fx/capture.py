@@ -80,6 +80,17 @@ class SliceOutTracer(fx.Tracer):
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
         self.entered: list[tuple[str, type[nn.Module]]] = []  # modules being traced, innermost last
         self.kept_whole: dict[str, str] = {}  # module path -> class, of calls no forward accepted
+        #: Buffers the forward mutates: traced as graph values so that the mutation is recorded.
+        self.mutable_buffers: set[str] = set()
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.mutable_buffers and isinstance(attr_val, torch.Tensor):
+            for name, buffer in self.root.named_buffers():
+                if buffer is attr_val and name in self.mutable_buffers:
+                    if name not in parameter_proxy_cache:
+                        parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                    return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def _named_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names
@@ -153,14 +164,64 @@ def trace(
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` in the given training mode, restoring its mode afterwards.
 
+    Buffers the forward mutates in Python (a step counter, ``self.steps += 1``) are changed by
+    symbolic tracing itself, once, and left out of the graph. So a first trace notes which
+    buffers it changed and puts them back; if there are any, a second trace follows them as graph
+    values and records each mutation as a node (:func:`assign_buffer`, in-place methods kept),
+    so that every call of the graph mutates them as the model does. ``GraphModule.meta`` says
+    whether the forward called ``torch.utils.checkpoint`` (:data:`CHECKPOINTED`).
+
     Raises:
         UntraceableModelError: with the failing source line and the module to keep as a leaf.
     """
+    gm, mutated = _trace_noting_mutations(model, leaf_modules, training, concrete_args)
+    return _trace(model, leaf_modules, training, concrete_args, mutated) if mutated else gm
+
+
+#: ``GraphModule.meta`` key: whether the traced forward called ``torch.utils.checkpoint``,
+#: whose recomputation a captured graph cannot keep (it is traced through).
+CHECKPOINTED = "sliceout_checkpointed"
+#: ``GraphModule.meta`` key: buffers the graph mutates.
+MUTATED_BUFFERS = "sliceout_mutated_buffers"
+
+
+def _trace_noting_mutations(
+    model: nn.Module, leaf_modules: LeafSpec, training: bool, concrete_args: Any
+) -> tuple[fx.GraphModule, set[str]]:
+    """Trace once; also return the buffers that tracing changed, with their values restored."""
+    before = {name: (b, b._version, b.detach().clone()) for name, b in model.named_buffers()}
+    try:
+        gm = _trace(model, leaf_modules, training, concrete_args, set())
+    finally:
+        mutated = set()
+        for name, (buffer, version, value) in before.items():
+            owner, _, attribute = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if module._buffers.get(attribute) is not buffer or buffer._version != version:
+                mutated.add(name)
+                module._buffers[attribute] = buffer
+                with torch.no_grad():
+                    buffer.copy_(value)
+    return gm, mutated
+
+
+def _trace(
+    model: nn.Module,
+    leaf_modules: LeafSpec,
+    training: bool,
+    concrete_args: dict[str, Any] | None,
+    mutable_buffers: set[str],
+) -> fx.GraphModule:
     was_training = model.training
     model.train(training)
     tracer = SliceOutTracer(leaf_modules)
+    tracer.mutable_buffers = mutable_buffers
     try:
-        with functions_kept_whole("fx"):
+        with (
+            functions_kept_whole("fx"),
+            _buffer_assignments_recorded(tracer),
+            _checkpoint_calls_noted() as checkpointed,
+        ):
             graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         inside = tracer.entered[-1] if tracer.entered else None
@@ -181,10 +242,95 @@ def trace(
         ) from exc
     finally:
         model.train(was_training)
+    if mutable_buffers:
+        _keep_in_place_methods(graph)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta[KEPT_WHOLE] = dict(tracer.kept_whole)
+    gm.meta[CHECKPOINTED] = bool(checkpointed)
+    gm.meta[MUTATED_BUFFERS] = sorted(mutable_buffers)
     return gm
+
+
+def assign_buffer(buffer: torch.Tensor, value: Any) -> None:
+    """``module.<buffer> = value`` as a graph op: the value is written into the buffer.
+
+    Written in place, without autograd history (a buffer is state, not a graph input), so that
+    the graph, which reads the buffer object, sees the new value at its next call.
+    """
+    if value is not buffer:
+        with torch.no_grad():
+            buffer.copy_(value)
+
+
+def call_in_place(method: str, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``tensor.<method>(*args)`` for an in-place method: a graph op dead-code elimination keeps."""
+    return getattr(tensor, method)(*args, **kwargs)
+
+
+fx.node._side_effectful_functions.update({assign_buffer, call_in_place})
+
+
+def _keep_in_place_methods(graph: fx.Graph) -> None:
+    """In-place method calls become :func:`call_in_place`: their effect is the point."""
+    for node in graph.nodes:
+        method = str(node.target)
+        if node.op == "call_method" and method.endswith("_") and not method.startswith("_"):
+            node.op, node.target = "call_function", call_in_place
+            node.args = (method, *node.args)
+
+
+@contextlib.contextmanager
+def _buffer_assignments_recorded(tracer: SliceOutTracer) -> Iterator[None]:
+    """While tracing, ``module.<buffer> = <traced value>`` becomes an :func:`assign_buffer` node."""
+    original = nn.Module.__setattr__
+
+    def setattr_(module: nn.Module, name: str, value: Any) -> None:
+        buffers = module.__dict__.get("_buffers")
+        if isinstance(value, fx.Proxy) and buffers is not None and name in buffers:
+            path = tracer.path_of_module(module)
+            target = f"{path}.{name}" if path else name
+            buffer = tracer.create_proxy("get_attr", target, (), {})
+            tracer.create_proxy("call_function", assign_buffer, (buffer, value), {})
+            return
+        original(module, name, value)
+
+    nn.Module.__setattr__ = setattr_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _checkpoint_calls_noted() -> Iterator[list[bool]]:
+    """Note whether ``torch.utils.checkpoint`` runs, whichever way it is reached.
+
+    Code calls ``torch.utils.checkpoint.checkpoint`` (looked up at call time), or a name it
+    imported, which reaches the module's internal helpers; each entry point present in this
+    version of torch is wrapped.
+    """
+    from torch.utils import checkpoint as module
+
+    noted: list[bool] = []
+    names = ("checkpoint", "_checkpoint_impl", "_checkpoint_without_reentrant_generator")
+    originals = {name: getattr(module, name) for name in names if hasattr(module, name)}
+
+    def noting(original: Any) -> Any:
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            noted.append(True)
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(module, name, noting(original))
+    try:
+        yield noted
+    finally:
+        for name, original in originals.items():
+            setattr(module, name, original)
 
 
 # --- the example call --------------------------------------------------------------------------
@@ -366,3 +512,99 @@ def _example_call(
         if name not in given and value is not placeholder:
             kwargs[name] = value
     return args, kwargs
+
+
+# --- what the traced graph was specialised on ------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "a tensor"
+    return "None" if value is None else type(value).__name__
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+
+
+@dataclass
+class CapturedCall:
+    """How a traced graph was specialised on the call it was captured from.
+
+    ``torch.fx`` bakes the arguments in ``concrete`` (``mask=None``, ``scale=1.0``) into the
+    graph, and traces the others as inputs of the kind they had (a tensor, a number). A later
+    call that gives a specialised argument another value, or an input of another kind (a mask
+    where ``None`` was captured), is not what the graph computes: :meth:`mismatch` says so, and
+    the conversion captures again from that call. :meth:`graph_inputs` puts a call's arguments
+    in the graph's positional order.
+    """
+
+    params: tuple[inspect.Parameter, ...]
+    concrete: dict[str, Any]
+    kinds: dict[str, str]  # traced argument -> the kind of value it was captured with
+    positional: int  # how many positional arguments the captured call passed
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, inputs: Any, concrete: Mapping[str, Any] | None
+    ) -> CapturedCall | None:
+        """The call ``inputs`` (a tuple or a dict) as traced with ``concrete``; ``None`` for a
+        ``forward(*args, **kwargs)`` whose arguments cannot be named."""
+        params = tuple(_forward_parameters(model))
+        if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            return None
+        placeholder = getattr(fx._symbolic_trace, "PH", None)
+        fixed = {k: v for k, v in (concrete or {}).items() if v is not placeholder}
+        if isinstance(inputs, Mapping):
+            given, positional = dict(inputs), 0
+        else:
+            given = {p.name: v for p, v in zip(params, inputs, strict=False)}
+            positional = len(inputs)
+        kinds = {}
+        for param in params:
+            if param.name in fixed:
+                continue
+            value = given.get(param.name, param.default)
+            kinds[param.name] = _kind(None if value is param.empty else value)
+        return cls(params, fixed, kinds, positional)
+
+    def mismatch(self, args: tuple, kwargs: Mapping[str, Any]) -> str | None:
+        """What in this call the graph was not captured for, or ``None``."""
+        if not kwargs and len(args) == self.positional:
+            values: Mapping[str, Any] = {p.name: v for p, v in zip(self.params, args)}  # noqa: B905
+        else:
+            try:
+                values = self._bind(args, kwargs)
+            except TypeError:
+                return None  # the model's own error, raised by graph_inputs
+        for param in self.params:
+            value = values.get(param.name, param.default)
+            if param.name in self.concrete:
+                captured = self.concrete[param.name]
+                if not _same_value(value, captured):
+                    return (
+                        f"argument {param.name!r} is {_kind(value)} ({_short(value)}); the "
+                        f"training graph was captured with {captured!r}"
+                    )
+            elif param.name in self.kinds and _kind(value) != self.kinds[param.name]:
+                return (
+                    f"argument {param.name!r} is {_kind(value)}; the training graph was "
+                    f"captured with {self.kinds[param.name]}"
+                )
+        return None
+
+    def graph_inputs(self, model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+        """The call's arguments in the traced graph's order (raises the model's TypeError)."""
+        if not kwargs and len(args) == self.positional:
+            return args
+        return tuple(positional_inputs(model, self._bind(args, kwargs), self.concrete))
+
+    def _bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        signature = inspect.Signature(list(self.params))
+        return dict(signature.bind(*args, **kwargs).arguments)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}"
+    return repr(value)

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ._probe import training_mode
 from .errors import UntraceableModelError
 from .functions import functions_kept_whole, replace_stand_ins
+from .guards import hooks_suppressed
 from .mha import spelt_out_attention
 
 __all__ = ["CallSpec", "ExportedCall", "call_key", "export_call", "normalise_call"]
@@ -130,6 +132,17 @@ class ExportedCall:
     out_spec: pytree.TreeSpec
     example_inputs: list[torch.Tensor]
     key: tuple  # the call's `call_key`: what a converted block looks its graph up by
+    #: (input, dim, size) of every input size the graph is specialised on: export makes every
+    #: size dynamic, unless the code needs its value (a Python loop over the sequence, a
+    #: broadcast dimension of 1); a call with another size there needs a graph of its own.
+    specialised: tuple[tuple[int, int, int], ...] = ()
+
+    def fits(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether a call with these tensor leaves (same structure) has the specialised sizes."""
+        return all(tensors[i].shape[d] == size for i, d, size in self.specialised)
+
+    def sizes(self, tensors: list[torch.Tensor]) -> tuple[int, ...]:
+        return tuple(tensors[i].shape[d] for i, d, _ in self.specialised)
 
     def unflatten_output(self, flat: Any) -> Any:
         flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
@@ -154,6 +167,7 @@ def export_call(
             warnings.catch_warnings(),
             _quiet_export_logs(),
             _outside_checkpointing(),
+            hooks_suppressed(module),
             spelt_out_attention() if training else contextlib.nullcontext(),
             functions_kept_whole("export"),
         ):
@@ -168,11 +182,35 @@ def export_call(
             f"{type(error).__name__}: {first_line}. Pass example_inputs that match how the "
             "model is called, or convert a submodule."
         ) from error
+    specialised = _specialised_sizes(exported, tensors)
     gm = _plain_graph_module(module, exported)
     replace_stand_ins(gm)
     gm.recompile()
     key, _ = call_key(args, kwargs)
-    return ExportedCall(gm, spec, exported.call_spec.out_spec, tensors, key)
+    return ExportedCall(gm, spec, exported.call_spec.out_spec, tensors, key, specialised)
+
+
+def _specialised_sizes(
+    exported: torch.export.ExportedProgram, tensors: list[torch.Tensor]
+) -> tuple[tuple[int, int, int], ...]:
+    """The input sizes export fixed to the example's values (see :class:`ExportedCall`)."""
+    user_inputs = [
+        node
+        for node, spec in zip(  # noqa: B905 - placeholders and input specs are one list
+            (n for n in exported.graph.nodes if n.op == "placeholder"),
+            exported.graph_signature.input_specs,
+        )
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    found = []
+    for index, (node, tensor) in enumerate(zip(user_inputs, tensors, strict=False)):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        for dim, size in enumerate(value.shape):
+            if is_concrete_int(size) and tensor.dim() > dim:
+                found.append((index, dim, int(size)))
+    return tuple(found)
 
 
 class _FlatCall(nn.Module):

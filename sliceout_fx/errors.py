@@ -13,6 +13,12 @@ class ShapeInferenceError(SliceOutError):
     """The model could not be run on example inputs to learn tensor shapes."""
 
 
+class UnsupportedModelError(SliceOutError, TypeError):
+    """The model is of a kind sliceout_fx does not take: a ``DataParallel``,
+    ``DistributedDataParallel`` or ``torch.compile`` wrapper (convert the module inside, then wrap
+    or compile the converted model), or a TorchScript module (convert the eager module)."""
+
+
 class SliceOutConfigError(SliceOutError, ValueError):
     """An invalid rate, normalisation, mode or site specification."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from .errors import UntraceableModelError
+from .guards import OWN_HOOK, CaptureGuards, recording_reads
 from .sampling import SAMPLER_NAME, SliceSampler
 
 if TYPE_CHECKING:
@@ -38,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 _STATE = "_sliceout"
 _ABSENT = object()
+
+#: Captures one conversion keeps for the variants its guards tell apart (an adapter switched on
+#: and off, a mask given or not); past that, a change trains at full width, as ``torch.compile``
+#: falls back to eager past its recompile limit.
+RECAPTURE_LIMIT = 8
 
 
 class Conversion:
@@ -60,6 +67,13 @@ class Conversion:
         self.suspended = False  # capture in progress: forward runs the class's own code
         self.sampler: SliceSampler | None = None
         self.resume_state: dict[str, Any] | None = None  # draw state for the next sampler
+        self.guards: CaptureGuards | None = None  # what the current graphs assumed
+        self.variants: list[dict[str, Any]] = []  # earlier captures, with their guards
+        self.fallback: str | None = None  # why this capture trains at full width
+        self.warned: set[str] = set()
+
+    #: The attributes :meth:`build` sets: one capture's graphs, kept per variant.
+    built_fields: tuple[str, ...] = ()
 
     # -- what front ends implement ---------------------------------------------------------------
 
@@ -70,6 +84,15 @@ class Conversion:
     def run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         """One sliced training call."""
         raise NotImplementedError
+
+    def extra_guards(self, module: nn.Module) -> list[Any]:
+        """What the front end's graphs were specialised on: ``(args, kwargs) -> reason | None``."""
+        return []
+
+    def capture_overrides(self, module: nn.Module) -> dict[tuple[nn.Module, str], Any]:
+        """Attributes :meth:`capturing` sets for the capture, with the user's values."""
+        value = module.__dict__.get("gradient_checkpointing", _ABSENT)
+        return {} if value is _ABSENT else {(module, "gradient_checkpointing"): value}
 
     def recipe(self) -> dict[str, Any]:
         """Everything needed to rebuild this conversion on a copy of the plain module."""
@@ -98,8 +121,14 @@ class Conversion:
                 self.name or self.original_class.__name__,
                 "; ".join(self.changes[:3]),
             )
+        self.fallback = None
+        if self.changes:  # the module tree changed: earlier captures describe another model
+            self.variants = []
         try:
-            with self.capturing(module):
+            with (
+                self.capturing(module),
+                recording_reads(module, self.capture_overrides(module)) as reads,
+            ):
                 self.build(module, args, kwargs)
         except Exception as error:
             if not self.changes:
@@ -111,9 +140,94 @@ class Conversion:
                 "with sliceout_fx.to_original(model), make the change there and convert again "
                 "(with leaf_modules=[...] for what cannot be traced)."
             ) from error
+        self.captured(module, reads)
+
+    def captured(self, module: nn.Module, reads: Any) -> None:
+        """Record what the capture just made assumed (``reads``: what its forward read)."""
         self.stale = False
         self.changes = []
+        self.guards = CaptureGuards.record(module, reads)
+        self.guards.extra = self.extra_guards(module)
+        mutated = self.guards.pop_state_changed_by_capture()
+        if mutated:
+            self.fall_back(
+                f"its forward changes {mutated[:3]} on every call, which a captured graph "
+                "cannot replay"
+            )
+        self._keep_variant()
         watch(module, self)
+
+    # -- guards: what the capture assumed, checked at every training call --------------------
+
+    def ready(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether this training call can run a sliced graph (else: full width, own forward).
+
+        Builds the graphs if they are missing or stale, then checks the current capture's guards
+        (:mod:`sliceout_fx.guards`); on a failure, switches to an earlier capture whose guards
+        hold, or captures again from this call. A capture whose behaviour cannot be sliced
+        (:meth:`fall_back`) still has guards: undoing the change slices again.
+        """
+        if self.stale:
+            self.ensure_built(module, args, kwargs)
+        guards = self.guards
+        reason = None if guards is None else guards.failure(module, args, kwargs)
+        if reason is not None:
+            self._recapture(module, args, kwargs, reason)
+        return self.fallback is None
+
+    @torch.compiler.disable
+    def _recapture(self, module: nn.Module, args: tuple, kwargs: dict, reason: str) -> None:
+        for variant in self.variants:
+            guards = variant["guards"]
+            if guards is not self.guards and guards.failure(module, args, kwargs) is None:
+                self._use_variant(module, variant)
+                return
+        if len(self.variants) >= RECAPTURE_LIMIT:
+            self.fall_back(
+                f"{reason}, and it was captured {len(self.variants)} times already (the limit "
+                f"is sliceout_fx.module.RECAPTURE_LIMIT = {RECAPTURE_LIMIT})",
+                once="recapture limit",
+            )
+            return
+        logger.info("sliceout_fx: capturing %s again: %s", self._label(), reason)
+        self.stale = True
+        try:
+            self.ensure_built(module, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - any capture failure ends the same way
+            self.stale = False
+            self.fall_back(f"{reason}, and capturing it again failed ({error})")
+
+    def fall_back(self, reason: str, once: str | None = None) -> None:
+        """Train at full width with the model's own forward, after one warning per cause.
+
+        Holds for the current capture: a change its guards see captures again. ``once``: the
+        cause to warn about once, where ``reason`` changes from call to call.
+        """
+        self.fallback = reason
+        if (once or reason) in self.warned:
+            return
+        self.warned.add(once or reason)
+        warnings.warn(
+            f"sliceout_fx: {self._label()} trains at full width (its own forward, no slicing): "
+            f"{reason}. Undo the change to slice again, or convert the model anew after it.",
+            stacklevel=4,
+        )
+
+    def _label(self) -> str:
+        return self.name or self.original_class.__name__
+
+    def _keep_variant(self) -> None:
+        state = {name: getattr(self, name) for name in self.built_fields}
+        state.update(guards=self.guards, sampler=self.sampler, fallback=self.fallback)
+        self.variants.append(state)
+
+    def _use_variant(self, module: nn.Module, variant: dict[str, Any]) -> None:
+        logger.info("sliceout_fx: %s switches to an earlier capture", self._label())
+        for name in self.built_fields:
+            setattr(self, name, variant[name])
+        self.guards = variant["guards"]
+        self.fallback = variant["fallback"]
+        self.use_sampler(module, variant["sampler"])
 
     @contextlib.contextmanager
     def capturing(self, module: nn.Module) -> Iterator[None]:
@@ -257,10 +371,23 @@ def converted_class(cls: type) -> type:
 
     @functools.wraps(cls.forward)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state: Conversion = self.__dict__[_STATE]
-        if self.training and state.enabled and not state.suspended:
+        state: Conversion | None = self.__dict__.get(_STATE)
+        if (
+            state is not None
+            and self.training
+            and state.enabled
+            and not state.suspended
+            and state.ready(self, args, kwargs)
+        ):
             return state.run(self, args, kwargs)
         return cls.forward(self, *args, **kwargs)
+
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        # A new object of a converted class is a plain one: `converted[1:]` of a Sequential and
+        # HF's `type(model)(config)` build fresh modules through the class, and a conversion
+        # belongs to one object. It shares the layers it is given, and trains them unsliced.
+        cls.__init__(self, *args, **kwargs)
+        self.__class__ = cls
 
     def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
         # The sampler is outside the module tree; `.to()`, `.cuda()`, `.double()` move it too.
@@ -278,6 +405,7 @@ def converted_class(cls: type) -> type:
         f"SliceOut{cls.__name__}",
         (cls, SliceOutModule),
         {
+            "__init__": __init__,
             "forward": forward,
             "_apply": _apply,
             "__reduce_ex__": __reduce_ex__,
@@ -365,7 +493,7 @@ def _restore(cls: type, state: dict[str, Any], recipe: dict[str, Any]) -> nn.Mod
 
 # -- hooks the conversion adds to the module ---------------------------------------------------
 
-_OWN_HOOK = "_sliceout_hook"
+_OWN_HOOK = OWN_HOOK
 
 
 def own_hook(fn: Any) -> Any:

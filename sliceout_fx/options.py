@@ -19,7 +19,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .config import SliceOutConfig
-from .errors import SliceOutConfigError
+from .errors import SliceOutConfigError, UnsupportedModelError
 
 FrontEnd = Literal["fx", "blocks"]
 
@@ -33,6 +33,15 @@ _CONFIG_FIELDS = {f.name for f in fields(SliceOutConfig)}
 #: Options whose ``None`` is a value (dropouts' own rates, the global RNG, no rounding); any other
 #: ``None`` means "the default".
 _NONE_MEANS_SOMETHING = ("p", "seed", "width_multiple")
+
+
+class _DefaultRate(float):
+    """The ``p`` that ``explain`` takes when none is given: 0.5, told apart (by identity) from a
+    ``p=0.5`` the caller passed, which a converted model's ``explain`` refuses."""
+
+
+#: ``explain``'s default rate (a float equal to 0.5).
+DEFAULT_RATE: float = _DefaultRate(0.5)
 
 
 def is_huggingface_model(model: nn.Module) -> bool:
@@ -60,6 +69,38 @@ def traced_root(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_peft_model(model) else model
 
 
+def check_model(model: nn.Module) -> None:
+    """Refuse, before anything is copied or changed, a model that wraps the model to convert.
+
+    ``DataParallel`` and ``DistributedDataParallel`` replicate (or synchronise) the module they
+    wrap, and ``torch.compile`` compiles it: convert that module, then wrap or compile the
+    converted model. A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``) has no
+    Python code left to trace or rewrite: convert the eager module it was made from.
+    """
+    import torch
+
+    kind = type(model).__name__
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        raise UnsupportedModelError(
+            f"sliceout_fx cannot analyse or convert a {kind} wrapper: convert the module it wraps "
+            f"(its .module) first, then wrap the converted model: "
+            f"{kind}(sliceout_fx.convert(model, p=...))"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"sliceout_fx cannot analyse or convert a TorchScript module ({kind}, made by "
+            "torch.jit.script or torch.jit.trace); TorchScript is not supported as input: convert "
+            "the eager nn.Module it was made from (and torch.compile the converted model to "
+            "compile it)"
+        )
+    if _is_class(type(model), "OptimizedModule", "torch._dynamo"):
+        raise UnsupportedModelError(
+            "sliceout_fx cannot analyse or convert a torch.compile wrapper (OptimizedModule): "
+            "convert the module it compiles (its ._orig_mod) first, then compile the converted "
+            "model: torch.compile(sliceout_fx.convert(model, p=...))"
+        )
+
+
 def front_end(model: nn.Module, capture: str = "auto") -> FrontEnd:
     """``"blocks"`` for HuggingFace models (and ``capture="blocks"``), else ``"fx"``."""
     if capture not in ("auto", "fx", "blocks"):
@@ -75,8 +116,10 @@ def resolve(
     """The front end for ``model`` and the validated config of ``options`` under it.
 
     ``options`` are :class:`SliceOutConfig` fields; ``None`` (and ``sites="auto"``) take the
-    front end's default. Unknown names are an error that lists the known ones.
+    front end's default. Unknown names are an error that lists the known ones; a model that is
+    a wrapper (``DataParallel``, ``torch.compile``, TorchScript) is refused (:func:`check_model`).
     """
+    check_model(model)
     unknown = sorted(set(options) - _CONFIG_FIELDS)
     if unknown:
         raise SliceOutConfigError(

@@ -19,6 +19,8 @@ from torch import fx
 
 from .config import SliceOutConfig
 from .depgraph import DependencyGraph
+from .errors import UntraceableModelError
+from .guards import hooked
 from .ops import (
     make_cut,
     normalise,
@@ -108,17 +110,24 @@ def _scales(site: Site) -> list[int]:
 
 
 def rewrite_training_graph(
-    gm: fx.GraphModule, dep: DependencyGraph, sites: list[Site], config: SliceOutConfig
+    gm: fx.GraphModule,
+    dep: DependencyGraph,
+    sites: list[Site],
+    config: SliceOutConfig,
+    hooked_calls: dict[fx.Node, str] | None = None,
 ) -> fx.GraphModule:
     """Rewrite ``gm`` (the analysed train-mode trace) in place into the sliced training graph.
 
     ``gm`` must have a ``sliceout_sampler`` submodule built by :func:`build_sampler`.
+    ``hooked_calls`` maps nodes that stand for one call of a module with hooks to that module's
+    path in ``gm``: whatever op takes such a node's place fires the module's hooks
+    (:func:`~sliceout_fx.guards.call_with_hooks`).
     """
     if config.scheme == "patch":
         rewrite_patch_sites(gm, sites, config.mode)
     else:
         with conversion_rules(config.rules):  # rules that look up another node's rule
-            _Rewriter(gm, dep, sites, config).run()
+            _Rewriter(gm, dep, sites, config, hooked_calls or {}).run()
         _fold_scales_into_sinks(gm.graph)
         # A fused projection recomputed part by part leaves its full-width matmul unused.
         gm.graph.eliminate_dead_code()
@@ -131,9 +140,15 @@ class _Rewriter:
     """One pass over the graph in topological order (see the module docstring)."""
 
     def __init__(
-        self, gm: fx.GraphModule, dep: DependencyGraph, sites: list[Site], config: SliceOutConfig
+        self,
+        gm: fx.GraphModule,
+        dep: DependencyGraph,
+        sites: list[Site],
+        config: SliceOutConfig,
+        hooked_calls: dict[fx.Node, str],
     ) -> None:
         self.graph, self.dep, self.sites, self.config = gm.graph, dep, sites, config
+        self.hooked_calls = hooked_calls
         axis_site = {axis: site for site in sites for axis in site.group.axes}
         self.ctx = RewriteContext(gm, axis_site)
         self.replaced_dropouts = {d for site in sites for d in site.dropouts}
@@ -240,14 +255,24 @@ class _Rewriter:
         """Replace ``node`` by its sliced op, then mask (mask mode) and scale (immediate)."""
         ctx, graph = self.ctx, self.graph
         current = node
+        hooked = self.hooked_calls.get(node)
         if node in self.replaced_dropouts:
             current = node.args[0] if node.args else node.kwargs["input"]
+            if hooked is not None:  # its hooks still see the tensor it passed on
+                with graph.inserting_before(node):
+                    current = graph.call_function(passthrough, (current,))
+                ctx.alias[current] = node
+                _fire_hooks(graph, current, hooked)
         elif (rule := self.dep.rule(node)) is not None:
             with graph.inserting_before(node):
                 new = rule.rewrite(node, ctx)
             if new is not None:
                 ctx.alias[new] = node
                 current = new
+                if hooked is not None:
+                    _fire_hooks(graph, new, hooked)
+        if current is node and hooked is not None and node.op == "call_function":
+            _fire_hooks(graph, node, hooked)  # an exported op left as it is
 
         appended: list[fx.Node] = []
         steps: list[tuple[Callable, tuple]] = []
@@ -269,6 +294,36 @@ class _Rewriter:
             node.replace_all_uses_with(current, delete_user_cb=lambda u: u not in first_appended)
             if not node.users:
                 graph.erase_node(node)
+
+
+def passthrough(x: Any) -> Any:
+    """The op of a replaced dropout whose module has hooks: its hooks see the input unchanged."""
+    return x
+
+
+def _fire_hooks(graph: fx.Graph, op: fx.Node, path: str) -> None:
+    """Turn ``op`` (standing for one call of the module at ``path``) into a hooked call.
+
+    ``op(x, ...)`` becomes ``hooked(op)(module, lazy, x, ...)``: the module's hooks fire
+    around it with ``x`` as the input (:func:`~sliceout_fx.guards.call_with_hooks`). Arguments
+    the graph reads from the module itself (``get_attr`` of ``<path>.weight``) are read inside the
+    call instead, after the forward-pre hooks ran (pruning recomputes the weight there).
+    """
+    if op.op != "call_function" or not op.args:
+        raise UntraceableModelError(
+            f"cannot fire the hooks of {path}: the op in its place is {op.format_node()}"
+        )
+    with graph.inserting_before(op):
+        module = graph.get_attr(path)
+    lazy, args = [], list(op.args)
+    for index, arg in enumerate(args):
+        if index and isinstance(arg, fx.Node) and arg.op == "get_attr":
+            owner, _, attribute = str(arg.target).rpartition(".")
+            if owner == path:
+                lazy.append((index, attribute))
+                args[index] = None
+    op.args = (module, tuple(lazy), *args)
+    op.target = hooked(op.target)
 
 
 def _fold_scales_into_sinks(graph: fx.Graph) -> None:

@@ -9,17 +9,25 @@ children, so they read its current parameters on every call.
 from __future__ import annotations
 
 import copy
-import warnings
+import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
-from .capture import check_example_call, positional_inputs
+from .capture import (
+    CHECKPOINTED,
+    CapturedCall,
+    check_example_call,
+    positional_inputs,
+    specialised_defaults,
+)
 from .config import SliceOutConfig
 from .errors import SliceOutError
-from .module import Conversion, hooked_modules, own_hook, replaced_modules
+from .guards import hooked_modules, hooks_suppressed
+from .module import Conversion, own_hook, replaced_modules
 from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
 from .sampling import SAMPLER_NAME
 
@@ -32,6 +40,7 @@ class WholeModelConversion(Conversion):
     """A model converted as one fx graph (torchvision, timm, plain modules, ``nn.Sequential``)."""
 
     kind = "whole"
+    built_fields = ("analysis", "sliced_gm", "full_gm", "refresh", "call")
 
     def __init__(
         self,
@@ -49,6 +58,7 @@ class WholeModelConversion(Conversion):
         self.refresh: FullWidthStatistics | None = None
         self.refresh_due = False
         self.refresh_calls = 0  # carried across rebuilds and copies
+        self.call: CapturedCall | None = None  # what the graphs were specialised on
 
     # -- graphs ----------------------------------------------------------------------------------
 
@@ -56,21 +66,51 @@ class WholeModelConversion(Conversion):
         from .api import analyse
         from .rewrite import build_sampler, rewrite_training_graph
 
-        from_call = bool(args) and not kwargs  # re-analysed on a training batch
-        inputs = args if from_call else self.example_inputs
-        if inputs is not None:
-            # A failure is the model's own error on these inputs, not fx interpreter text.
-            check_example_call(module, inputs, self.concrete_args)
-            inputs = positional_inputs(module, inputs, self.concrete_args)  # the graph's order
+        from_call = args is not None  # captured again from a training call
+        if from_call:
+            inputs: Any = dict(_bound(module, args, kwargs)) if kwargs else args
+        else:
+            inputs = self.example_inputs
+        # Modules with hooks are kept whole (call_module nodes), so that their hooks can fire
+        # around whatever op takes their place (see guards.call_with_hooks).
+        hooked = hooked_modules(module)
         config = self.config
-        analysis = analyse(module, config, inputs, concrete_args=self.concrete_args)
+        if hooked:
+            config = replace(config, leaf_modules=(*config.leaf_modules, *hooked))
+        concrete = self.concrete_args
+        with hooks_suppressed(module):
+            if inputs is not None:
+                # A failure is the model's own error on these inputs, not fx interpreter text.
+                check_example_call(module, inputs, concrete)
+            concrete = specialised_defaults(module, inputs, concrete)
+            if inputs is not None:
+                inputs = positional_inputs(module, inputs, concrete)  # the graph's order
+            analysis = analyse(module, config, inputs, concrete_args=concrete)
+        if analysis.train_gm.meta.get(CHECKPOINTED):
+            self.fall_back(
+                "its forward calls torch.utils.checkpoint (gradient checkpointing is on), and "
+                "the sliced graph, captured as one graph, would keep every activation the "
+                "checkpoints free. Turn checkpointing off to slice, or convert with "
+                "capture='blocks' (and example_inputs) so that each checkpointed block is "
+                "converted on its own"
+            )
+        call = CapturedCall.of(
+            module, inputs if inputs is not None else analysis.example_inputs, concrete
+        )
         if not from_call or self.example_inputs is None:
             # kept for copies that rebuild before a training call; two rows of a batch will do
             self.example_inputs = _detached(analysis.example_inputs, rows=2 if from_call else None)
         full_gm = fx.GraphModule(analysis.train_gm, copy.deepcopy(analysis.train_gm.graph))
         sampler = build_sampler(analysis.sites, config).to(_device_of(module))
         analysis.train_gm.add_submodule(SAMPLER_NAME, sampler)
-        sliced = rewrite_training_graph(analysis.train_gm, analysis.dep, analysis.sites, config)
+        hooked_calls = {
+            n: str(n.target)
+            for n in analysis.train_gm.graph.nodes
+            if n.op == "call_module" and str(n.target) in hooked
+        }
+        sliced = rewrite_training_graph(
+            analysis.train_gm, analysis.dep, analysis.sites, config, hooked_calls
+        )
         refresh = None
         if config.bn_stats == "full_width" and analysis.sites:
             frozen = freeze_statistics_after_slices(sliced)
@@ -85,33 +125,31 @@ class WholeModelConversion(Conversion):
             for name in list(gm._modules):
                 if name in module._modules:
                     gm._modules[name] = module._modules[name]
-        hooked = hooked_modules(sliced, full_gm, module)
-        if hooked:
-            warnings.warn(
-                f"sliceout_fx: forward hooks on {hooked} will not see sliced training calls: the "
-                "sliced graph replaces those modules' calls by sliced functional ops (they fire "
-                "in eval and at full width). Register the hook on a parent module, or keep the "
-                "module whole with leaf_modules=[...].",
-                stacklevel=4,
-            )
-        self.analysis, self.sliced_gm, self.full_gm, self.refresh = (
+        self.analysis, self.sliced_gm, self.full_gm, self.refresh, self.call = (
             analysis,
             sliced,
             full_gm,
             refresh,
+            call,
         )
         self.use_sampler(module, sampler)
         if refresh is not None and not any(
             h is _count_training_call for h in module._forward_pre_hooks.values()
         ):
             module.register_forward_pre_hook(_count_training_call)
+            if from_call:  # this call's pre-hooks ran before the counter existed (a fresh copy)
+                _count_training_call(module, args)
+
+    def extra_guards(self, module: nn.Module) -> list[Any]:
+        call = self.call
+        return [] if call is None else [call.mismatch]
 
     def run(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self.stale:
-            self.ensure_built(module, args, kwargs)
         # `.forward`, not `__call__`: the graph modules have no hooks of their own, and a small
         # training step is bound by host work per call.
         graph = self.refresh.graph if self.refresh_due else self.sliced_gm
+        if self.call is not None:
+            args, kwargs = self.call.graph_inputs(module, args, kwargs), {}
         try:
             return graph.forward(*args, **kwargs)
         except RuntimeError as error:
@@ -189,6 +227,13 @@ def _sharded_layer_error(state: WholeModelConversion) -> SliceOutError:
         "their per-module gather never runs. Apply fully_shard to a module that contains them "
         f"(the model itself, or each block) rather than to the sliced layers ({sliced[:6]}...)."
     )
+
+
+def _bound(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments by name (what a keyword call is captured from)."""
+    signature = inspect.signature(type(module).forward)
+    bound = list(signature.bind(module, *args, **kwargs).arguments.items())
+    return dict(bound[1:])  # without `self`
 
 
 def _detached(inputs: Any, rows: int | None = None) -> Any:

@@ -2,9 +2,9 @@
 
 Both do what a SliceOut run needs from its trainer: a :class:`~sliceout_fx.SliceSchedule` (full
 width for the last fraction of the steps and one step in five, optionally a ramp at the start),
-an optional batch-norm re-estimation at the end, and the sampler state saved with every
-checkpoint and restored on resume, so a resumed run draws the slices the uninterrupted run would
-have drawn.
+an optional batch-norm re-estimation after the last step (before the trainer saves that step's
+checkpoint), and the sampler state saved with every checkpoint and restored on resume, so a
+resumed run draws the slices the uninterrupted run would have drawn.
 
 Importing this package imports neither library; each callback class imports its own on first use::
 

@@ -28,8 +28,13 @@ class SliceOutTrainerCallback(TrainerCallback):
             (see :class:`~sliceout_fx.SliceSchedule`).
         full_width_every: ``k >= 2`` trains every ``k``-th step at full width (default 5;
             0: only the last steps).
-        recalibrate_batches: at the end of training, re-estimate batch-norm running statistics
-            at full width on this many training batches (0: no re-estimation).
+        recalibrate_batches: after the last training step, re-estimate batch-norm running
+            statistics at full width on this many training batches (0: no re-estimation). It runs
+            in ``on_step_end`` of the step that ends training (``max_steps``, or a callback before
+            this one setting ``should_training_stop``), before that step's evaluation and
+            checkpoint, so the last checkpoint holds the re-estimated statistics; training stopped
+            in ``on_evaluate`` (early stopping) re-estimates them there if that callback comes
+            before this one, else at ``on_train_end``, after the checkpoint.
         resume_from: the checkpoint folder to restore the sampler from; by default the Trainer's
             ``output_dir/checkpoint-<step>`` of the step it resumes at.
 
@@ -54,8 +59,10 @@ class SliceOutTrainerCallback(TrainerCallback):
         self.recalibrate_batches = recalibrate_batches
         self.resume_from = resume_from
         self.schedule: SliceSchedule | None = None
+        self._recalibrated = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
+        self._recalibrated = False
         self.schedule = SliceSchedule(
             model,
             max(state.max_steps, 1),
@@ -76,6 +83,17 @@ class SliceOutTrainerCallback(TrainerCallback):
         if state.is_world_process_zero and os.path.isdir(folder):
             torch.save(sampler_state(model), os.path.join(folder, SAMPLER_FILE))
 
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        # The Trainer evaluates and saves the step's checkpoint after every on_step_end callback
+        # has run (DefaultFlowCallback, first in the list, has set should_training_stop and
+        # should_save at max_steps): re-estimating here puts the final statistics into them.
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            self._recalibrate(model, kwargs.get("train_dataloader"))
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        if control.should_training_stop:  # early stopping decides here, before the save
+            self._recalibrate(model, kwargs.get("train_dataloader"))
+
     def on_train_end(
         self,
         args: Any,
@@ -85,10 +103,15 @@ class SliceOutTrainerCallback(TrainerCallback):
         train_dataloader: Any = None,
         **kwargs: Any,
     ):
-        if self.recalibrate_batches and train_dataloader is not None:
-            device = next(model.parameters()).device
-            batches = _first(train_dataloader, self.recalibrate_batches, _model_inputs(device))
-            recalibrate_batch_norm(model, batches)
+        self._recalibrate(model, train_dataloader)  # training that stopped some other way
+
+    def _recalibrate(self, model: Any, train_dataloader: Any) -> None:
+        if not self.recalibrate_batches or self._recalibrated or train_dataloader is None:
+            return
+        self._recalibrated = True
+        device = next(model.parameters()).device
+        batches = _first(train_dataloader, self.recalibrate_batches, _model_inputs(device))
+        recalibrate_batch_norm(model, batches)
 
     def _restore(self, model: Any, args: Any, step: int) -> None:
         folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{step}")

@@ -29,8 +29,12 @@ class SliceOutLightningCallback(Callback):
         ramp_steps: over the first steps, the share of sliced steps rises from 0 to 1.
         full_width_every: ``k >= 2`` trains every ``k``-th step at full width (default 5;
             0: only the last steps).
-        recalibrate_batches: at the end of ``fit``, re-estimate batch-norm running statistics at
-            full width on this many training batches (0: no re-estimation).
+        recalibrate_batches: after the last training step, re-estimate batch-norm running
+            statistics at full width on this many training batches (0: no re-estimation). It runs
+            when the last batch of a run that ends at ``max_steps`` or ``max_epochs`` has ended,
+            before the validation and the ``ModelCheckpoint`` saves of that step, so the last
+            checkpoint holds the re-estimated statistics; a run stopped otherwise (early
+            stopping, ``max_time``) re-estimates them at ``on_train_end``, after its checkpoints.
         inputs_of: turns a training batch into the converted model's input (default: the first
             element of a tuple or list batch, else the batch itself).
     """
@@ -51,6 +55,7 @@ class SliceOutLightningCallback(Callback):
         self.schedule: SliceSchedule | None = None
         self._module: torch.nn.Module | None = None
         self._loaded: dict[str, Any] | None = None
+        self._recalibrated = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not conversions_in(pl_module):
@@ -61,6 +66,7 @@ class SliceOutLightningCallback(Callback):
         self._module = pl_module
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._recalibrated = False
         if self._loaded is not None:
             load_sampler_state(pl_module, self._loaded)
             self._loaded = None
@@ -85,9 +91,22 @@ class SliceOutLightningCallback(Callback):
         if self.schedule is not None:
             self.schedule.go_to(trainer.global_step)
 
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        # ModelCheckpoint's own hooks run after every other callback's (Lightning moves them to
+        # the end of the list), and validation after on_train_batch_end: re-estimating here puts
+        # the final statistics into the checkpoints and the validation of the last step.
+        if _last_training_batch(trainer):
+            self._recalibrate(trainer, pl_module)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self.recalibrate_batches:
+        self._recalibrate(trainer, pl_module)  # a run that stopped before its last step
+
+    def _recalibrate(self, trainer: Any, pl_module: Any) -> None:
+        if not self.recalibrate_batches or self._recalibrated:
             return
+        self._recalibrated = True
         converted = [m for m, _ in conversions_in(pl_module)]
         target = converted[0] if len(converted) == 1 else pl_module
         device = pl_module.device
@@ -105,6 +124,23 @@ class SliceOutLightningCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict.get("sampler")
+
+
+def _last_training_batch(trainer: Any) -> bool:
+    """Whether the batch that has just ended is the last one ``fit`` trains on.
+
+    ``fit`` stops when ``max_steps`` optimiser steps have run or when the last epoch's batches are
+    done (``max_epochs``; -1 or None: no limit). ``global_step`` already counts the step of this
+    batch; ``trainer.should_stop`` (early stopping) is left to ``on_train_end``.
+    """
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs < 0 or trainer.current_epoch + 1 < max_epochs:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return bool(progress.is_last_batch) or progress.current.ready == trainer.num_training_batches
 
 
 def _first_element(batch: Any) -> Any:
