@@ -129,30 +129,41 @@ def specialised_defaults(
     model: nn.Module, example_inputs: Any, concrete_args: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """``concrete_args`` plus every ``forward`` argument that ``example_inputs`` leaves out (or
-    passes as ``None``) and that has a constant default (``None``, a flag, a number, a string).
+    passes as ``None``) and that has a constant default (``None``, a flag, a number, a string),
+    and every flag, integer or string the example passes, at the value it passes.
 
     Traced as proxies, ``mask=None`` would take the ``if mask is not None`` branch (the graph
     would compute with a mask the model is never given) and ``is_causal=False`` could not be
-    tested at all. Specialised, they take the branch the example takes, and a later call that
-    passes another value fails with fx's own assertion.
+    tested at all. Specialised, they take the branch the example takes; a later call that passes
+    another value is seen by the conversion's guards (:class:`CapturedCall`) and captured again.
+    Floats stay graph inputs: they are values to compute with, rarely switches.
     """
     try:
         params = list(inspect.signature(type(model).forward).parameters.values())[1:]
     except (TypeError, ValueError):
         return concrete_args
     if isinstance(example_inputs, dict):
-        given = {k for k, v in example_inputs.items() if v is not None}
+        values = dict(example_inputs)
     elif example_inputs is None:
-        given = {params[0].name} if params else set()
+        values = {params[0].name: _PROXIED} if params else {}
     else:
-        given = {p.name for p, v in zip(params, example_inputs) if v is not None}  # noqa: B905
+        values = {p.name: v for p, v in zip(params, example_inputs)}  # noqa: B905
     concrete = dict(concrete_args or {})
     for param in params:
         named = param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-        constant = param.default is None or isinstance(param.default, (bool, int, float, str))
-        if named and constant and param.name not in given and param.name not in concrete:
-            concrete[param.name] = param.default
+        if not named or param.name in concrete:
+            continue
+        value = values.get(param.name)
+        if value is None:
+            constant = param.default is None or isinstance(param.default, (bool, int, float, str))
+            if constant:
+                concrete[param.name] = param.default
+        elif isinstance(value, (bool, int, str)) and type(value) is not float:
+            concrete[param.name] = value
     return concrete or None
+
+
+_PROXIED = object()  # the guessed first input: traced, whatever it is
 
 
 def trace(

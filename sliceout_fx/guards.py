@@ -299,7 +299,9 @@ class CaptureGuards:
         self, root: nn.Module, args: tuple = (), kwargs: Mapping | None = None
     ) -> str | None:
         """``None`` if the capture's assumptions still hold, else what changed (for the log)."""
-        if self.serial != RemovableHandle.next_id:
+        # Under torch.compile the serial is not read: dynamo would guard on it, and compiled
+        # steps register tensor hooks of their own, so it would recompile at every step.
+        if not torch.compiler.is_compiling() and self.serial != RemovableHandle.next_id:
             hooked = set(hooked_modules(root))
             new = sorted(hooked - self.hooked)
             if new:

@@ -124,11 +124,9 @@ class Conversion:
         self.fallback = None
         if self.changes:  # the module tree changed: earlier captures describe another model
             self.variants = []
+        overrides = self.capture_overrides(module)  # the user's values, before capturing()
         try:
-            with (
-                self.capturing(module),
-                recording_reads(module, self.capture_overrides(module)) as reads,
-            ):
+            with self.capturing(module), recording_reads(module, overrides) as reads:
                 self.build(module, args, kwargs)
         except Exception as error:
             if not self.changes:

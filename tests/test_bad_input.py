@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sliceout_fx
-from sliceout_fx import SliceOutConfigError, UntraceableModelError
+from sliceout_fx import SliceOutConfigError, SliceOutError, UntraceableModelError
 from tests.helpers import assert_sliced_matches_mask
 from tests.models import mlp
 
@@ -174,3 +174,97 @@ def test_subclass_with_its_own_forward_is_not_treated_as_its_base():
     assert "ScaledLinear" in converted.report.skipped[0].reason
     # Traced through (the default for user modules), it is F.linear and a multiply: sliced.
     assert_sliced_matches_mask(model, (torch.randn(5, 4),), p=0.5)
+
+
+def _wrapped(kind: str, model: nn.Module) -> nn.Module:
+    if kind == "DataParallel":
+        return nn.DataParallel(model)
+    if kind == "torch.jit.script":
+        return torch.jit.script(model)
+    if kind == "torch.jit.trace":
+        return torch.jit.trace(model.eval(), torch.randn(3, 12))
+    return torch.compile(model)  # compiled on its first call only
+
+
+#: What each refusal names: the wrapper, and the fix (convert first, then wrap).
+_FIXES = {
+    "DataParallel": r"DataParallel wrapper: convert the module it wraps \(its \.module\) first, "
+    r"then wrap the converted model: DataParallel\(sliceout_fx\.convert\(model",
+    "torch.jit.script": r"TorchScript module \(RecursiveScriptModule.*not supported as input: "
+    "convert the eager nn.Module",
+    "torch.jit.trace": r"TorchScript module \(TopLevelTracedModule.*not supported as input: "
+    "convert the eager nn.Module",
+    "torch.compile": r"torch\.compile wrapper \(OptimizedModule\): convert the module it "
+    r"compiles \(its \._orig_mod\) first, then compile the converted model",
+}
+
+
+def _assert_untouched(wrapped: nn.Module, kind: type, state: dict[str, torch.Tensor]) -> None:
+    assert type(wrapped) is kind
+    assert not any(isinstance(m, sliceout_fx.SliceOutModule) for m in wrapped.modules())
+    assert wrapped.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in wrapped.state_dict().items())
+
+
+@pytest.mark.parametrize("wrapper", list(_FIXES))
+@pytest.mark.parametrize("entry", ["convert", "explain"])
+def test_wrapped_models_are_refused_with_the_fix(wrapper, entry):
+    """A DataParallel, TorchScript or torch.compile wrapper is a SliceOutError that says what to
+    convert instead, raised before the model is copied or changed (inplace=True too)."""
+    torch.manual_seed(0)
+    wrapped = _wrapped(wrapper, mlp())
+    kind, state = type(wrapped), copy.deepcopy(wrapped.state_dict())
+    options = {"inplace": True} if entry == "convert" else {}
+    with pytest.raises(SliceOutError, match=_FIXES[wrapper]):
+        getattr(sliceout_fx, entry)(wrapped, p=0.5, **options)
+    _assert_untouched(wrapped, kind, state)
+
+
+def test_data_parallel_of_the_converted_model_trains():
+    """The fix the refusal names: convert the inner module, then wrap it."""
+    torch.manual_seed(0)
+    model = nn.DataParallel(sliceout_fx.convert(mlp(), p=0.5, seed=0)).train()
+    model(torch.randn(4, 12)).sum().backward()
+    assert model.module.sliceout_sampler.host_steps == 1
+
+
+def test_distributed_data_parallel_is_refused_with_the_fix():
+    """DDP around the plain model (a one-process gloo group): refused, untouched; DDP around the
+    converted model, as the message says, trains."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tests.helpers import free_port
+
+    assert not dist.is_initialized()
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        plain = mlp()
+        ddp = nn.parallel.DistributedDataParallel(plain)
+        state = copy.deepcopy(ddp.state_dict())
+        fix = (
+            r"DistributedDataParallel wrapper: convert the module it wraps \(its \.module\) "
+            r"first, then wrap the converted model: DistributedDataParallel\(sliceout_fx\.convert"
+        )
+        for entry in (sliceout_fx.convert, sliceout_fx.explain):
+            with pytest.raises(SliceOutError, match=fix):
+                entry(ddp, p=0.5)
+        _assert_untouched(ddp, nn.parallel.DistributedDataParallel, state)
+        assert type(ddp.module) is nn.Sequential
+
+        converted = nn.parallel.DistributedDataParallel(sliceout_fx.convert(plain, p=0.5, seed=0))
+        converted.train()
+        converted(torch.randn(4, 12)).sum().backward()
+        assert converted.module.sliceout_sampler.host_steps == 1
+    finally:
+        dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -227,6 +227,21 @@ def test_readme_blocks_each_assert_something():
         assert block.executed and "assert " in block.code, f"README block at line {block.line}"
 
 
+def test_readme_status_states_the_limits_the_code_has():
+    """The Status section's limits are the ones the tests find: ``torch.save(model)`` of a
+    converted model works (test_user_model.py's round trip) and double backward works except
+    through the pass's once-differentiable backward functions, above the block size the code
+    uses (test_pytorch_interop.py's double backward tests)."""
+    from sliceout_fx.ops import NATIVE_BLOCK_LIMIT
+
+    status = " ".join(README.read_text(encoding="utf-8").split("## Status", 1)[1].split())
+    assert "`torch.save` of a whole converted module is not supported" not in status
+    assert "does not support double backward" not in status
+    assert "Double backward (`create_graph=True`" in status
+    assert f"live weight block holds {NATIVE_BLOCK_LIMIT:,} weights or more" in status
+    assert "`capturable=True` conversion" in status
+
+
 def test_the_block_extractor_follows_the_convention(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(

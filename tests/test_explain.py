@@ -61,3 +61,39 @@ def test_convert_of_the_paper_mlp_takes_well_under_a_second():
     start = time.perf_counter()
     sliceout_fx.convert(model, p=0.5)
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(p=0.9),
+        dict(p=0.3),  # the conversion's own rate: still an option the report would ignore
+        dict(sites="all"),
+        dict(placement="immediate"),
+        dict(example_inputs=torch.randn(2, 8)),
+    ],
+    ids=lambda options: "-".join(options),
+)
+def test_explain_of_a_converted_model_refuses_options(options):
+    """A converted model's report is its own conversion's: options would be ignored, so they are
+    an error that says where to try them; without options the report is returned as before."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    converted = sliceout_fx.convert(model, p=0.3)
+    with pytest.raises(sliceout_fx.SliceOutConfigError) as error:
+        sliceout_fx.explain(converted, **options)
+    message = str(error.value)
+    assert "returned without options" in message
+    assert "explain the unconverted model" in message and "to_original(" in message
+    assert all(name in message for name in options)
+
+    report = sliceout_fx.explain(converted)
+    assert [(s.name, s.p) for s in report.sites] == [("2", 0.3)]
+    # The two ways the message names: the model converted, and a plain copy of the converted one
+    plain = sliceout_fx.to_original(copy.deepcopy(converted))
+    for unconverted in (model, plain):
+        again = sliceout_fx.explain(unconverted, **options)
+        assert [s.name for s in again.sites] == ["2"]
+    assert isinstance(converted, sliceout_fx.SliceOutModule)  # the copy was restored, not it

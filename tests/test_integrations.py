@@ -365,8 +365,9 @@ def test_hf_trainer_recalibrates_batch_norm(tmp_path):
     from sliceout_fx.integrations import SliceOutTrainerCallback
 
     class Witness(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            self.seen = _RecalibrationWitness(model)
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == state.max_steps:
+                self.seen = _RecalibrationWitness(model)
 
     torch.manual_seed(0)
     x, y = _images(40)
@@ -374,7 +375,7 @@ def test_hf_trainer_recalibrates_batch_norm(tmp_path):
         sliceout_fx.convert(_small_cnn(), p=0.5, seed=0, example_inputs=x[:BATCH])
     )
     rows = [{"pixel_values": xi, "labels": yi} for xi, yi in zip(x, y, strict=True)]
-    witness = Witness()  # before the SliceOut callback: its on_train_end runs first
+    witness = Witness()  # before the SliceOut callback: its on_step_end runs first
     _hf_train(
         model,
         tmp_path,
@@ -385,6 +386,41 @@ def test_hf_trainer_recalibrates_batch_norm(tmp_path):
     )
     batches = [{"pixel_values": x[i : i + BATCH]} for i in range(0, 3 * BATCH, BATCH)]
     witness.seen.assert_recalibrated(model, batches)
+
+
+def _assert_batch_norm_saved(saved: dict[str, torch.Tensor], model: nn.Module, prefix: str = ""):
+    """``saved`` (a checkpoint's state dict) holds ``model``'s batch-norm statistics exactly, and
+    they are the re-estimated ones (3 batches tracked, not a training run's count)."""
+    stats = _batch_norm_stats(model)
+    assert stats
+    for key, value in stats.items():
+        assert torch.equal(saved[prefix + key], value), key
+        if key.endswith("num_batches_tracked"):
+            assert int(value) == 3, key
+
+
+def test_hf_trainer_last_checkpoint_holds_the_recalibrated_batch_norm(tmp_path):
+    """The checkpoint of the last step (save_strategy="steps") is written after the batch-norm
+    re-estimation: it holds the final model's running statistics, not training's."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from sliceout_fx.integrations import SliceOutTrainerCallback
+
+    torch.manual_seed(0)
+    x, y = _images(40)
+    model = _ImageClassifier(
+        sliceout_fx.convert(_small_cnn(), p=0.5, seed=0, example_inputs=x[:BATCH])
+    )
+    rows = [{"pixel_values": xi, "labels": yi} for xi, yi in zip(x, y, strict=True)]
+    callback = SliceOutTrainerCallback(recalibrate_batches=3)
+    _hf_train(model, tmp_path, [callback], data=rows, save_strategy="steps")
+    last = tmp_path / f"checkpoint-{STEPS}"
+    if (last / "model.safetensors").is_file():
+        saved = load_file(last / "model.safetensors")
+    else:
+        saved = torch.load(last / "pytorch_model.bin", weights_only=True)
+    _assert_batch_norm_saved(saved, model)
 
 
 # -- lightning.Trainer -------------------------------------------------------------------------
@@ -434,8 +470,17 @@ def _lit_setup(seed: int | None):
     return _lit_module(net), loader
 
 
-def _lit_fit(module, loader, dirpath: Path, callbacks: list, ckpt_path: Path | None = None):
+def _lit_fit(
+    module,
+    loader,
+    dirpath: Path,
+    callbacks: list,
+    ckpt_path: Path | None = None,
+    **checkpoint_options,
+):
     """``fit`` for STEPS steps with a checkpoint every SAVE_AT steps; returns the trainer.
+
+    ``checkpoint_options`` go to the ``ModelCheckpoint`` (``save_last=True``, say).
 
     ``deterministic=True`` switches torch's deterministic algorithms on for the process; they are
     switched back afterwards, as are the environment variables Lightning sets.
@@ -451,7 +496,9 @@ def _lit_fit(module, loader, dirpath: Path, callbacks: list, ckpt_path: Path | N
     )
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     env = dict(os.environ)
-    checkpoints = ModelCheckpoint(dirpath=dirpath, every_n_train_steps=SAVE_AT, save_top_k=-1)
+    checkpoints = ModelCheckpoint(
+        dirpath=dirpath, every_n_train_steps=SAVE_AT, save_top_k=-1, **checkpoint_options
+    )
     trainer = lightning.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
@@ -591,12 +638,28 @@ def test_lightning_recalibrates_batch_norm(tmp_path):
     from sliceout_fx.integrations import SliceOutLightningCallback
 
     class Witness(Callback):
-        def on_train_end(self, trainer, pl_module):
-            self.seen = _RecalibrationWitness(pl_module.net)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == STEPS:
+                self.seen = _RecalibrationWitness(pl_module.net)
 
     module, loader = _lit_setup(seed=0)
-    witness = Witness()  # before the SliceOut callback: its on_train_end runs first
+    witness = Witness()  # before the SliceOut callback: its on_train_batch_end runs first
     callback = SliceOutLightningCallback(recalibrate_batches=3)
     _lit_fit(module, loader, tmp_path, [witness, callback])
     x, _ = _images(LIT_ROWS)
     witness.seen.assert_recalibrated(module.net, [x[i : i + BATCH] for i in range(0, 12, BATCH)])
+
+
+def test_lightning_last_checkpoint_holds_the_recalibrated_batch_norm(tmp_path):
+    """The last checkpoints (save_last=True and the step-20 one) are written after the batch-norm
+    re-estimation: they hold the final model's running statistics, not training's."""
+    pytest.importorskip("lightning")
+    from sliceout_fx.integrations import SliceOutLightningCallback
+
+    module, loader = _lit_setup(seed=0)
+    callback = SliceOutLightningCallback(recalibrate_batches=3)
+    _lit_fit(module, loader, tmp_path, [callback], save_last=True)
+    (at_step,) = tmp_path.glob(f"*step={STEPS}.ckpt")
+    for path in (tmp_path / "last.ckpt", at_step):
+        saved = torch.load(path, weights_only=False)["state_dict"]
+        _assert_batch_norm_saved(saved, module.net, prefix="net.")

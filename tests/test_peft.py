@@ -148,3 +148,39 @@ def test_the_lora_rank_is_a_site_only_when_named():
     rank = "blocks.0.mlp.fc1.lora_A.default"
     named = sliceout_fx.explain(vit, p=0.5, sites=[rank], example_inputs=(IMAGES,))
     assert [s.name for s in named.sites] == [rank] and named.sites[0].units == 4
+
+
+@pytest.mark.parametrize("order", ["peft-first", "convert-first"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_merging_before_to_original_trains_like_the_masked_reference(name, order):
+    """``merge_and_unload`` on the converted PEFT model, without ``to_original`` first: the merged
+    layers replace the LoRA ones, the conversion analyses the changed model again (same sites),
+    evaluates as before the merge and, once its base weights are unfrozen, trains as the masked
+    reference does. The weights come out of the merge frozen, as PEFT leaves them with or without
+    SliceOut: a training step before ``requires_grad_`` has nothing to differentiate."""
+    make, targets, _ = CASES[name]
+    plain = peft.get_peft_model(make(), _lora(targets)).merge_and_unload()
+    assert not any(p.requires_grad for p in plain.parameters())  # PEFT's own frozen base
+
+    runs = {}
+    for mode in ("slice", "mask"):
+        model = _build(name, order, mode)
+        _step(name, model, 0)
+        sites = [s.name for s in sliceout_fx.explain(model).sites]
+        model.eval()
+        with torch.no_grad():
+            before = _loss(name, model)
+        merged = model.merge_and_unload()
+        assert conversions_in(merged)
+        assert not any("lora" in n for n, _ in merged.named_modules())
+        assert not any(p.requires_grad for p in merged.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(_loss(name, merged.eval()), before)
+        merged.requires_grad_(True)
+        runs[mode] = [_step(name, merged, seed) for seed in (1, 2)]
+        assert [s.name for s in sliceout_fx.explain(merged).sites] == sites
+    for (loss_s, grads_s), (loss_m, grads_m) in zip(runs["slice"], runs["mask"], strict=True):
+        torch.testing.assert_close(loss_s, loss_m)
+        assert grads_s.keys() == grads_m.keys() == dict(merged.named_parameters()).keys()
+        for key in grads_s:
+            torch.testing.assert_close(grads_s[key], grads_m[key], msg=key)

@@ -469,3 +469,63 @@ def test_training_on_the_meta_device(make, shape, options):
     out.sum().backward()
     for name, p in converted.named_parameters():
         assert p.grad is not None and p.grad.shape == p.shape, name
+
+
+# -- double backward -----------------------------------------------------------------------------
+
+
+def _gradient_penalty_grads(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One training call: the parameters' gradients of ``loss``, and of ``loss + |d loss / d
+    params|^2`` taken through the first-order gradients' own graph (``create_graph=True``)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    out = model(x)
+    loss = (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum()
+    params = dict(model.named_parameters())
+    first = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    (loss + sum(g.pow(2).sum() for g in first)).backward()
+    return (
+        {n: g.detach().clone() for n, g in zip(params, first, strict=True)},
+        {n: p.grad.clone() for n, p in params.items()},
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"), [(_mlp, (6, 12)), (ConvChain, (2, 3, 8, 8))], ids=["mlp", "cnn"]
+)
+def test_double_backward_matches_the_masked_reference(make, shape):
+    """A gradient penalty trains through the sliced graph: the first- and second-order gradients
+    equal the masked full-width reference's (same draws), are finite, and the second-order part
+    reaches every weight."""
+    sliced, masked = convert_pair(make().double(), p=0.5)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (first, got), (first_ref, want) = (
+        _gradient_penalty_grads(sliced, x),
+        _gradient_penalty_grads(masked, x),
+    )
+    assert sliced.sliceout_sampler.last_starts() == masked.sliceout_sampler.last_starts()
+    assert got.keys() == want.keys() == first.keys()
+    for name in want:
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(first[name], first_ref[name], atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(got[name], want[name], atol=1e-10, rtol=1e-8, msg=name)
+    weights = [n for n in got if n.endswith("weight")]
+    assert weights and all((got[n] - first[n]).abs().sum() > 0 for n in weights)
+
+
+@pytest.mark.parametrize(
+    ("width", "options"),
+    [(512, {}), (32, {"capturable": True})],
+    ids=["block-of-65536-weights", "capturable"],
+)
+def test_double_backward_through_a_custom_backward_is_refused(width, options):
+    """The limit README's Status names: a sliced linear whose live block holds 65,536 weights or
+    more, and every sliced linear of a capturable conversion, run a backward of their own that
+    is differentiable once; a second differentiation is torch's error, not a wrong gradient."""
+    model = sliceout_fx.convert(_mlp(width=width), p=0.5, seed=0, **options)
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        _gradient_penalty_grads(model, x)
