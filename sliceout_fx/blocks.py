@@ -95,13 +95,17 @@ def record_calls(
 ) -> dict[str, tuple[tuple, dict[str, Any]]]:
     """Run ``model`` once in training mode and keep the first call of every block."""
     calls: dict[str, tuple[tuple, dict[str, Any]]] = {}
-    hooks = []
-    for name, block in blocks:
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+    def recorder(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             calls.setdefault(name, (args, kwargs))
 
-        hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        return hook
+
+    # The user's hooks run in this real call (a sharding wrapper's gather is one of them).
+    hooks = [
+        block.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, block in blocks
+    ]
     try:
         with module_stack(model) as stack, untouched(model, training=True):
             try:

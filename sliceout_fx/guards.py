@@ -158,11 +158,16 @@ def call_with_hooks(
             values[index] = getattr(module, name)
         return op(*values, **kwargs)
 
-    module.__dict__["forward"] = forward
+    own = module.__dict__
+    previous = own.get("forward", _MISSING)  # an instance forward of someone else's (accelerate)
+    own["forward"] = forward
     try:
         return module(*inputs)
     finally:
-        del module.__dict__["forward"]
+        if previous is _MISSING:
+            del own["forward"]
+        else:
+            own["forward"] = previous
 
 
 @functools.cache

@@ -13,6 +13,11 @@ plain model and the recipe) or stale: a submodule, or a parameter or buffer of a
 registered anywhere inside the converted tree (PEFT adapters, a new head, parametrizations).
 Staleness is detected with PyTorch's global registration hooks, so a training step pays one
 boolean test instead of a walk of the module tree.
+
+What a capture read from the model in Python (hooks, flags, the call's arguments, input sizes a
+loop was unrolled for) is guarded (:mod:`sliceout_fx.guards`): every training call checks it, and a
+change switches to an earlier capture that fits, captures again, or - where the change cannot be
+sliced - trains at full width with the model's own forward after one warning.
 """
 
 from __future__ import annotations
@@ -471,7 +476,7 @@ def plain_state(module: nn.Module) -> dict[str, Any]:
     """``module.__dict__`` without what a conversion added (its state, sampler and hooks)."""
     state = {k: v for k, v in module.__dict__.items() if k not in (_STATE, SAMPLER_NAME)}
     state["_forward_pre_hooks"] = type(module._forward_pre_hooks)(
-        (k, h) for k, h in module._forward_pre_hooks.items() if not getattr(h, _OWN_HOOK, False)
+        (k, h) for k, h in module._forward_pre_hooks.items() if not getattr(h, OWN_HOOK, False)
     )
     return state
 
@@ -491,18 +496,17 @@ def _restore(cls: type, state: dict[str, Any], recipe: dict[str, Any]) -> nn.Mod
 
 # -- hooks the conversion adds to the module ---------------------------------------------------
 
-_OWN_HOOK = OWN_HOOK
 
 
 def own_hook(fn: Any) -> Any:
     """Mark a hook function as the conversion's, so copies and ``to_original`` drop it."""
-    setattr(fn, _OWN_HOOK, True)
+    setattr(fn, OWN_HOOK, True)
     return fn
 
 
 def _remove_own_hooks(module: nn.Module) -> None:
     for key, hook in list(module._forward_pre_hooks.items()):
-        if getattr(hook, _OWN_HOOK, False):
+        if getattr(hook, OWN_HOOK, False):
             del module._forward_pre_hooks[key]
 
 
@@ -511,19 +515,6 @@ def replaced_modules(gm: fx.GraphModule, full: fx.GraphModule) -> list[str]:
     kept = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     called = [str(n.target) for n in full.graph.nodes if n.op == "call_module"]
     return [name for name in dict.fromkeys(called) if name not in kept]
-
-
-def hooked_modules(gm: fx.GraphModule, full: fx.GraphModule, root: nn.Module) -> list[str]:
-    """Replaced modules (:func:`replaced_modules`) with forward hooks: hooks they will miss."""
-    names = []
-    for name in replaced_modules(gm, full):
-        try:
-            sub = root.get_submodule(name)
-        except AttributeError:
-            continue
-        if sub._forward_hooks or sub._forward_pre_hooks:
-            names.append(name)
-    return names
 
 
 # -- change detection --------------------------------------------------------------------------

@@ -26,10 +26,11 @@ from .capture import (
 )
 from .config import SliceOutConfig
 from .errors import SliceOutError
-from .guards import hooked_modules, hooks_suppressed
+from .guards import hooked_modules
 from .module import Conversion, own_hook, replaced_modules
 from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
 from .sampling import SAMPLER_NAME
+from .sites import SkippedSite
 
 if TYPE_CHECKING:
     from .api import Analysis
@@ -78,14 +79,24 @@ class WholeModelConversion(Conversion):
         if hooked:
             config = replace(config, leaf_modules=(*config.leaf_modules, *hooked))
         concrete = self.concrete_args
-        with hooks_suppressed(module):
-            if inputs is not None:
-                # A failure is the model's own error on these inputs, not fx interpreter text.
-                check_example_call(module, inputs, concrete)
-            concrete = specialised_defaults(module, inputs, concrete)
-            if inputs is not None:
-                inputs = positional_inputs(module, inputs, concrete)  # the graph's order
-            analysis = analyse(module, config, inputs, concrete_args=concrete)
+        if inputs is not None:
+            # A failure is the model's own error on these inputs, not fx interpreter text. The
+            # hooks run in this real call (a sharding wrapper's gather is one of them); tracing
+            # does not call the hooked modules, which are leaves.
+            check_example_call(module, inputs, concrete)
+        concrete = specialised_defaults(module, inputs, concrete)
+        if inputs is not None:
+            inputs = positional_inputs(module, inputs, concrete)  # the graph's order
+        analysis = analyse(module, config, inputs, concrete_args=concrete)
+        analysis.report.skipped += [
+            SkippedSite(
+                name,
+                "kept whole while it has hooks: they fire on a call of the module, so its "
+                "inside is not traced (hooks on single layers fire around their sliced ops)",
+            )
+            for name, sub in hooked.items()
+            if next(sub.children(), None) is not None
+        ]
         if analysis.train_gm.meta.get(CHECKPOINTED):
             self.fall_back(
                 "its forward calls torch.utils.checkpoint (gradient checkpointing is on), and "

@@ -88,7 +88,8 @@ def _mlp_case(seed: int) -> tuple[dict[str, Step], dict[str, Any]]:
         return F.cross_entropy(m(x), y)
 
     steps = {"dropout": _adamw_step(model, loss), "sliceout": _adamw_step(sliced, loss)}
-    return steps, {"model": "MLP 784-64-64-64-10", "batch": 8, "p": 0.5}
+    info = {"model": "MLP 784-64-64-64-10", "batch": 8, "p": 0.5}
+    return steps, info, _guard_check(sliced, (x,), {})
 
 
 def _gpt2_case(seed: int) -> tuple[dict[str, Step], dict[str, Any]]:
@@ -112,11 +113,31 @@ def _gpt2_case(seed: int) -> tuple[dict[str, Step], dict[str, Any]]:
 
     steps = {"dropout": _adamw_step(model, loss), "sliceout": _adamw_step(sliced, loss)}
     info = {"model": "GPT-2 width 64, 2 layers, 4 heads", "batch": 2, "sequence": 16, "p": p}
-    return steps, info
+    return steps, info, _guard_check(sliced, (), batch)
 
 
-def overhead_cases() -> dict[str, Callable[[int], tuple[dict[str, Step], dict[str, Any]]]]:
-    """The workloads of ``bench overhead``: name -> builder of ``({variant: step}, info)``."""
+def _guard_check(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Step:
+    """The capture-guard checks one training step of ``model`` makes (every converted part).
+
+    A converted layer's guards read no call arguments; the whole-model (fx) guard reads the
+    model's own call, which is ``args``/``kwargs``.
+    """
+    from sliceout_fx.module import conversions_in
+
+    parts = [(m, s, args if s.kind == "whole" else (), kwargs if s.kind == "whole" else {})
+             for m, s in conversions_in(model)]  # fmt: skip
+
+    def check() -> None:
+        for module, state, a, k in parts:
+            if not state.ready(module, a, k):
+                raise RuntimeError("the guard check must not change the conversion")
+
+    return check
+
+
+def overhead_cases() -> dict[str, Callable[[int], tuple[dict[str, Step], dict[str, Any], Step]]]:
+    """The workloads of ``bench overhead``: name -> builder of ``({variant: step}, info,
+    guard_check)``, the last the capture-guard checks of one SliceOut step."""
     return {"mlp": _mlp_case, "gpt2": _gpt2_case}
 
 
@@ -133,10 +154,12 @@ class OverheadResult:
     time_ratio_q25: float
     time_ratio_q75: float
     extra_ops: dict[str, int]  # op name -> SliceOut count minus dropout count (non-zero only)
+    guard_us: float = 0.0  # host time of one step's capture-guard checks, microseconds
+    guard_share: float = 0.0  # guard_us over the SliceOut step's host time
 
 
 def _measure(name: str, build, seed: int, repeats: int, warmup: int, calls: int) -> OverheadResult:
-    steps, info = build(seed)
+    steps, info, guard_check = build(seed)
     for step in steps.values():  # first calls export, allocate optimizer state...
         for _ in range(3):
             step()
@@ -154,6 +177,8 @@ def _measure(name: str, build, seed: int, repeats: int, warmup: int, calls: int)
     names = set(ops["dropout"]) | set(ops["sliceout"])
     extra = {n: ops["sliceout"][n] - ops["dropout"][n] for n in sorted(names)}
     total_d, total_s = sum(ops["dropout"].values()), sum(ops["sliceout"].values())
+    guard_us = _guard_microseconds(guard_check)
+    step_us = 1e6 * statistics.median(times["sliceout"]) / calls
     return OverheadResult(
         workload=name,
         info=info,
@@ -164,13 +189,28 @@ def _measure(name: str, build, seed: int, repeats: int, warmup: int, calls: int)
         time_ratio_q25=quantile(ratios, 0.25),
         time_ratio_q75=quantile(ratios, 0.75),
         extra_ops={n: d for n, d in extra.items() if d},
+        guard_us=guard_us,
+        guard_share=guard_us / step_us,
     )
+
+
+def _guard_microseconds(check: Step, calls: int = 2000, rounds: int = 7) -> float:
+    """Median over ``rounds`` of the mean time of one ``check()`` call, in microseconds."""
+    import time
+
+    means = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            check()
+        means.append((time.perf_counter() - start) / calls)
+    return 1e6 * statistics.median(means)
 
 
 def format_overhead(results: list[OverheadResult]) -> str:
     """A markdown table of :func:`run_overhead`'s results."""
     header = ["workload", "ATen ops / step, dropout", "SliceOut", "op ratio",
-              "host time ratio (IQR)"]  # fmt: skip
+              "host time ratio (IQR)", "guard checks / step"]  # fmt: skip
     rows = [
         [
             f"{r.workload}: {r.info['model']}",
@@ -178,6 +218,7 @@ def format_overhead(results: list[OverheadResult]) -> str:
             str(r.ops_sliceout),
             f"{r.op_ratio:.2f}",
             f"{r.time_ratio:.3f} ({r.time_ratio_q25:.3f}-{r.time_ratio_q75:.3f})",
+            f"{r.guard_us:.1f} us ({100 * r.guard_share:.2f}% of the step)",
         ]
         for r in results
     ]
