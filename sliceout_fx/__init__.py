@@ -23,6 +23,7 @@ from .errors import (
     ShapeInferenceError,
     SliceOutConfigError,
     SliceOutError,
+    UnsupportedModelError,
     UntraceableModelError,
 )
 from .module import SliceOutModule
@@ -43,6 +44,7 @@ __all__ = [
     "SliceOutError",
     "SliceOutModule",
     "SliceSchedule",
+    "UnsupportedModelError",
     "UntraceableModelError",
     "analyse",
     "analyse_blocks",

@@ -355,7 +355,7 @@ def analyse_blocks(
     calls = record_calls(model, blocks, example_inputs)
     found = []
     for name, block in blocks:
-        with recording_reads(block) as reads:
+        with recording_reads(block, [(block, "gradient_checkpointing")]) as reads:
             exported = export_call(block, *calls[name], training=True)
         analysis = _analyse(exported, name, block, configs[name])
         found.append(BlockAnalysis(name, block, exported, analysis, configs[name], reads))

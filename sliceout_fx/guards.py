@@ -34,7 +34,7 @@ import contextlib
 import enum
 import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "hook_serial",
     "hooked_modules",
     "hooks_suppressed",
+    "without_hooks_if_possible",
     "recording_reads",
 ]
 
@@ -136,6 +137,23 @@ def hooks_suppressed(root: nn.Module) -> Iterator[None]:
             hooks.update(items)
 
 
+def without_hooks_if_possible(root: nn.Module, run: Any) -> Any:
+    """``run()`` with the hooks inside ``root`` suppressed, or, if it fails so, with them.
+
+    Capturing runs the model on example inputs; the user's hooks (logging, monitoring) should not
+    see those calls. Some hooks are part of the computation, though - FSDP2 gathers a sharded
+    layer's weights in its forward-pre hook - and without them the model cannot run: then the
+    capture runs with every hook, as the model's own call would.
+    """
+    if not hooked_modules(root):
+        return run()
+    try:
+        with hooks_suppressed(root):
+            return run()
+    except Exception:  # noqa: BLE001 - retried with the hooks, which raises the real error
+        return run()
+
+
 @torch.compiler.disable
 def call_with_hooks(
     module: nn.Module, op: Any, lazy: tuple[tuple[int, str], ...], *args: Any, **kwargs: Any
@@ -199,9 +217,9 @@ def _guardable(value: Any) -> bool:
 class _Reads:
     """Attribute reads seen during a capture: ``(module, name) -> value``."""
 
-    def __init__(self, modules: set[int], overrides: Mapping[tuple[int, str], Any]) -> None:
+    def __init__(self, modules: set[int], ignored: set[tuple[int, str]]) -> None:
         self.modules = modules
-        self.overrides = overrides
+        self.ignored = ignored
         self.seen: dict[tuple[int, str], tuple[nn.Module, str, Any]] = {}
 
 
@@ -213,10 +231,11 @@ def _recording_getattribute(self: Any, name: str) -> Any:
     if _RECORDING and name not in _MODULE_INTERNALS and not name.startswith("__"):
         reads = _RECORDING[-1]
         key = (id(self), name)
-        if key not in reads.seen and id(self) in reads.modules and _guardable(value):
+        new = key not in reads.seen and key not in reads.ignored
+        if new and id(self) in reads.modules and _guardable(value):
             own = object.__getattribute__(self, "__dict__")
             if name in own or _plain_class_attribute(type(self), name, value):
-                reads.seen[key] = (self, name, reads.overrides.get(key, value))
+                reads.seen[key] = (self, name, value)
     return value
 
 
@@ -238,18 +257,15 @@ def _current(module: nn.Module, name: str) -> Any:
 
 @contextlib.contextmanager
 def recording_reads(
-    root: nn.Module, overrides: Mapping[tuple[nn.Module, str], Any] | None = None
+    root: nn.Module, ignored: Iterable[tuple[nn.Module, str]] = ()
 ) -> Iterator[_Reads]:
     """Record the plain-valued instance attributes of ``root``'s modules read inside the block.
 
-    ``overrides`` gives the user's values of attributes the capture sets for itself (a layer's
-    ``gradient_checkpointing`` switched off while it is exported): those are what the guard must
-    compare with, not the capture's own.
+    ``ignored``: attributes the capture sets for itself (a layer's ``gradient_checkpointing``,
+    switched off while it is exported, since the converted layer is checkpointed as a whole):
+    the graph does not depend on the user's value, so it is not guarded.
     """
-    reads = _Reads(
-        {id(m) for m in root.modules()},
-        {(id(m), n): v for (m, n), v in (overrides or {}).items()},
-    )
+    reads = _Reads({id(m) for m in root.modules()}, {(id(m), name) for m, name in ignored})
     installed = "__getattribute__" in nn.Module.__dict__
     if not installed:
         nn.Module.__getattribute__ = _recording_getattribute  # type: ignore[method-assign]

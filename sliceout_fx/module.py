@@ -94,10 +94,9 @@ class Conversion:
         """What the front end's graphs were specialised on: ``(args, kwargs) -> reason | None``."""
         return []
 
-    def capture_overrides(self, module: nn.Module) -> dict[tuple[nn.Module, str], Any]:
-        """Attributes :meth:`capturing` sets for the capture, with the user's values."""
-        value = module.__dict__.get("gradient_checkpointing", _ABSENT)
-        return {} if value is _ABSENT else {(module, "gradient_checkpointing"): value}
+    def capture_settings(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Attributes :meth:`capturing` sets for the capture itself: not guarded."""
+        return [(module, "gradient_checkpointing")]
 
     def recipe(self) -> dict[str, Any]:
         """Everything needed to rebuild this conversion on a copy of the plain module."""
@@ -129,9 +128,11 @@ class Conversion:
         self.fallback = None
         if self.changes:  # the module tree changed: earlier captures describe another model
             self.variants = []
-        overrides = self.capture_overrides(module)  # the user's values, before capturing()
         try:
-            with self.capturing(module), recording_reads(module, overrides) as reads:
+            with (
+                self.capturing(module),
+                recording_reads(module, self.capture_settings(module)) as reads,
+            ):
                 self.build(module, args, kwargs)
         except Exception as error:
             if not self.changes:

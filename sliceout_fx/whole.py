@@ -26,7 +26,7 @@ from .capture import (
 )
 from .config import SliceOutConfig
 from .errors import SliceOutError
-from .guards import hooked_modules
+from .guards import hooked_modules, without_hooks_if_possible
 from .module import Conversion, own_hook, replaced_modules
 from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
 from .sampling import SAMPLER_NAME
@@ -78,16 +78,19 @@ class WholeModelConversion(Conversion):
         config = self.config
         if hooked:
             config = replace(config, leaf_modules=(*config.leaf_modules, *hooked))
-        concrete = self.concrete_args
+        concrete = specialised_defaults(module, inputs, self.concrete_args)
+
+        def capture() -> Analysis:
+            if inputs is None:
+                return analyse(module, config, None, concrete_args=concrete)
+            # A failure is the model's own error on these inputs, not fx interpreter text.
+            check_example_call(module, inputs, self.concrete_args)
+            ordered = positional_inputs(module, inputs, concrete)  # the graph's order
+            return analyse(module, config, ordered, concrete_args=concrete)
+
+        analysis = without_hooks_if_possible(module, capture)
         if inputs is not None:
-            # A failure is the model's own error on these inputs, not fx interpreter text. The
-            # hooks run in this real call (a sharding wrapper's gather is one of them); tracing
-            # does not call the hooked modules, which are leaves.
-            check_example_call(module, inputs, concrete)
-        concrete = specialised_defaults(module, inputs, concrete)
-        if inputs is not None:
-            inputs = positional_inputs(module, inputs, concrete)  # the graph's order
-        analysis = analyse(module, config, inputs, concrete_args=concrete)
+            inputs = positional_inputs(module, inputs, concrete)
         analysis.report.skipped += [
             SkippedSite(
                 name,
