@@ -13,7 +13,8 @@ from torch import fx, nn
 
 from . import blocks
 from .blocks import convert_blocks, example_inputs_for
-from .capture import KEPT_WHOLE, specialised_defaults, trace
+from .call_spec import specialised_defaults
+from .capture import KEPT_WHOLE, trace
 from .config import (
     BatchNormStats,
     Capture,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +23,14 @@ from torch import fx, nn
 from . import mha
 from ._probe import untouched
 from .adapters import is_lora_linear, lora_linear_forward
+from .call_spec import forward_parameters
+from .capture_effects import (
+    CHECKPOINTED,
+    MUTATED_BUFFERS,
+    buffer_assignments_recorded,
+    checkpoint_calls_noted,
+    keep_in_place_methods,
+)
 from .errors import ExampleInputsError, UntraceableModelError
 from .functions import functions_kept_whole
 
@@ -125,47 +132,6 @@ def _failing_user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def specialised_defaults(
-    model: nn.Module, example_inputs: Any, concrete_args: dict[str, Any] | None = None
-) -> dict[str, Any] | None:
-    """``concrete_args`` plus every ``forward`` argument that ``example_inputs`` leaves out (or
-    passes as ``None``) and that has a constant default (``None``, a flag, a number, a string),
-    and every flag, integer or string the example passes, at the value it passes.
-
-    Traced as proxies, ``mask=None`` would take the ``if mask is not None`` branch (the graph
-    would compute with a mask the model is never given) and ``is_causal=False`` could not be
-    tested at all. Specialised, they take the branch the example takes; a later call that passes
-    another value is seen by the conversion's guards (:class:`CapturedCall`) and captured again.
-    Floats stay graph inputs: they are values to compute with, rarely switches.
-    """
-    try:
-        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return concrete_args
-    if isinstance(example_inputs, dict):
-        values = dict(example_inputs)
-    elif example_inputs is None:
-        values = {params[0].name: _PROXIED} if params else {}
-    else:
-        values = {p.name: v for p, v in zip(params, example_inputs)}  # noqa: B905
-    concrete = dict(concrete_args or {})
-    for param in params:
-        named = param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-        if not named or param.name in concrete:
-            continue
-        value = values.get(param.name)
-        if value is None:
-            constant = param.default is None or isinstance(param.default, (bool, int, float, str))
-            if constant:
-                concrete[param.name] = param.default
-        elif isinstance(value, (bool, int, str)) and type(value) is not float:
-            concrete[param.name] = value
-    return concrete or None
-
-
-_PROXIED = object()  # the guessed first input: traced, whatever it is
-
-
 def trace(
     model: nn.Module,
     *,
@@ -187,13 +153,6 @@ def trace(
     """
     gm, mutated = _trace_noting_mutations(model, leaf_modules, training, concrete_args)
     return _trace(model, leaf_modules, training, concrete_args, mutated) if mutated else gm
-
-
-#: ``GraphModule.meta`` key: whether the traced forward called ``torch.utils.checkpoint``,
-#: whose recomputation a captured graph cannot keep (it is traced through).
-CHECKPOINTED = "sliceout_checkpointed"
-#: ``GraphModule.meta`` key: buffers the graph mutates.
-MUTATED_BUFFERS = "sliceout_mutated_buffers"
 
 
 def _trace_noting_mutations(
@@ -230,8 +189,8 @@ def _trace(
     try:
         with (
             functions_kept_whole("fx"),
-            _buffer_assignments_recorded(tracer),
-            _checkpoint_calls_noted() as checkpointed,
+            buffer_assignments_recorded(tracer),
+            checkpoint_calls_noted() as checkpointed,
         ):
             graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
@@ -254,7 +213,7 @@ def _trace(
     finally:
         model.train(was_training)
     if mutable_buffers:
-        _keep_in_place_methods(graph)
+        keep_in_place_methods(graph)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta[KEPT_WHOLE] = dict(tracer.kept_whole)
@@ -263,134 +222,7 @@ def _trace(
     return gm
 
 
-def assign_buffer(buffer: torch.Tensor, value: Any) -> None:
-    """``module.<buffer> = value`` as a graph op: the value is written into the buffer.
-
-    Written in place, without autograd history (a buffer is state, not a graph input), so that
-    the graph, which reads the buffer object, sees the new value at its next call.
-    """
-    if value is not buffer:
-        with torch.no_grad():
-            buffer.copy_(value)
-
-
-def call_in_place(method: str, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """``tensor.<method>(*args)`` for an in-place method: a graph op dead-code elimination keeps."""
-    return getattr(tensor, method)(*args, **kwargs)
-
-
-fx.node._side_effectful_functions.update({assign_buffer, call_in_place})
-
-
-def _keep_in_place_methods(graph: fx.Graph) -> None:
-    """In-place method calls become :func:`call_in_place`: their effect is the point."""
-    for node in graph.nodes:
-        method = str(node.target)
-        if node.op == "call_method" and method.endswith("_") and not method.startswith("_"):
-            node.op, node.target = "call_function", call_in_place
-            node.args = (method, *node.args)
-
-
-@contextlib.contextmanager
-def _buffer_assignments_recorded(tracer: SliceOutTracer) -> Iterator[None]:
-    """While tracing, ``module.<buffer> = <traced value>`` becomes an :func:`assign_buffer` node."""
-    original = nn.Module.__setattr__
-
-    def setattr_(module: nn.Module, name: str, value: Any) -> None:
-        buffers = module.__dict__.get("_buffers")
-        if isinstance(value, fx.Proxy) and buffers is not None and name in buffers:
-            path = tracer.path_of_module(module)
-            target = f"{path}.{name}" if path else name
-            buffer = tracer.create_proxy("get_attr", target, (), {})
-            tracer.create_proxy("call_function", assign_buffer, (buffer, value), {})
-            return
-        original(module, name, value)
-
-    nn.Module.__setattr__ = setattr_  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.__setattr__ = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def _checkpoint_calls_noted() -> Iterator[list[bool]]:
-    """Note whether ``torch.utils.checkpoint`` runs, whichever way it is reached.
-
-    Code calls ``torch.utils.checkpoint.checkpoint`` (looked up at call time), or a name it
-    imported, which reaches the module's internal helpers; each entry point present in this
-    version of torch is wrapped.
-    """
-    from torch.utils import checkpoint as module
-
-    noted: list[bool] = []
-    names = ("checkpoint", "_checkpoint_impl", "_checkpoint_without_reentrant_generator")
-    originals = {name: getattr(module, name) for name in names if hasattr(module, name)}
-
-    def noting(original: Any) -> Any:
-        @functools.wraps(original)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            noted.append(True)
-            return original(*args, **kwargs)
-
-        return call
-
-    for name, original in originals.items():
-        setattr(module, name, noting(original))
-    try:
-        yield noted
-    finally:
-        for name, original in originals.items():
-            setattr(module, name, original)
-
-
 # --- the example call --------------------------------------------------------------------------
-
-
-def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
-    try:
-        return list(inspect.signature(type(model).forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return []
-
-
-def positional_inputs(
-    model: nn.Module, example_inputs: Any, concrete_args: Mapping[str, Any] | None = None
-) -> Any:
-    """The example inputs as ``forward``'s positional arguments, in order, for the traced graph.
-
-    A traced graph takes its inputs positionally (one placeholder per argument of ``forward``),
-    so a dict of keyword inputs is put in order, and the ``concrete_args`` the example leaves out
-    take their places with the values tracing specialised on (not the defaults, which the graph
-    asserts against). Other arguments left out get their defaults. Inputs that cannot be put in
-    order (a name ``forward`` cannot take by position, a required argument missing) are returned
-    as they are: the example call reports them.
-    """
-    params = _forward_parameters(model)
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = [p.name for p in positional]
-    if isinstance(example_inputs, Mapping):
-        values = dict(example_inputs)
-    elif len(example_inputs) <= len(names):
-        values = dict(zip(names, example_inputs, strict=False))
-    else:
-        return example_inputs
-    placeholder = getattr(fx._symbolic_trace, "PH", None)
-    for name, value in (concrete_args or {}).items():
-        if name not in values and value is not placeholder:
-            values[name] = value
-    if not set(values) <= set(names):
-        return example_inputs
-    last = max((names.index(k) for k in values), default=-1)
-    ordered = []
-    for param in positional[: last + 1]:
-        if param.name in values:
-            ordered.append(values[param.name])
-        elif param.default is not param.empty:
-            ordered.append(param.default)
-        else:
-            return example_inputs
-    return tuple(ordered)
 
 
 @contextlib.contextmanager
@@ -430,7 +262,7 @@ def describe_inputs(model: nn.Module, example_inputs: Any) -> str:
         pairs = list(example_inputs.items())
     else:
         inputs = tuple(example_inputs)
-        names = [p.name for p in _forward_parameters(model)]
+        names = [p.name for p in forward_parameters(model)]
         names += [f"input {i}" for i in range(len(names), len(inputs))]
         pairs = list(zip(names, inputs, strict=False))
     return ", ".join(f"{name}: {_describe(value)}" for name, value in pairs) or "no inputs"
@@ -516,7 +348,7 @@ def _example_call(
         kwargs = dict(example_inputs)
     else:
         args = tuple(example_inputs)
-        given = {p.name for p in _forward_parameters(model)[: len(args)]}
+        given = {p.name for p in forward_parameters(model)[: len(args)]}
         kwargs = {}
     placeholder = getattr(fx._symbolic_trace, "PH", None)
     for name, value in concrete_args.items():
@@ -525,97 +357,3 @@ def _example_call(
     return args, kwargs
 
 
-# --- what the traced graph was specialised on ------------------------------------------------
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return "a tensor"
-    return "None" if value is None else type(value).__name__
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
-
-
-@dataclass
-class CapturedCall:
-    """How a traced graph was specialised on the call it was captured from.
-
-    ``torch.fx`` bakes the arguments in ``concrete`` (``mask=None``, ``scale=1.0``) into the
-    graph, and traces the others as inputs of the kind they had (a tensor, a number). A later
-    call that gives a specialised argument another value, or an input of another kind (a mask
-    where ``None`` was captured), is not what the graph computes: :meth:`mismatch` says so, and
-    the conversion captures again from that call. :meth:`graph_inputs` puts a call's arguments
-    in the graph's positional order.
-    """
-
-    params: tuple[inspect.Parameter, ...]
-    concrete: dict[str, Any]
-    kinds: dict[str, str]  # traced argument -> the kind of value it was captured with
-    positional: int  # how many positional arguments the captured call passed
-
-    @classmethod
-    def of(
-        cls, model: nn.Module, inputs: Any, concrete: Mapping[str, Any] | None
-    ) -> CapturedCall | None:
-        """The call ``inputs`` (a tuple or a dict) as traced with ``concrete``; ``None`` for a
-        ``forward(*args, **kwargs)`` whose arguments cannot be named."""
-        params = tuple(_forward_parameters(model))
-        if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-            return None
-        placeholder = getattr(fx._symbolic_trace, "PH", None)
-        fixed = {k: v for k, v in (concrete or {}).items() if v is not placeholder}
-        if isinstance(inputs, Mapping):
-            given, positional = dict(inputs), 0
-        else:
-            given = {p.name: v for p, v in zip(params, inputs, strict=False)}
-            positional = len(inputs)
-        kinds = {}
-        for param in params:
-            if param.name in fixed:
-                continue
-            value = given.get(param.name, param.default)
-            kinds[param.name] = _kind(None if value is param.empty else value)
-        return cls(params, fixed, kinds, positional)
-
-    def mismatch(self, args: tuple, kwargs: Mapping[str, Any]) -> str | None:
-        """What in this call the graph was not captured for, or ``None``."""
-        if not kwargs and len(args) == self.positional:
-            values: Mapping[str, Any] = {p.name: v for p, v in zip(self.params, args)}  # noqa: B905
-        else:
-            try:
-                values = self._bind(args, kwargs)
-            except TypeError:
-                return None  # the model's own error, raised by graph_inputs
-        for param in self.params:
-            value = values.get(param.name, param.default)
-            if param.name in self.concrete:
-                captured = self.concrete[param.name]
-                if not _same_value(value, captured):
-                    return (
-                        f"argument {param.name!r} is {_kind(value)} ({_short(value)}); the "
-                        f"training graph was captured with {captured!r}"
-                    )
-            elif param.name in self.kinds and _kind(value) != self.kinds[param.name]:
-                return (
-                    f"argument {param.name!r} is {_kind(value)}; the training graph was "
-                    f"captured with {self.kinds[param.name]}"
-                )
-        return None
-
-    def graph_inputs(self, model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
-        """The call's arguments in the traced graph's order (raises the model's TypeError)."""
-        if not kwargs and len(args) == self.positional:
-            return args
-        return tuple(positional_inputs(model, self._bind(args, kwargs), self.concrete))
-
-    def _bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        signature = inspect.Signature(list(self.params))
-        return dict(signature.bind(*args, **kwargs).arguments)
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"shape {tuple(value.shape)}"
-    return repr(value)

@@ -17,13 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
-from .capture import (
-    CHECKPOINTED,
-    CapturedCall,
-    check_example_call,
-    positional_inputs,
-    specialised_defaults,
-)
+from .call_spec import CapturedCall, positional_inputs, specialised_defaults
+from .capture import check_example_call
+from .capture_effects import CHECKPOINTED
 from .config import SliceOutConfig
 from .errors import SliceOutError
 from .guards import hooked_modules, without_hooks_if_possible
