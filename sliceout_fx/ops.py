@@ -731,33 +731,27 @@ def sliced_conv(
             weight = weight * scale.view(*scale.shape, *([1] * (weight.dim() - 2)))
         elif in_scale != 1.0:
             weight = weight * in_scale
-    elif (
-        in_scale_per_channel is None
-        and _sliced_views(out_cut, in_cut)
-        and _block_numel(weight, out_cut, in_cut) > x.numel()
-    ):
-        # The live block as a view of the parameter, not a copy, where the copy would be larger
-        # than the activation this conv reads: autograd saves the weight a conv reads, so a
-        # copy (scaled or made contiguous) is kept until backward - in the late layers of a
-        # small input, more bytes than every activation of the model (resnet18 at 32x32 saved
-        # 5.6x the original's). The kernel reads the strided view itself; a flow scale rides on
-        # the output. Where the block is the smaller (1x1 convs of large feature maps), the copy
-        # is cheaper than two more passes over the output, and stays.
-        weight = take_block(weight, ((0, out_cut), (1, in_cut)))
-        if in_scale == 1.0:
-            return conv(x, weight, take(bias, 0, out_cut), stride, padding, dilation, groups)
-        out = conv(x, weight, None, stride, padding, dilation, groups).mul_(in_scale)
-        bias = take(bias, 0, out_cut)
-        return out if bias is None else out + bias.view(-1, *([1] * (out.dim() - 2)))
     else:
+        # Autograd saves the weight a conv reads, so a copy of the live block (scaled, or made
+        # contiguous) is kept until backward. Where the block is larger than the conv's input -
+        # the late layers of a small input - that copy outweighs the activations (resnet18 at
+        # 32x32 saved 5.6x the original's bytes): the block is then read as it is (a view in
+        # slice mode; the kernel copes with its strides) and a flow scale rides on the output.
+        # Where the block is the smaller (1x1 convs of large maps), the copy is cheaper than two
+        # more passes over the output. Every mode decides alike, so they compute alike.
+        large = _block_numel(weight, out_cut, in_cut) > x.numel()
         weight = take_block(weight, ((0, out_cut), (1, in_cut)))
         if in_scale_per_channel is not None:
             # A per-channel scale has to be on the weight block: a copy, saved for backward.
             scale = take(in_scale_per_channel, 0, in_cut).to(weight.dtype)
             weight = weight * scale.view(1, -1, *([1] * (weight.dim() - 2)))
+        elif large and in_scale != 1.0:
+            out = conv(x, weight, None, stride, padding, dilation, groups).mul_(in_scale)
+            bias = take(bias, 0, out_cut)
+            return out if bias is None else out + bias.view(-1, *([1] * (out.dim() - 2)))
         elif in_scale != 1.0:
             weight = weight * in_scale
-        elif in_cut is not None and in_cut.mode != "mask":
+        elif in_cut is not None and in_cut.mode != "mask" and not large:
             # Input-channel slices are strided; conv kernels want contiguous weights (a small copy).
             weight = weight.contiguous()
     return conv(x, weight, take(bias, 0, out_cut), stride, padding, dilation, groups)
@@ -768,11 +762,6 @@ def _block_numel(weight: Tensor, out_cut: Cut | None, in_cut: Cut | None) -> int
     rows = weight.shape[0] if out_cut is None else out_cut.width
     columns = weight.shape[1] if in_cut is None else in_cut.width
     return rows * columns * weight[0, 0].numel()
-
-
-def _sliced_views(*cuts: Cut | None) -> bool:
-    """Whether every cut given is a host-side slice (a view), none gathered or masked."""
-    return all(c is None or c.mode == "slice" for c in cuts)
 
 
 def sliced_conv_module(

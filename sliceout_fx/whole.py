@@ -87,23 +87,7 @@ class WholeModelConversion(Conversion):
         analysis = without_hooks_if_possible(module, capture)
         if inputs is not None:
             inputs = positional_inputs(module, inputs, concrete)
-        analysis.report.skipped += [
-            SkippedSite(
-                name,
-                "kept whole while it has hooks: they fire on a call of the module, so its "
-                "inside is not traced (hooks on single layers fire around their sliced ops)",
-            )
-            for name, sub in hooked.items()
-            if next(sub.children(), None) is not None
-        ]
-        if analysis.train_gm.meta.get(CHECKPOINTED):
-            self.fall_back(
-                "its forward calls torch.utils.checkpoint (gradient checkpointing is on), and "
-                "the sliced graph, captured as one graph, would keep every activation the "
-                "checkpoints free. Turn checkpointing off to slice, or convert with "
-                "capture='blocks' (and example_inputs) so that each checkpointed block is "
-                "converted on its own"
-            )
+        self._note_what_cannot_be_sliced(analysis, hooked)
         call = CapturedCall.of(
             module, inputs if inputs is not None else analysis.example_inputs, concrete
         )
@@ -149,6 +133,26 @@ class WholeModelConversion(Conversion):
             module.register_forward_pre_hook(_count_training_call)
             if from_call:  # this call's pre-hooks ran before the counter existed (a fresh copy)
                 _count_training_call(module, args)
+
+    def _note_what_cannot_be_sliced(self, analysis: Analysis, hooked: dict[str, nn.Module]) -> None:
+        """Hooked containers kept whole (in the report); checkpointing (trains at full width)."""
+        analysis.report.skipped += [
+            SkippedSite(
+                name,
+                "kept whole while it has hooks: they fire on a call of the module, so its "
+                "inside is not traced (hooks on single layers fire around their sliced ops)",
+            )
+            for name, sub in hooked.items()
+            if next(sub.children(), None) is not None
+        ]
+        if analysis.train_gm.meta.get(CHECKPOINTED):
+            self.fall_back(
+                "its forward calls torch.utils.checkpoint (gradient checkpointing is on), and "
+                "the sliced graph, captured as one graph, would keep every activation the "
+                "checkpoints free. Turn checkpointing off to slice, or convert with "
+                "capture='blocks' (and example_inputs) so that each checkpointed block is "
+                "converted on its own"
+            )
 
     def extra_guards(self, module: nn.Module) -> list[Any]:
         call = self.call

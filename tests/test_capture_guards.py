@@ -240,7 +240,7 @@ def test_grad_checkpointing_switched_on_after_convert_is_honoured():
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 64, 64)
     converted = sliceout_fx.convert(model, p=0.3, sites="all", example_inputs=(x[:2],))
 
     def step_bytes(m: nn.Module) -> int:
@@ -253,7 +253,8 @@ def test_grad_checkpointing_switched_on_after_convert_is_honoured():
     converted.set_grad_checkpointing(True)
     with pytest.warns(UserWarning, match="torch.utils.checkpoint"):
         ours = step_bytes(converted)
-    assert checkpointed < sliced / 4
+    # Checkpointing frees more than slicing does here, so ignoring it could not pass below.
+    assert checkpointed < sliced
     assert ours <= checkpointed
     converted.set_grad_checkpointing(False)
     assert step_bytes(converted) == sliced  # slicing again
