@@ -50,6 +50,7 @@ __all__ = [
     "hook_serial",
     "hooked_modules",
     "hooks_suppressed",
+    "unhooked_calls",
     "without_hooks_if_possible",
     "recording_reads",
 ]
@@ -200,7 +201,24 @@ def hooked(op: Any) -> Any:
 
     name = getattr(op, "__name__", "op")
     call.__name__ = call.__qualname__ = f"hooked_{name}"
+    call.fires_hooks = True  # type: ignore[attr-defined]
     return call
+
+
+def unhooked_calls(gm: Any, paths: Iterable[str]) -> list[str]:
+    """Of the hooked modules at ``paths``, those whose hooks no op of the graph ``gm`` fires.
+
+    A call kept as a ``call_module`` fires them itself; a replaced one through :func:`hooked`.
+    A rewrite that replaced a hooked call some other way would drop its hooks silently: the
+    front end refuses that capture instead.
+    """
+    fired = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            fired.add(str(node.target))
+        elif node.op == "call_function" and getattr(node.target, "fires_hooks", False):
+            fired.add(str(node.args[0].target))
+    return [path for path in paths if path not in fired]
 
 
 # -- attribute reads --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .capture import check_example_call
 from .capture_effects import CHECKPOINTED
 from .config import SliceOutConfig
 from .errors import SliceOutError
-from .guards import hooked_modules, without_hooks_if_possible
+from .guards import hooked_modules, unhooked_calls, without_hooks_if_possible
 from .module import Conversion, own_hook, replaced_modules
 from .norm_stats import FullWidthStatistics, freeze_statistics_after_slices, refresh_graph
 from .sampling import SAMPLER_NAME
@@ -105,6 +105,12 @@ class WholeModelConversion(Conversion):
         sliced = rewrite_training_graph(
             analysis.train_gm, analysis.dep, analysis.sites, config, hooked_calls
         )
+        unhooked = unhooked_calls(sliced, hooked_calls.values())
+        if unhooked:
+            self.fall_back(
+                f"hooks are registered on {unhooked[:3]}, whose calls its sliced graph replaces "
+                f"without firing them (scheme={config.scheme!r})"
+            )
         refresh = None
         if config.bn_stats == "full_width" and analysis.sites:
             frozen = freeze_statistics_after_slices(sliced)

@@ -442,3 +442,22 @@ def test_guards_do_not_fire_for_a_plain_training_loop():
         train_step_outputs(converted, (x,))
     assert len(state.variants) == 1 and state.fallback is None
     assert F.softmax(converted(x), -1).shape == (4, 5)
+
+
+def test_hooks_a_rewrite_cannot_fire_make_it_train_at_full_width_loudly():
+    from .models import ConvChain
+
+    torch.manual_seed(0)
+    converted = sliceout_fx.convert(ConvChain(), p=0.5, scheme="patch")  # Patch SliceOut
+    reference = ConvChain()
+    reference.load_state_dict(converted.state_dict())
+    seen = []
+    for model in (converted, reference):
+        model.conv2.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"hooks are registered on \['conv2'\]"):
+        torch.manual_seed(1)
+        ours, _ = train_step_outputs(converted, (x,), seed=1)
+    theirs, _ = train_step_outputs(reference, (x,), seed=1)
+    torch.testing.assert_close(ours, theirs)  # the model's own forward, hooks and all
+    assert len(seen) == 2 and seen[0] == seen[1]
