@@ -9,14 +9,20 @@ graph was captured for (:class:`CapturedCall`, one of the conversion's guards) l
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-__all__ = ["CapturedCall", "forward_parameters", "positional_inputs", "specialised_defaults"]
+__all__ = [
+    "CapturedCall",
+    "bind_arguments",
+    "forward_parameters",
+    "positional_inputs",
+    "specialised_defaults",
+]
 
 
 def specialised_defaults(
@@ -189,8 +195,18 @@ class CapturedCall:
         return tuple(positional_inputs(model, self._bind(args, kwargs), self.concrete))
 
     def _bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        signature = inspect.Signature(list(self.params))
-        return dict(signature.bind(*args, **kwargs).arguments)
+        return bind_arguments(self.params, args, kwargs)
+
+
+def bind_arguments(
+    params: Sequence[inspect.Parameter], args: tuple, kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A call's given arguments by name, as ``forward`` (without ``self``) binds them.
+
+    Raises:
+        TypeError: the call does not fit the signature (the model's own error).
+    """
+    return dict(inspect.Signature(list(params)).bind(*args, **kwargs).arguments)
 
 
 def _short(value: Any) -> str:

@@ -26,7 +26,6 @@ from .adapters import is_lora_linear, lora_linear_forward
 from .call_spec import forward_parameters
 from .capture_effects import (
     CHECKPOINTED,
-    MUTATED_BUFFERS,
     buffer_assignments_recorded,
     checkpoint_calls_noted,
     keep_in_place_methods,
@@ -218,7 +217,6 @@ def _trace(
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta[KEPT_WHOLE] = dict(tracer.kept_whole)
     gm.meta[CHECKPOINTED] = bool(checkpointed)
-    gm.meta[MUTATED_BUFFERS] = sorted(mutable_buffers)
     return gm
 
 

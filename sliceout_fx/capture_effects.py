@@ -22,7 +22,6 @@ from torch import fx, nn
 
 __all__ = [
     "CHECKPOINTED",
-    "MUTATED_BUFFERS",
     "assign_buffer",
     "buffer_assignments_recorded",
     "call_in_place",
@@ -33,8 +32,6 @@ __all__ = [
 #: ``GraphModule.meta`` key: whether the traced forward called ``torch.utils.checkpoint``,
 #: whose recomputation a captured graph cannot keep (it is traced through).
 CHECKPOINTED = "sliceout_checkpointed"
-#: ``GraphModule.meta`` key: buffers the graph mutates.
-MUTATED_BUFFERS = "sliceout_mutated_buffers"
 
 
 def assign_buffer(buffer: torch.Tensor, value: Any) -> None:

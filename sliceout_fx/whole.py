@@ -9,7 +9,6 @@ children, so they read its current parameters on every call.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
-from .call_spec import CapturedCall, positional_inputs, specialised_defaults
+from .call_spec import (
+    CapturedCall,
+    bind_arguments,
+    forward_parameters,
+    positional_inputs,
+    specialised_defaults,
+)
 from .capture import check_example_call
 from .capture_effects import CHECKPOINTED
 from .config import SliceOutConfig
@@ -65,7 +70,8 @@ class WholeModelConversion(Conversion):
 
         from_call = args is not None  # captured again from a training call
         if from_call:
-            inputs: Any = dict(_bound(module, args, kwargs)) if kwargs else args
+            params = forward_parameters(module)
+            inputs: Any = bind_arguments(params, args, kwargs) if kwargs else args
         else:
             inputs = self.example_inputs
         # Modules with hooks are kept whole (call_module nodes), so that their hooks can fire
@@ -247,13 +253,6 @@ def _sharded_layer_error(state: WholeModelConversion) -> SliceOutError:
         "their per-module gather never runs. Apply fully_shard to a module that contains them "
         f"(the model itself, or each block) rather than to the sliced layers ({sliced[:6]}...)."
     )
-
-
-def _bound(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A call's arguments by name (what a keyword call is captured from)."""
-    signature = inspect.signature(type(module).forward)
-    bound = list(signature.bind(module, *args, **kwargs).arguments.items())
-    return dict(bound[1:])  # without `self`
 
 
 def _detached(inputs: Any, rows: int | None = None) -> Any:
